@@ -1,0 +1,174 @@
+"""The dataset registry: one entry per dataset, mapping a name to its metadata and defaults.
+
+Adding a dataset is one entry in ``DATASETS``. A user's own dataset in the VOC layout needs no
+entry: ``--dataset custom`` reads ``labels.txt``, ``image_labels.txt`` and the split lists from
+the dataset root (or from ``--metadata-dir``).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data.metadata import MetadataError, read_class_names, read_id_list, read_image_labels
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+METADATA_ROOT = PACKAGE_ROOT / "metadata"
+
+# Published training recipes (reference.md 1.3). Keys match train.py flag names.
+VOC12_TRAIN_DEFAULTS = dict(train_list="train_aug", infer_list="train", crop_size=448,
+                            resize_size=(256, 512), batch_size=8, max_iters=20000, lr=0.01,
+                            wt_dec=5e-4, tau=0.4, lam=0.5)
+COCO_TRAIN_DEFAULTS = dict(train_list="train", infer_list="train", crop_size=321,
+                           resize_size=(256, 448), batch_size=16, max_iters=256500, lr=0.01,
+                           wt_dec=5e-4, tau=0.4, lam=0.9)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static description of a dataset layout.
+
+    image_dirs / gt_dirs are sub-folders of the dataset root searched in order for
+    ``<id>.jpg`` / ``<id>.png``; ``{split}`` is replaced by the id's split prefix for COCO ids
+    (``COCO_train2014_...`` -> ``train2014``). The root itself is searched first, so the published
+    ``--data_root .../JPEGImages`` style also works.
+    """
+    name: str
+    metadata_dir: Optional[Path]
+    image_dirs: Tuple[str, ...]
+    gt_dirs: Tuple[str, ...]
+    saliency_dir: str
+    train_defaults: Dict = field(default_factory=dict)
+    published_miou: Dict[str, float] = field(default_factory=dict)
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    "voc12": DatasetSpec(
+        name="voc12", metadata_dir=METADATA_ROOT / "voc12",
+        image_dirs=("JPEGImages",), gt_dirs=("SegmentationClassAug", "SegmentationClass"),
+        saliency_dir="SALImages", train_defaults=VOC12_TRAIN_DEFAULTS,
+        published_miou={"cls": 47.05, "eps": 69.22}),
+    "coco": DatasetSpec(
+        name="coco", metadata_dir=METADATA_ROOT / "coco",
+        image_dirs=("{split}", "images/{split}"),
+        gt_dirs=("SegmentationClass/{split}", "SegmentationClass"),
+        saliency_dir="SALImages", train_defaults=COCO_TRAIN_DEFAULTS,
+        published_miou={"cls": 31.23, "eps": 37.15}),
+    # A user's dataset in the VOC layout; metadata comes from the root (or --metadata-dir).
+    "custom": DatasetSpec(
+        name="custom", metadata_dir=None,
+        image_dirs=("JPEGImages",), gt_dirs=("SegmentationClassAug", "SegmentationClass"),
+        saliency_dir="SALImages", train_defaults=VOC12_TRAIN_DEFAULTS),
+}
+
+
+def _id_split(img_id: str) -> str:
+    # COCO_train2014_000000000009 -> train2014
+    parts = img_id.split("_")
+    return parts[1] if len(parts) >= 3 and parts[0] == "COCO" else ""
+
+
+def dataset_root_of(path) -> Path:
+    """The dataset root for a path that is either the root or its image folder (JPEGImages)."""
+    path = Path(path)
+    return path.parent if path.name == "JPEGImages" else path
+
+
+class DatasetInfo:
+    """A dataset spec bound to a metadata folder: class names, id lists, image labels, file paths."""
+
+    def __init__(self, spec: DatasetSpec, metadata_dir: Path):
+        self.spec = spec
+        self.name = spec.name
+        self.metadata_dir = Path(metadata_dir)
+        self.label_names: List[str] = read_class_names(self.metadata_dir / "labels.txt")
+        if len(self.label_names) < 2:
+            raise MetadataError(f"{self.metadata_dir / 'labels.txt'}: need background plus at least one class")
+
+    def __repr__(self):
+        return (f"DatasetInfo(name={self.name!r}, num_classes={self.num_classes}, "
+                f"metadata_dir='{self.metadata_dir}')")
+
+    @property
+    def class_names(self) -> List[str]:
+        """Foreground class names; index c is class c of the image labels and CAM channel c."""
+        return self.label_names[1:]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes C (20 for VOC, 80 for COCO)."""
+        return len(self.label_names) - 1
+
+    @property
+    def train_defaults(self) -> Dict:
+        return dict(self.spec.train_defaults)
+
+    @functools.cached_property
+    def image_labels(self) -> Dict[str, np.ndarray]:
+        """{id: float32 (C,) multi-hot}, read once from ``image_labels.txt``."""
+        return read_image_labels(self.metadata_dir / "image_labels.txt", self.num_classes)
+
+    def list_path(self, name_or_path) -> Path:
+        """Resolve a list given as a path (absolute, relative to cwd or to the repository, e.g. the
+        published ``metadata/voc12/train_aug.txt``) or as a split name (``train_aug``)."""
+        p = Path(name_or_path)
+        for cand in (p, PACKAGE_ROOT / p, self.metadata_dir / p, self.metadata_dir / f"{p}.txt"):
+            if cand.is_file():
+                return cand
+        raise MetadataError(
+            f"id list {name_or_path!r} not found (looked in the working directory, "
+            f"{PACKAGE_ROOT} and {self.metadata_dir}); pass a path or a split name such as 'train'")
+
+    def read_ids(self, name_or_path) -> List[str]:
+        return read_id_list(self.list_path(name_or_path))
+
+    def labels_for(self, img_id: str) -> np.ndarray:
+        """Image-level label of one id; a clear error if it is missing or empty."""
+        try:
+            vec = self.image_labels[img_id]
+        except KeyError:
+            raise MetadataError(
+                f"{self.metadata_dir / 'image_labels.txt'}: no image labels for id {img_id!r}; "
+                f"regenerate the labels (tools/make_cls_labels.py) or remove the id from the list") from None
+        if not vec.any():
+            raise MetadataError(
+                f"{self.metadata_dir / 'image_labels.txt'}: image {img_id!r} has no class; "
+                f"weakly supervised training needs at least one class per image: remove it from the list")
+        return vec
+
+    def _find(self, root, img_id: str, subdirs: Sequence[str], ext: str) -> Path:
+        root = Path(root)
+        split = _id_split(img_id)
+        cands = [root / f"{img_id}{ext}"] + [root / d.format(split=split) / f"{img_id}{ext}"
+                                             for d in subdirs if split or "{split}" not in d]
+        for c in cands:
+            if c.is_file():
+                return c
+        return cands[1] if len(cands) > 1 else cands[0]  # the canonical place, for error messages
+
+    def image_path(self, root, img_id: str) -> Path:
+        """Path of ``<id>.jpg`` under the dataset root or its image folder (may not exist)."""
+        return self._find(root, img_id, self.spec.image_dirs, ".jpg")
+
+    def gt_path(self, root, img_id: str) -> Path:
+        """Path of the ground-truth mask ``<id>.png`` (may not exist)."""
+        return self._find(root, img_id, self.spec.gt_dirs, ".png")
+
+
+def get_dataset(name: str, metadata_dir=None, data_root=None) -> DatasetInfo:
+    """Look up a dataset by name. ``metadata_dir`` overrides where its text metadata lives; for
+    ``custom`` it defaults to the dataset root (the folder that holds JPEGImages)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    if metadata_dir is None:
+        metadata_dir = spec.metadata_dir
+    if metadata_dir is None:
+        if data_root is None:
+            raise ValueError(f"dataset {name!r} needs --metadata-dir or a data root that holds "
+                             f"labels.txt, image_labels.txt and the split lists")
+        metadata_dir = dataset_root_of(data_root)
+    return DatasetInfo(spec, Path(metadata_dir))

@@ -1,0 +1,1 @@
+"""Command-line utilities: conversion, label making, dataset checks, benchmarks, demo data."""

@@ -1,0 +1,2 @@
+"""Benchmark sections, registered explicitly: name -> run(args) -> (title, rows)."""
+SECTIONS = {}

@@ -1,0 +1,84 @@
+"""Run directories and logging: every entry point records what it ran with.
+
+A run directory holds ``args.json`` (all flags), ``env.json`` (git commit, dirty flag, torch
+version, hostname, command line), ``log.txt`` (the ``logging`` output) and, for training,
+``metrics.jsonl`` (one JSON object per logging interval) and checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from data.metadata import atomic_write_text
+from utils.dist import is_main_process
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_info() -> dict:
+    """Commit sha and dirty flag of the code being run (``None`` outside a git checkout)."""
+    def _git(*a):
+        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        sha = _git("rev-parse", "HEAD") or None
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = None, None
+    return {"git_commit": sha, "git_dirty": dirty}
+
+
+def setup_logging(log_file: Optional[Path] = None, level=logging.INFO) -> None:
+    """Log to stderr (all ranks print warnings; rank 0 prints info) and, on rank 0, to log_file."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    main = is_main_process()
+    if not any(getattr(h, "_eps_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        h.setLevel(level if main else logging.WARNING)
+        h._eps_console = True
+        root.addHandler(h)
+    if log_file is not None and main:
+        log_file = Path(log_file)
+        if not any(getattr(h, "baseFilename", None) == str(log_file.resolve()) for h in root.handlers):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+
+
+def write_run_info(run_dir, args) -> None:
+    """Write args.json and env.json into run_dir (rank 0 only)."""
+    if not is_main_process():
+        return
+    import torch
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "args.json",
+                      json.dumps(vars(args), indent=2, sort_keys=True, default=str) + "\n")
+    env = dict(git_info(), torch=torch.__version__, python=platform.python_version(),
+               host=platform.node(), command=" ".join(sys.argv),
+               started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+class JsonlLogger:
+    """Append-only JSON-lines metrics file (rank 0 only); each record is flushed immediately."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.enabled = is_main_process()
+
+    def log(self, **record) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
