@@ -1,2 +1,6 @@
 """Benchmark sections, registered explicitly: name -> run(args) -> (title, rows)."""
-SECTIONS = {}
+from tools.benchmarks import eval as eval_bench
+
+SECTIONS = {
+    "eval": eval_bench.run,
+}
