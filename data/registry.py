@@ -141,8 +141,9 @@ class DatasetInfo:
 
     def _find(self, root, img_id: str, subdirs: Sequence[str], ext: str) -> Path:
         root = Path(root)
+        base = dataset_root_of(root)  # the published style passes .../JPEGImages itself
         split = _id_split(img_id)
-        cands = [root / f"{img_id}{ext}"] + [root / d.format(split=split) / f"{img_id}{ext}"
+        cands = [root / f"{img_id}{ext}"] + [base / d.format(split=split) / f"{img_id}{ext}"
                                              for d in subdirs if split or "{split}" not in d]
         for c in cands:
             if c.is_file():

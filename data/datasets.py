@@ -1,0 +1,328 @@
+"""Datasets shared by every entry point: classification (cls), classification with saliency (eps),
+multi-scale inference and segmentation (image, mask).
+
+Missing files: every dataset resolves its files once, at construction (cheap ``os.path`` checks,
+no decoding). By default a missing image / saliency map / mask stops the run right there with a
+``DataError`` that names the files and the fix. With ``skip_missing=True`` (the entry points'
+``--skip-missing`` flag) those ids are dropped instead and the count is logged and shown in
+``repr(dataset)``. Missing or empty image labels always stop the run: they mean the list and the
+labels file disagree, which skipping would hide. Problems that need the pixels (corrupt files,
+saliency / mask size different from the image) are raised when the item is loaded;
+``tools/check_dataset.py`` finds all of them up front.
+
+Override contract of ``_BaseDataset``: a subclass sets ``needs_labels`` and implements
+``_extra_files(img_id) -> {kind: Path}`` (files besides the image that must exist) and
+``__getitem__``; the base class resolves ``self.ids``, ``self.image_paths``, ``self.extra_paths``
+and ``self.labels``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from data.metadata import MetadataError
+from data.registry import DatasetInfo, dataset_root_of
+from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
+                             multiscale_arrays)
+
+logger = logging.getLogger(__name__)
+
+# How many offending files an error message lists before "... and N more".
+_SHOW = 5
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or inconsistent; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# File readers with clear errors
+# --------------------------------------------------------------------------------------------
+def default_saliency_root(info: DatasetInfo, data_root) -> Path:
+    """``<dataset root>/SALImages`` (the registry's saliency folder), used when none is given."""
+    return dataset_root_of(data_root) / info.spec.saliency_dir
+
+
+def saliency_path(saliency_root, img_id: str) -> Path:
+    return Path(saliency_root) / f"{img_id}.png"
+
+
+def _open(path: Path, what: str, fix: str) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a DataError."""
+    try:
+        img = Image.open(path)
+        img.load()  # PIL decodes lazily; force it so truncated files fail here, with the name
+        return img
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}; {fix}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read {what} {path} ({e}); the file is corrupt or not an image: "
+                        f"re-extract it from the dataset archive or remove the id from the list") from None
+
+
+def load_rgb(path) -> Image.Image:
+    """An image as PIL RGB (published: ``Image.open(p).convert("RGB")``)."""
+    return _open(Path(path), "image", "check --data_root (the folder with JPEGImages/ or the "
+                                      "COCO split folders)").convert("RGB")
+
+
+def load_saliency(path, image_size, image_path=None) -> Image.Image:
+    """A saliency PNG (any mode; the transform converts it to RGB as published). Its size must
+    equal the image's: the published code resizes both from their own sizes, so a mismatch would
+    silently misalign object and saliency."""
+    sal = _open(Path(path), "saliency map", "check --saliency_root (one <id>.png per image)")
+    if sal.size != tuple(image_size):
+        raise DataError(
+            f"saliency map {path} is {sal.size[0]}x{sal.size[1]} (WxH) but its image "
+            f"{image_path or ''} is {image_size[0]}x{image_size[1]}; saliency maps must have the "
+            f"image's size: regenerate this map from the image (tools/check_dataset.py "
+            f"--saliency-root lists every mismatch)")
+    return sal
+
+
+def load_mask(path, image_size=None, image_path=None) -> np.ndarray:
+    """A label PNG as uint8 (H, W) class indices (palette or grayscale PNG)."""
+    img = _open(Path(path), "mask", "check the mask folder (SegmentationClassAug/ for VOC, "
+                                    "SegmentationClass/<split>/ for COCO, or --mask-dir)")
+    if img.mode not in ("P", "L"):
+        raise DataError(f"mask {path} has mode {img.mode}; masks must be single-channel palette or "
+                        f"grayscale PNGs whose pixel values are class indices (VOC colour PNGs "
+                        f"must be converted to indices first)")
+    mask = np.array(img, dtype=np.uint8)
+    if image_size is not None and (mask.shape[1], mask.shape[0]) != tuple(image_size):
+        raise DataError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                        f"{image_path or ''} is {image_size[0]}x{image_size[1]}; use the mask "
+                        f"made for this image")
+    return mask
+
+
+def _examples(items: Sequence[str]) -> str:
+    text = "; ".join(str(x) for x in items[:_SHOW])
+    return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+class _ImageLocator:
+    """``info.image_path`` with a cache of the folder that held the previous image of the same
+    split, so resolving 82k COCO ids costs about one stat each instead of several."""
+
+    def __init__(self, info: DatasetInfo, data_root: Path):
+        self.info, self.data_root = info, data_root
+        self.folders: Dict[str, str] = {}
+
+    def __call__(self, img_id: str) -> Path:
+        split = img_id.rsplit("_", 1)[0]  # COCO_train2014 / VOC year: ids of one folder share it
+        folder = self.folders.get(split)
+        if folder is not None:
+            cand = os.path.join(folder, img_id + ".jpg")
+            if os.path.isfile(cand):
+                return Path(cand)
+        path = self.info.image_path(self.data_root, img_id)
+        if path.is_file():
+            self.folders[split] = str(path.parent)
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+class _BaseDataset(Dataset):
+    needs_labels = True
+
+    def __init__(self, info: DatasetInfo, data_root, ids: Union[Sequence[str], str, os.PathLike],
+                 *, skip_missing: bool = False):
+        self.info = info
+        self.data_root = Path(data_root)
+        if isinstance(ids, (str, os.PathLike)):
+            ids = info.read_ids(ids)  # a split name ("train_aug") or a list file
+        ids = list(ids)
+        if not ids:
+            raise DataError("the id list is empty; pass a non-empty list (e.g. metadata/voc12/train.txt)")
+        self.num_listed = len(ids)
+        self.ids: List[str] = []
+        self.image_paths: List[Path] = []
+        self.extra_paths: List[Dict[str, Path]] = []
+        missing: List[str] = []
+        find_image = _ImageLocator(info, self.data_root)
+        for img_id in ids:
+            files = {"image": find_image(img_id)}
+            files.update(self._extra_files(img_id))
+            absent = [f"{kind} {p}" for kind, p in files.items() if not os.path.isfile(p)]
+            if absent:
+                missing.append(f"{img_id}: " + ", ".join(absent))
+                continue
+            self.ids.append(img_id)
+            self.image_paths.append(files.pop("image"))
+            self.extra_paths.append(files)
+        self.num_skipped = len(missing)
+        if missing and not skip_missing:
+            raise DataError(
+                f"{len(missing)} of {len(ids)} listed ids have missing files (not found: "
+                f"{_examples(missing)}). Fix the data root / saliency root / mask folder "
+                f"(tools/check_dataset.py prints a full report), or pass skip_missing=True "
+                f"(--skip-missing) to drop these ids")
+        if missing:
+            logger.warning("%s: skipped %d of %d ids with missing files (first: %s)",
+                           type(self).__name__, len(missing), len(ids), _examples(missing))
+        if not self.ids:
+            raise DataError(f"no listed id has its files under {self.data_root}: check the root")
+        self.labels: Optional[np.ndarray] = self._collect_labels() if self.needs_labels else None
+
+    def _extra_files(self, img_id: str) -> Dict[str, Path]:
+        return {}
+
+    def _collect_labels(self) -> np.ndarray:
+        """(N, C) float32 labels of self.ids; every id must have a non-empty label."""
+        rows, problems = [], []
+        for img_id in self.ids:
+            try:
+                rows.append(self.info.labels_for(img_id))
+            except MetadataError as e:
+                problems.append(str(e))
+        if problems:
+            raise DataError(f"{len(problems)} of {len(self.ids)} ids cannot be used: {problems[0]}"
+                            + (f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""))
+        return np.stack(rows).astype(np.float32)
+
+    def label(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.labels[index].copy())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def __repr__(self):
+        skipped = f", skipped={self.num_skipped}" if self.num_skipped else ""
+        return (f"{type(self).__name__}(dataset={self.info.name!r}, size={len(self)}{skipped}, "
+                f"root='{self.data_root}'{self._repr_extra()})")
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+def _check_resize(resize_size) -> tuple:
+    resize_size = tuple(int(v) for v in resize_size)
+    if len(resize_size) != 2:
+        raise ValueError(f"resize_size needs two values (min_long max_long), got {resize_size}")
+    return resize_size
+
+
+class ClsDataset(_BaseDataset):
+    """'cls' training data: ``(id, img float32 (3,crop,crop), label float32 (C,))``."""
+
+    def __init__(self, info: DatasetInfo, data_root, ids, crop_size: int,
+                 resize_size: Sequence[int] = (256, 512), *, skip_missing: bool = False,
+                 transform=None, rng=None):
+        super().__init__(info, data_root, ids, skip_missing=skip_missing)
+        self.transform = transform if transform is not None else \
+            ClsTrainTransform(crop_size, _check_resize(resize_size), rng=rng)
+
+    def __getitem__(self, index: int):
+        img = load_rgb(self.image_paths[index])
+        return self.ids[index], self.transform(img), self.label(index)
+
+    def _repr_extra(self):
+        return f", transform={self.transform}"
+
+
+class ClsSalDataset(_BaseDataset):
+    """'eps' training data: ``(id, img (3,crop,crop), sal (1,crop,crop) in [0,1], label (C,))``.
+
+    Saliency map = ``saliency_root/<id>.png``; ``saliency_root=None`` means
+    ``<dataset root>/SALImages``.
+    """
+
+    def __init__(self, info: DatasetInfo, data_root, saliency_root, ids, crop_size: int,
+                 resize_size: Sequence[int] = (256, 512), *, skip_missing: bool = False,
+                 transform=None, rng=None):
+        self.saliency_root = Path(saliency_root) if saliency_root is not None \
+            else default_saliency_root(info, data_root)
+        super().__init__(info, data_root, ids, skip_missing=skip_missing)
+        self.transform = transform if transform is not None else \
+            ClsSalTrainTransform(crop_size, _check_resize(resize_size), rng=rng)
+
+    def _extra_files(self, img_id):
+        return {"saliency": saliency_path(self.saliency_root, img_id)}
+
+    def __getitem__(self, index: int):
+        img_path = self.image_paths[index]
+        img = load_rgb(img_path)
+        sal = load_saliency(self.extra_paths[index]["saliency"], img.size, img_path)
+        img_t, sal_t = self.transform(img, sal)
+        return self.ids[index], img_t, sal_t, self.label(index)
+
+    def _repr_extra(self):
+        return f", saliency_root='{self.saliency_root}', transform={self.transform}"
+
+
+class InferDataset(_BaseDataset):
+    """Multi-scale CAM inference inputs (reference 1.10).
+
+    Item: ``{"id", "images": [float32 (3, round(h*s), round(w*s)) per scale, normalized, NOT
+    flipped], "label": float32 (C,), "size": (H, W)}`` plus ``"image"`` (uint8 H×W×3 RGB) when
+    ``return_image`` (for CRF / overlays). Sizes differ per image: use ``batch_size=None`` or 1.
+    """
+
+    def __init__(self, info: DatasetInfo, data_root, ids, scales: Sequence[float] = INFER_SCALES,
+                 *, skip_missing: bool = False, return_image: bool = False):
+        super().__init__(info, data_root, ids, skip_missing=skip_missing)
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got {scales}")
+        self.return_image = return_image
+
+    def __getitem__(self, index: int):
+        img = load_rgb(self.image_paths[index])
+        item = {"id": self.ids[index],
+                "images": [torch.from_numpy(a) for a in multiscale_arrays(img, self.scales)],
+                "label": self.label(index),
+                "size": (img.size[1], img.size[0])}
+        if self.return_image:
+            item["image"] = np.asarray(img).copy()
+        return item
+
+    def _repr_extra(self):
+        return f", scales={self.scales}"
+
+
+class SegDataset(_BaseDataset):
+    """Images with their label masks: ``(id, image uint8 (H,W,3) RGB, mask uint8 (H,W))``.
+
+    Mask = ``mask_dir/<id>.png`` or, without ``mask_dir``, the dataset's GT path
+    (SegmentationClassAug / SegmentationClass). ``transform(image, mask) -> (image, mask)`` is a
+    hook for training pipelines. Image labels are not needed.
+    """
+    needs_labels = False
+
+    def __init__(self, info: DatasetInfo, data_root, ids, mask_dir=None, transform=None,
+                 *, skip_missing: bool = False):
+        self.mask_dir = Path(mask_dir) if mask_dir is not None else None
+        super().__init__(info, data_root, ids, skip_missing=skip_missing)
+        self.transform = transform
+
+    def _extra_files(self, img_id):
+        if self.mask_dir is not None:
+            return {"mask": self.mask_dir / f"{img_id}.png"}
+        # GT folders sit beside JPEGImages, also when data_root is the JPEGImages folder itself.
+        return {"mask": self.info.gt_path(dataset_root_of(self.data_root), img_id)}
+
+    def __getitem__(self, index: int):
+        img_path = self.image_paths[index]
+        img = load_rgb(img_path)
+        mask = load_mask(self.extra_paths[index]["mask"], img.size, img_path)
+        image = np.asarray(img).copy()
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return self.ids[index], image, mask
+
+    def _repr_extra(self):
+        where = f"'{self.mask_dir}'" if self.mask_dir is not None else "GT folder"
+        return f", masks={where}"

@@ -1,0 +1,217 @@
+"""Validate a dataset root before a multi-hour run.
+
+For every id of a list it checks: the image exists and its header reads; the saliency map (with
+``--saliency-root``) exists and has the image's size; the image labels exist and hold at least
+one class; the GT mask (with ``--gt``) exists and has the image's size. Sizes come from the file
+headers (PIL opens lazily), so a VOC train_aug check takes seconds; ``--decode`` also decodes
+every image to catch truncated files.
+
+    python tools/check_dataset.py --dataset voc12 --data-root VOCdevkit/VOC2012 \\
+        --saliency-root VOCdevkit/VOC2012/SALImages --list train_aug
+    python tools/check_dataset.py --dataset voc12 --data-root VOCdevkit/VOC2012 --list train --gt
+
+Prints a summary table (ok count and each problem with its first files) and exits with status 1
+when anything is wrong, 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.metadata import MetadataError  # noqa: E402
+from data.registry import DATASETS, DatasetInfo, dataset_root_of, get_dataset  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def saliency_path(saliency_root, img_id: str) -> Path:
+    # Same rule as data.datasets.saliency_path, repeated so this check does not import torch.
+    return Path(saliency_root) / f"{img_id}.png"
+
+CHECKS = ("list", "image", "saliency", "labels", "gt")
+
+
+@dataclass
+class CheckReport:
+    """ok[check] = ids that passed; problems[(check, problem)] = offending files / ids."""
+    title: str
+    num_ids: int
+    checks: List[str]
+    ok: Counter = field(default_factory=Counter)
+    problems: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
+    bad_ids: set = field(default_factory=set)
+
+    def add(self, check: str, problem: str, img_id: str, detail: str) -> None:
+        self.problems.setdefault((check, problem), []).append(detail)
+        self.bad_ids.add(img_id)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def format(self, show: int = 3) -> str:
+        lines = [self.title, "",
+                 "| check | ok | problem | count | first files |", "|---|---|---|---|---|"]
+        for check in self.checks:
+            rows = [(p, files) for (c, p), files in self.problems.items() if c == check]
+            if not rows:
+                lines.append(f"| {check} | {self.ok[check]} | - | 0 | |")
+            for problem, files in rows:
+                first = ", ".join(files[:show]) + (", ..." if len(files) > show else "")
+                lines.append(f"| {check} | {self.ok[check]} | {problem} | {len(files)} | {first} |")
+        lines.append("")
+        if self.passed:
+            lines.append(f"OK: all {self.num_ids} ids passed")
+        else:
+            lines.append(f"PROBLEMS: {len(self.bad_ids)} of {self.num_ids} ids have problems; fix "
+                         f"them, or train with --skip-missing to drop ids with missing files")
+            if self.ok["image"] == 0 and "image" in self.checks:
+                lines.append("no image was found at all: is --data-root the dataset root (the folder "
+                             "holding JPEGImages/, or train2014/ for COCO)?")
+        return "\n".join(lines)
+
+
+def read_size(path: Path, decode: bool = False) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    """((w, h), None) or (None, 'missing' | 'unreadable')."""
+    try:
+        with Image.open(path) as img:
+            if decode:
+                img.load()
+            return img.size, None
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None, "unreadable"
+
+
+def _check_files(img_id: str, info: DatasetInfo, data_root: Path, saliency_root: Optional[Path],
+                 gt: bool, gt_dir: Optional[Path], decode: bool) -> List[Tuple[str, str, str]]:
+    """(check, problem or '', detail) for the file checks of one id ('' = passed)."""
+    out = []
+    img_path = info.image_path(data_root, img_id)
+    size, err = read_size(img_path, decode)
+    out.append(("image", err or "", str(img_path)))
+    others = []
+    if saliency_root is not None:
+        others.append(("saliency", saliency_path(saliency_root, img_id)))
+    if gt:
+        others.append(("gt", gt_dir / f"{img_id}.png" if gt_dir else info.gt_path(dataset_root_of(data_root), img_id)))
+    for check, path in others:
+        other_size, err = read_size(path, decode)
+        if err is None and size is not None and other_size != size:
+            out.append((check, "size differs from image",
+                        f"{path} ({other_size[0]}x{other_size[1]} vs {size[0]}x{size[1]})"))
+        else:
+            out.append((check, err or "", str(path)))
+    return out
+
+
+def check_dataset(info: DatasetInfo, data_root, ids: Sequence[str], *, saliency_root=None,
+                  gt: bool = False, gt_dir=None, labels: bool = True, decode: bool = False,
+                  workers: int = 8, title: str = "") -> CheckReport:
+    data_root = Path(data_root)
+    saliency_root = Path(saliency_root) if saliency_root is not None else None
+    gt_dir = Path(gt_dir) if gt_dir is not None else None
+    checks = ["list", "image"] + (["saliency"] if saliency_root else []) + \
+        (["labels"] if labels else []) + (["gt"] if gt else [])
+    report = CheckReport(title or f"{info.name}: {len(ids)} ids under {data_root}", len(ids), checks)
+
+    seen = Counter(ids)
+    for img_id, n in seen.items():
+        if n > 1:
+            report.add("list", "duplicate id", img_id, f"{img_id} (x{n})")
+    report.ok["list"] = sum(1 for n in seen.values() if n == 1)
+
+    if labels:
+        try:
+            table = info.image_labels
+        except MetadataError as e:
+            table = None
+            for img_id in ids:
+                report.add("labels", "labels file unreadable", img_id, str(e))
+        if table is not None:
+            where = info.metadata_dir / "image_labels.txt"
+            for img_id in ids:
+                vec = table.get(img_id)
+                if vec is None:
+                    report.add("labels", f"no labels in {where}", img_id, img_id)
+                elif not vec.any():
+                    report.add("labels", "image with no class", img_id, img_id)
+                else:
+                    report.ok["labels"] += 1
+
+    def job(img_id):
+        return img_id, _check_files(img_id, info, data_root, saliency_root, gt, gt_dir, decode)
+
+    bar = dict(total=len(ids), desc="checking", unit="id", disable=len(ids) < 1000)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:  # header reads are I/O bound: threads suffice
+            results = list(tqdm(pool.map(job, ids), **bar))
+    else:
+        results = [job(i) for i in tqdm(ids, **bar)]
+    for img_id, rows in results:
+        for check, problem, detail in rows:
+            if problem:
+                report.add(check, problem, img_id, detail)
+            else:
+                report.ok[check] += 1
+    return report
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Check a dataset root", add_help=False)
+    p.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
+                   help="dataset name (default voc12)")
+    p.add_argument("--data-root", "--data_root", dest="data_root", type=Path, required=True,
+                   help="dataset root (or its JPEGImages folder, as the published --data_root)")
+    p.add_argument("--saliency-root", "--saliency_root", dest="saliency_root", type=Path, default=None,
+                   help="folder of <id>.png saliency maps to check (EPS: the PFAN maps, e.g. SALImages)")
+    p.add_argument("--list", type=str, default=None,
+                   help="split name or list file (default: the dataset's training list, "
+                        "train_aug for voc12 and train for coco)")
+    p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
+                   help="folder with labels.txt, image_labels.txt and lists (default: metadata/<dataset>; "
+                        "for custom: the dataset root)")
+    p.add_argument("--gt", action="store_true", help="also check the GT masks (SegmentationClassAug / "
+                                                     "SegmentationClass) exist and match the image size")
+    p.add_argument("--gt-dir", type=Path, default=None, help="GT folder (implies --gt; default: the dataset's)")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="check that every id has image labels with >= 1 class (default on)")
+    p.add_argument("--decode", action="store_true",
+                   help="fully decode every file (catches truncated images; slower)")
+    p.add_argument("--workers", type=int, default=8, help="threads reading file headers (default 8)")
+    p.add_argument("--show", type=int, default=3, help="offending files listed per problem (default 3)")
+    return p
+
+
+def main(args) -> CheckReport:
+    info = get_dataset(args.dataset, metadata_dir=args.metadata_dir, data_root=args.data_root)
+    list_name = args.list or info.train_defaults.get("train_list", "train")
+    ids = info.read_ids(list_name)
+    report = check_dataset(info, args.data_root, ids, saliency_root=args.saliency_root,
+                           gt=args.gt or args.gt_dir is not None, gt_dir=args.gt_dir,
+                           labels=args.labels, decode=args.decode, workers=args.workers,
+                           title=f"{info.name} list {list_name}: {len(ids)} ids under {args.data_root}")
+    print(report.format(args.show))
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        sys.exit(0 if main(parser.parse_args()).passed else 1)
+    except MetadataError as e:
+        sys.exit(f"error: {e}")

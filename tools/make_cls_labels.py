@@ -1,0 +1,240 @@
+"""Make image-level labels (the project's ``image_labels.txt`` text format) from annotations.
+
+VOC (reference.md 3.1, psa ``make_cls_labels.py``): for every listed id, read
+``Annotations/<id>.xml`` and mark every ``<name>`` element that is one of the classes; part names
+(head / hand / foot) are not classes and drop out; difficult and truncated objects count.
+
+    python tools/make_cls_labels.py --dataset voc12 --data-root VOCdevkit/VOC2012 \\
+        --out my_labels/image_labels.txt            # ids of train_aug + val, as published
+
+COCO-14 (reference.md 3.4): class index = rank of the category id among the sorted category ids
+(person = 0 ... toothbrush = 79; NOT id - 1); every annotation of an image counts, crowd ones
+included by default; key ``COCO_<split>_<12-digit id>``. ``--list-dir`` also writes the id list
+of each split (images with >= 1 annotation: 82,081 train / 40,137 val).
+
+    python tools/make_cls_labels.py --dataset coco --data-root COCO \\
+        --out metadata/coco/image_labels.txt --list-dir my_lists
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from data.metadata import MetadataError, write_id_list, write_image_labels  # noqa: E402
+from data.registry import DATASETS, get_dataset  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+COCO_KEY_FORMAT = "COCO_{split}_{id:012d}"
+
+
+class LabelToolError(ValueError):
+    """Bad annotation input; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# VOC
+# --------------------------------------------------------------------------------------------
+def voc_names_in_xml(xml_path) -> List[str]:
+    """Text of every <name> element at any depth (object and part names alike)."""
+    xml_path = Path(xml_path)
+    if not xml_path.is_file():
+        raise LabelToolError(f"annotation not found: {xml_path}; check --data-root (the folder "
+                             f"that holds Annotations/) or remove the id from the list")
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise LabelToolError(f"cannot parse {xml_path}: {e}; re-extract the VOC archive") from None
+    # strip(): VOC names carry no whitespace, so this only guards hand-edited files.
+    return [(el.text or "").strip() for el in root.iter("name")]
+
+
+def voc_label_vector(xml_path, class_names: Sequence[str]) -> np.ndarray:
+    """float32 (C,) multi-hot; names that are not classes (part names, typos) are ignored."""
+    index = {n: i for i, n in enumerate(class_names)}
+    vec = np.zeros(len(class_names), np.float32)
+    for name in voc_names_in_xml(xml_path):
+        if name in index:
+            vec[index[name]] = 1.0
+    return vec
+
+
+def make_voc_labels(annotation_dir, ids: Iterable[str], class_names: Sequence[str]) -> Dict[str, np.ndarray]:
+    return {i: voc_label_vector(Path(annotation_dir) / f"{i}.xml", class_names) for i in ids}
+
+
+# --------------------------------------------------------------------------------------------
+# COCO
+# --------------------------------------------------------------------------------------------
+def coco_category_ranks(categories: Sequence[Mapping]) -> Dict[int, int]:
+    """{category id: 0-based class index} = rank among the sorted ids (1->0, ..., 90->79)."""
+    return {cid: k for k, cid in enumerate(sorted(int(c["id"]) for c in categories))}
+
+
+def coco_split_of(json_path) -> str:
+    """``instances_train2014.json`` -> ``train2014`` (the split part of the COCO keys)."""
+    m = re.fullmatch(r"instances_(\w+)\.json", Path(json_path).name)
+    if not m:
+        raise LabelToolError(f"cannot tell the split of {json_path} from its name; expected "
+                             f"instances_<split>.json (e.g. instances_train2014.json) or pass --split")
+    return m.group(1)
+
+
+def load_coco_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelToolError(f"annotation file not found: {path}; download annotations_trainval2014 "
+                             f"and pass --data-root (holding annotations/) or --annotations")
+    with open(path, "r", encoding="utf-8") as f:
+        data = json.load(f)
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise LabelToolError(f"{path} has no '{key}' field; pass an instances_*.json file")
+    return data
+
+
+def coco_annotations_by_image(data: Mapping, include_crowd: bool = True) -> Dict[int, List[Mapping]]:
+    """{image id: annotations in file order} (file order matters for mask overwriting)."""
+    by_image: Dict[int, List[Mapping]] = {}
+    for ann in data["annotations"]:
+        if ann.get("iscrowd", 0) and not include_crowd:
+            continue
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    return by_image
+
+
+def make_coco_labels(data: Mapping, split: str, key_format: str = COCO_KEY_FORMAT,
+                     include_crowd: bool = True) -> Dict[str, np.ndarray]:
+    """{key: float32 (80,) multi-hot} for the images with >= 1 (counted) annotation, by image id."""
+    ranks = coco_category_ranks(data["categories"])
+    by_image = coco_annotations_by_image(data, include_crowd)
+    labels = {}
+    for image_id in sorted(by_image):
+        vec = np.zeros(len(ranks), np.float32)
+        for ann in by_image[image_id]:
+            vec[ranks[int(ann["category_id"])]] = 1.0
+        labels[key_format.format(split=split, id=image_id)] = vec
+    return labels
+
+
+def coco_list_path(list_dir, split: str) -> Path:
+    """train2014 -> <list_dir>/train.txt (the names of metadata/coco/)."""
+    return Path(list_dir) / f"{re.sub(r'[0-9]{4}$', '', split)}.txt"
+
+
+def check_coco_names(data: Mapping, class_names: Sequence[str], source) -> None:
+    # labels.txt writes multi-word names with underscores ("traffic_light"); the JSON uses spaces.
+    names = [c["name"].replace(" ", "_") for c in sorted(data["categories"], key=lambda c: int(c["id"]))]
+    if len(names) != len(class_names):
+        raise LabelToolError(f"{source} has {len(names)} categories but labels.txt has "
+                             f"{len(class_names)} classes; use the matching --dataset / --metadata-dir")
+    if names != [n.replace(" ", "_") for n in class_names]:
+        diff = [(a, b) for a, b in zip(names, class_names) if a != b][:3]
+        logger.warning("category names of %s differ from labels.txt (e.g. %s); indices follow the "
+                       "sorted category ids regardless", source, diff)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise LabelToolError(f"{path} exists; pass --overwrite to replace it")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Make image-level labels (image_labels.txt)", add_help=False)
+    p.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
+                   help="voc12/custom: VOC XML annotations; coco: instances_*.json (default voc12)")
+    p.add_argument("--data-root", "--data_root", dest="data_root", type=Path, required=True,
+                   help="VOC: the folder with Annotations/ (e.g. VOCdevkit/VOC2012); "
+                        "COCO: the folder with annotations/instances_{train,val}2014.json")
+    p.add_argument("--out", type=Path, required=True, help="output image_labels.txt")
+    p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
+                   help="folder with labels.txt (and the split lists); default: the dataset's metadata/")
+    p.add_argument("--lists", type=str, nargs="+", default=None,
+                   help="VOC: split names or list files whose ids get labels (published: train_aug val; "
+                        "default for voc12; other VOC-layout datasets default to every Annotations/*.xml)")
+    p.add_argument("--annotations", type=Path, nargs="+", default=None,
+                   help="COCO: instances JSON files (default: <data-root>/annotations/"
+                        "instances_train2014.json and instances_val2014.json)")
+    p.add_argument("--key-format", type=str, default=COCO_KEY_FORMAT,
+                   help=f"COCO: image key pattern with {{split}} and {{id}} (default {COCO_KEY_FORMAT!r}, "
+                        f"the EPS lists' ids)")
+    p.add_argument("--crowd", type=str, default="include", choices=["include", "exclude"],
+                   help="COCO: whether iscrowd annotations count (default include, as the usual "
+                        "scripts and the published 82,081/40,137-image lists)")
+    p.add_argument("--list-dir", type=Path, default=None,
+                   help="COCO: also write <list-dir>/<split>.txt (train.txt, val.txt) with the "
+                        "images that have >= 1 annotation")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def main(args) -> Dict[str, np.ndarray]:
+    info = get_dataset(args.dataset, metadata_dir=args.metadata_dir, data_root=args.data_root)
+    class_names = info.class_names
+    _refuse_overwrite(args.out, args.overwrite)
+    if args.dataset == "coco":
+        files = args.annotations or [args.data_root / "annotations" / f"instances_{s}2014.json"
+                                     for s in ("train", "val")]
+        splits = [coco_split_of(p) for p in files]
+        if args.list_dir is not None:  # check before the (slow) JSON parsing
+            for split in splits:
+                _refuse_overwrite(coco_list_path(args.list_dir, split), args.overwrite)
+        labels: Dict[str, np.ndarray] = {}
+        lists: List[Tuple[Path, List[str]]] = []
+        for path, split in zip(files, splits):
+            data = load_coco_json(path)
+            check_coco_names(data, class_names, path)
+            part = make_coco_labels(data, split, args.key_format, args.crowd == "include")
+            logger.info("%s: %d of %d images have >= 1 annotation", path.name, len(part), len(data["images"]))
+            labels.update(part)
+            if args.list_dir is not None:
+                lists.append((coco_list_path(args.list_dir, split), list(part)))
+        source = ", ".join(p.name for p in files) + f" (crowd annotations {args.crowd}d)"
+    else:
+        ann_dir = args.data_root / "Annotations"
+        if args.lists:
+            ids = list(dict.fromkeys(i for name in args.lists for i in info.read_ids(name)))
+        elif args.dataset == "voc12":
+            ids = list(dict.fromkeys(info.read_ids("train_aug") + info.read_ids("val")))
+        else:
+            ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+            if not ids:
+                raise LabelToolError(f"no XML files in {ann_dir}; check --data-root")
+        labels = make_voc_labels(ann_dir, ids, class_names)
+        source = f"{ann_dir} (every <name> that is a class; difficult/truncated included)"
+    empty = [k for k, v in labels.items() if not v.any()]
+    if empty:
+        logger.warning("%d images have no class (e.g. %s); they are written without indices and "
+                       "must be removed from training lists", len(empty), empty[:3])
+    header = (f"image_id followed by the 0-based indices of the classes present "
+              f"(0={class_names[0]} ... {len(class_names) - 1}={class_names[-1]})\n"
+              f"made by tools/make_cls_labels.py from {source}")
+    write_image_labels(args.out, labels, header)
+    for list_path, ids in lists if args.dataset == "coco" else []:
+        write_id_list(list_path, ids)
+        logger.info("wrote %s (%d ids)", list_path, len(ids))
+    logger.info("wrote %s (%d images)", args.out, len(labels))
+    return labels
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        main(parser.parse_args())
+    except (LabelToolError, MetadataError) as e:
+        sys.exit(f"error: {e}")
