@@ -1,0 +1,107 @@
+"""Dataset registry and plain-text metadata: the published lists load, custom roots work."""
+import numpy as np
+import pytest
+
+from data.metadata import (MetadataError, read_class_names, read_id_list, read_image_labels,
+                           write_class_names, write_id_list, write_image_labels)
+from data.registry import DATASETS, get_dataset
+
+
+def test_voc12_metadata_counts():
+    info = get_dataset("voc12")
+    assert info.num_classes == 20 and info.class_names[0] == "aeroplane"
+    assert info.class_names[-1] == "tvmonitor"
+    assert len(info.read_ids("train")) == 1464
+    assert len(info.read_ids("metadata/voc12/train_aug.txt")) == 10582  # the published path style
+    assert len(info.read_ids("val")) == 1449
+    labels = info.image_labels
+    assert len(labels) == 12031
+    # Label-count histogram of the published cls_labels.npy (reference.md 1.4).
+    hist = np.bincount([int(v.sum()) for v in labels.values()])
+    assert hist[1:7].tolist() == [7176, 3479, 1090, 233, 49, 4]
+    np.testing.assert_array_equal(np.flatnonzero(info.labels_for("2007_000032")), [0, 14])
+
+
+def test_coco_metadata_counts():
+    info = get_dataset("coco")
+    assert info.num_classes == 80
+    assert info.class_names[0] == "person" and info.class_names[-1] == "toothbrush"
+    assert len(info.read_ids("train")) == 82081
+    assert len(info.read_ids("val")) == 40137
+
+
+def test_paths_accept_root_or_image_folder(tmp_path):
+    info = get_dataset("voc12")
+    root = tmp_path / "VOC2012"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClassAug").mkdir()
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"x")
+    (root / "SegmentationClassAug" / "a.png").write_bytes(b"x")
+    for r in (root, root / "JPEGImages"):
+        assert info.image_path(r, "a") == root / "JPEGImages" / "a.jpg"
+        assert info.gt_path(r, "a") == root / "SegmentationClassAug" / "a.png"
+    # A missing file resolves to its canonical place, for error messages.
+    assert info.image_path(root, "b") == root / "JPEGImages" / "b.jpg"
+
+
+def test_coco_split_folders(tmp_path):
+    info = get_dataset("coco")
+    assert info.image_path(tmp_path, "COCO_val2014_000000000042") == \
+        tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"
+    assert info.gt_path(tmp_path, "COCO_train2014_000000000009") == \
+        tmp_path / "SegmentationClass" / "train2014" / "COCO_train2014_000000000009.png"
+
+
+def test_custom_root_round_trip(tmp_path):
+    write_class_names(tmp_path / "labels.txt", ["background", "train", "boat"])
+    write_id_list(tmp_path / "train.txt", ["x1", "x2"])
+    write_image_labels(tmp_path / "image_labels.txt",
+                       {"x1": [1, 0], "x2": [1, 1]}, header="demo")
+    info = get_dataset("custom", data_root=tmp_path / "JPEGImages")
+    assert info.metadata_dir == tmp_path
+    assert info.class_names == ["train", "boat"]
+    assert info.read_ids("train") == ["x1", "x2"]
+    np.testing.assert_array_equal(info.labels_for("x2"), [1, 1])
+    with pytest.raises(MetadataError, match="no image labels for id 'x3'"):
+        info.labels_for("x3")
+    with pytest.raises(ValueError, match="metadata-dir"):
+        get_dataset("custom")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_dataset("pascal")
+
+
+def test_malformed_metadata_names_the_file(tmp_path):
+    p = tmp_path / "image_labels.txt"
+    p.write_text("a 0 25\n")
+    with pytest.raises(MetadataError, match=r"image_labels.txt:1: class index 25"):
+        read_image_labels(p, 20)
+    p.write_text("a 0 x\n")
+    with pytest.raises(MetadataError, match="integers"):
+        read_image_labels(p, 20)
+    q = tmp_path / "labels.txt"
+    q.write_text("0 background\n2 cat\n")
+    with pytest.raises(MetadataError, match="without gaps"):
+        read_class_names(q)
+    e = tmp_path / "empty.txt"
+    e.write_text("# nothing\n")
+    with pytest.raises(MetadataError, match="empty"):
+        read_id_list(e)
+    with pytest.raises(MetadataError, match="not found"):
+        read_id_list(tmp_path / "missing.txt")
+    # PSA-style list lines are reduced to the id.
+    psa = tmp_path / "psa.txt"
+    psa.write_text("/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n")
+    assert read_id_list(psa) == ["2007_000032"]
+
+
+def test_empty_label_is_an_error(tmp_path):
+    write_class_names(tmp_path / "labels.txt", ["background", "a"])
+    (tmp_path / "image_labels.txt").write_text("x\n")
+    info = get_dataset("custom", metadata_dir=tmp_path)
+    with pytest.raises(MetadataError, match="has no class"):
+        info.labels_for("x")
+
+
+def test_every_registry_entry_has_training_defaults():
+    for name, spec in DATASETS.items():
+        assert {"crop_size", "batch_size", "max_iters", "tau", "lam"} <= set(spec.train_defaults)
