@@ -1,0 +1,153 @@
+"""What every classification network here shares, whatever its backbone:
+
+* the published freezing (reference.md 1.5): ``train(mode)`` keeps every BatchNorm in eval mode
+  with fixed affine parameters and freezes the early layers listed in ``not_training``;
+* the published parameter groups (1x / 2x / 10x / 20x learning rate) from one method;
+* optional activation checkpointing of the trunk, one block at a time.
+
+A backbone subclasses :class:`Backbone` and implements ``forward_as_dict`` (returning the
+``conv4`` / ``conv5`` / ``conv6`` taps). A head (``network/heads.py``) subclasses it as well, and
+a concrete network combines the two, e.g. ``class ResNet38Eps(EpsHead, ResNet38d)``, so the
+state_dict keys are the published flat names (``conv1a.weight``, ..., ``fc8.weight``) with no
+``backbone.`` prefix.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+# name, lr multiplier, weight-decay multiplier: the published groups g0..g3 (module/optimizer.py).
+PARAM_GROUPS = (("1x", 1, 1), ("2x", 2, 0), ("10x", 10, 1), ("20x", 20, 0))
+
+
+@contextlib.contextmanager
+def _no_bn_stat_update(module: nn.Module):
+    """During checkpoint recomputation, undo the second update of the running statistics that
+    training-mode BN layers make (the original forward already updated them). The recomputation
+    itself runs unchanged - the same ops saving the same tensors, as checkpoint requires - and
+    the buffers are put back afterwards."""
+    bns = [m for m in module.modules()
+           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(bns, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+class Backbone(nn.Module):
+    """Base class of the trunks. Subclasses set ``arch``, ``feature_channels`` (channels of
+    ``conv6``), ``not_training`` (modules frozen when ``freeze_bn``) and implement
+    ``forward_as_dict``; the heads set ``from_scratch_layers`` (fc8)."""
+
+    arch: str = ""
+    feature_channels: int = 0
+    # Whether build_network() should freeze BN when the caller does not say: True for backbones
+    # meant to start from ImageNet weights (published behaviour), False for from-scratch ones.
+    default_freeze_bn: bool = True
+    # Whether the backbone is meant to start from ImageNet weights (build_network warns if not).
+    expects_pretrained: bool = True
+
+    def __init__(self, *, freeze_bn: bool = True, checkpointing: bool = False):
+        super().__init__()
+        self.freeze_bn = bool(freeze_bn)
+        self.checkpointing = bool(checkpointing)
+        # Plain lists, as published: they hold references, not registered sub-modules.
+        self.not_training: List[nn.Module] = []
+        self.from_scratch_layers: List[nn.Module] = []
+
+    # ----------------------------------------------------------------------------- features
+    def forward_as_dict(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (``conv6``), output stride 8 (4 for small with output_stride=4)."""
+        return self.forward_as_dict(x)["conv6"]
+
+    def _run(self, block: nn.Module, *args):
+        """Run one trunk block, through activation checkpointing when enabled and useful.
+        use_reentrant=False is the supported mode (works when the input does not require grad,
+        as behind the frozen stem); preserve_rng_state (default True) replays the same Dropout2d
+        masks during recomputation, so outputs and gradients equal the plain forward's."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _no_bn_stat_update(block)))
+        return block(*args)
+
+    # ----------------------------------------------------------------------------- freezing
+    def train(self, mode: bool = True):
+        """nn.Module.train plus the published freezing (psa Net.train): the ``not_training``
+        layers and every BN's affine parameters get requires_grad=False, and every BN stays in
+        eval mode (ImageNet running statistics). With freeze_bn=False nothing is frozen and BN
+        trains normally (for training from scratch)."""
+        super().train(mode)
+        if self.freeze_bn:
+            for layer in self.not_training:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+                    for p in m.parameters(recurse=False):
+                        p.requires_grad_(False)
+        return self
+
+    def frozen_parameter_names(self) -> List[str]:
+        """Names of the parameters that never change in training (for logs and tests)."""
+        if not self.freeze_bn:
+            return []
+        frozen = {id(p) for layer in self.not_training for p in layer.parameters()}
+        for m in self.modules():
+            if isinstance(m, _BatchNorm):
+                frozen.update(id(p) for p in m.parameters(recurse=False))
+        return [n for n, p in self.named_parameters() if id(p) in frozen]
+
+    # ----------------------------------------------------------------------------- optimizer
+    def get_parameter_groups(self) -> List[dict]:
+        """The published four groups (reference.md 1.5), as named dicts::
+
+            1x  (lr_mult 1,  weight_decay_mult 1): conv weights of the trunk
+            2x  (lr_mult 2,  weight_decay_mult 0): conv biases of the trunk (none in ResNet-38)
+            10x (lr_mult 10, weight_decay_mult 1): fc8.weight (from scratch)
+            20x (lr_mult 20, weight_decay_mult 0): fc8 bias (none)
+
+        As published, only Conv2d modules are visited and frozen convs (conv1a, b2*) are
+        included: the published optimizer is built before train() sets requires_grad=False, so
+        they sit in g0 with grad None and SGD skips them. BN parameters are never optimized when
+        BN is frozen; with freeze_bn=False (training from scratch, not in the paper) BN weights
+        join 1x and BN biases join 2x, following the weight/bias split of the published groups.
+        The caller multiplies: lr = base_lr * lr_mult, weight_decay = wd * weight_decay_mult.
+        """
+        groups: Dict[str, list] = {name: [] for name, _, _ in PARAM_GROUPS}
+        scratch = {id(m) for m in self.from_scratch_layers}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                new = id(m) in scratch
+                groups["10x" if new else "1x"].append(m.weight)
+                if m.bias is not None:
+                    groups["20x" if new else "2x"].append(m.bias)
+            elif isinstance(m, _BatchNorm) and not self.freeze_bn and m.affine:
+                groups["1x"].append(m.weight)
+                groups["2x"].append(m.bias)
+        # Catch a layer type this grouping does not know (it would silently never train).
+        grouped = {id(p) for ps in groups.values() for p in ps}
+        bn_params = {id(p) for m in self.modules() if isinstance(m, _BatchNorm)
+                     for p in m.parameters(recurse=False)}
+        stray = [n for n, p in self.named_parameters() if id(p) not in grouped and id(p) not in bn_params]
+        if stray:
+            raise RuntimeError(f"parameters outside every optimizer group: {stray[:5]}; "
+                               "extend get_parameter_groups for this layer type")
+        return [dict(name=name, params=groups[name], lr_mult=lr_mult, weight_decay_mult=wd_mult)
+                for name, lr_mult, wd_mult in PARAM_GROUPS]
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, freeze_bn={self.freeze_bn}, checkpointing={self.checkpointing}"

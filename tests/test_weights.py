@@ -1,0 +1,202 @@
+"""Loading checkpoints: safe reading, prefix and wrapper handling, describing what a checkpoint
+is, strict loading with errors that name the right network, and ImageNet initialisation that
+leaves exactly fc8 new. The published layouts are taken from tests/test_network_layout.py (written
+from the reference text) and loaded into meta-device networks, so no 420 MB tensors are needed."""
+import logging
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from network import build_network
+from network.weights import (WeightsError, describe_checkpoint, load_pretrained, load_state_dict_file,
+                             load_weights)
+sys.path.insert(0, str(Path(__file__).parent))  # also under --import-mode=importlib
+from test_network_layout import published_layout  # noqa: E402  (the reference-text layout)
+
+
+def meta(name, num_classes):
+    with torch.device("meta"):
+        return build_network(name, num_classes)
+
+
+def published_state_dict(fc8_rows, prefix="", with_counters=True):
+    """A state_dict in the released layout (meta tensors: shapes only)."""
+    return {prefix + k: torch.zeros(shape, device="meta",
+                                    dtype=torch.int64 if k.endswith("tracked") else None)
+            for k, shape in published_layout(fc8_rows)
+            if with_counters or not k.endswith("num_batches_tracked")}
+
+
+def small_sd(name="small_eps", num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return build_network(name, num_classes).state_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# reading files
+# ------------------------------------------------------------------------------------------------
+def test_load_state_dict_file_variants(tmp_path):
+    sd = small_sd()
+    plain, dp, project = tmp_path / "plain.pth", tmp_path / "dp.pth", tmp_path / "ckpt.pth"
+    torch.save(sd, plain)
+    torch.save({"module." + k: v for k, v in sd.items()}, dp)  # DataParallel
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "iter": 7,
+                "args": {"network": "small_eps", "lr": 0.01}}, project)
+    for path in (plain, dp, project):
+        got = load_state_dict_file(path)
+        assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd), path
+
+
+def test_corrupt_truncated_and_unsafe_files(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(small_sd(), good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(WeightsError, match=rf"{path.name}.*corrupt or truncated"):
+            load_state_dict_file(path)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"model": small_sd(), "args": Namespace(lr=0.1)}, unsafe)  # a pickled object
+    with pytest.raises(WeightsError, match="other than tensors"):
+        load_state_dict_file(unsafe)
+    not_sd = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_sd)
+    with pytest.raises(WeightsError, match="not a state_dict"):
+        load_state_dict_file(not_sd)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_state_dict_file(tmp_path / "missing.pth")
+    params = tmp_path / "x.params"
+    params.write_bytes(b"\0" * 32)
+    with pytest.raises(WeightsError, match="convert_resnet38"):
+        load_state_dict_file(params)
+
+
+# ------------------------------------------------------------------------------------------------
+# describing
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,head,classes",
+                         [(21, "eps", 20), (20, "cls", 20), (81, "eps", 80), (80, "cls", 80)])
+def test_describe_published_checkpoints(rows, head, classes):
+    d = describe_checkpoint(published_state_dict(rows))
+    assert (d["arch"], d["head_type"], d["num_classes"], d["network"]) == (
+        "resnet38", head, classes, f"resnet38_{head}")
+    if rows == 21:
+        assert d["summary"] == "fc8 has 21 outputs: an EPS checkpoint for 20 classes; use resnet38_eps"
+
+
+def test_describe_other_checkpoints():
+    assert describe_checkpoint(meta("resnet101_cls", 20).state_dict())["network"] == "resnet101_cls"
+    assert describe_checkpoint(meta("small_eps", 20).state_dict())["network"] == "small_eps"
+    custom = describe_checkpoint(meta("small_eps", 5).state_dict(), num_classes=5)
+    assert (custom["head_type"], custom["num_classes"]) == ("eps", 5)
+    ambiguous = describe_checkpoint(meta("small_eps", 5).state_dict())
+    assert ambiguous["head_type"] is None and "6 outputs" in ambiguous["summary"]
+    trunk = {k: v for k, v in published_state_dict(21).items() if not k.startswith("fc8")}
+    d = describe_checkpoint(trunk)
+    assert d["head_type"] is None and d["arch"] == "resnet38" and "without a classifier" in d["summary"]
+
+
+# ------------------------------------------------------------------------------------------------
+# strict loading of full checkpoints
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,num_classes,rows", [("resnet38_eps", 20, 21), ("resnet38_cls", 20, 20),
+                                                   ("resnet38_eps", 80, 81), ("resnet38_cls", 80, 80)])
+@pytest.mark.parametrize("prefix,counters", [("", True), ("module.", True), ("", False)])
+def test_published_layouts_load_strictly(name, num_classes, rows, prefix, counters):
+    result = load_weights(meta(name, num_classes), published_state_dict(rows, prefix, counters))
+    assert result["missing"] == [] and result["unexpected"] == []
+
+
+def test_wrong_head_error_names_the_right_network():
+    with pytest.raises(WeightsError) as e:
+        load_weights(meta("resnet38_cls", 20), published_state_dict(21))
+    assert "fc8 has 21 outputs: an EPS checkpoint for 20 classes; use resnet38_eps" in str(e.value)
+    with pytest.raises(WeightsError, match="a baseline .cls. checkpoint for 20 classes; use resnet38_cls"):
+        load_weights(meta("resnet38_eps", 20), published_state_dict(20))
+    with pytest.raises(WeightsError, match="EPS checkpoint for 80 classes; use resnet38_eps"):
+        load_weights(meta("resnet38_eps", 20), published_state_dict(81))
+    with pytest.raises(WeightsError, match="resnet38 checkpoint, the network is small"):
+        load_weights(meta("small_eps", 20), published_state_dict(21))
+
+
+def test_load_weights_round_trip_and_non_strict(tmp_path, caplog):
+    sd = small_sd()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}, "iter": 3}, path)
+    model = build_network("small_eps", 5)
+    load_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    partial = {k: v for k, v in sd.items() if not k.startswith("stage4")}
+    with pytest.raises(WeightsError, match="Missing from the file: stage4"):
+        load_weights(build_network("small_eps", 5), partial)
+    with caplog.at_level(logging.WARNING, logger="network.weights"):
+        result = load_weights(build_network("small_eps", 5), partial, strict=False)
+    assert result["missing"] and all(k.startswith("stage4") for k in result["missing"])
+    assert "non-strict" in caplog.text
+    wrong_width = small_sd()
+    with pytest.raises(WeightsError, match="Shape mismatches"):
+        load_weights(build_network("small_eps", 5, width=8), wrong_width, strict=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet initialisation
+# ------------------------------------------------------------------------------------------------
+def test_load_pretrained_leaves_exactly_fc8(tmp_path):
+    donor = small_sd("small_cls", 5)
+    trunk = {k: v for k, v in donor.items() if not k.startswith("fc8")}
+    path = tmp_path / "trunk.pth"
+    torch.save(trunk, path)
+    model = build_network("small_eps", 7, pretrained=path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trunk.items())
+    assert model.fc8.weight.shape == (8, 128, 1, 1)
+
+    torch.save(donor, tmp_path / "full.pth")  # a trained head is not an ImageNet init
+    with pytest.raises(WeightsError, match="trained head"):
+        load_pretrained(build_network("small_eps", 7), tmp_path / "full.pth")
+    torch.save({k: v for k, v in trunk.items() if not k.startswith("stage4")}, tmp_path / "short.pth")
+    with pytest.raises(WeightsError, match="exactly the head fc8.*\n.*Missing from the file: stage4"):
+        load_pretrained(build_network("small_eps", 7), tmp_path / "short.pth")
+    torch.save({**trunk, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(WeightsError, match="Not in the network: extra.weight"):
+        load_pretrained(build_network("small_eps", 7), tmp_path / "extra.pth")
+
+
+def test_resnet101_from_torchvision_imagenet_file(tmp_path):
+    """A torchvision ImageNet state_dict (with its fc classifier) initialises the dilated trunk."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet101(weights=None).state_dict()
+    path = tmp_path / "resnet101-63fe2227.pth"
+    torch.save(tv, path)
+    del tv
+    model = build_network("resnet101_eps", 20)
+    result = load_pretrained(model, path)
+    assert result["missing"] == ["fc8.weight"]
+    reloaded = torch.load(path, weights_only=True)
+    assert torch.equal(model.layer4[2].conv3.weight, reloaded["layer4.2.conv3.weight"])
+    # Dilated (torchvision gives a layer's first block the previous dilation), same weights fit.
+    assert model.layer4[0].conv2.dilation == (2, 2) and model.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_build_network_from_checkpoint(tmp_path):
+    from network.weights import build_network_from_checkpoint
+
+    torch.manual_seed(0)
+    trained = build_network("small_eps", 20, width=8, blocks=2)
+    path = tmp_path / "checkpoint_cls.pth"
+    torch.save({"model": trained.state_dict(), "iter": 1}, path)
+    model, desc = build_network_from_checkpoint(path)
+    assert (desc["network"], model.num_classes, model.width, model.blocks) == ("small_eps", 20, 8, 2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
+    custom = build_network("small_cls", 4)
+    model, _ = build_network_from_checkpoint(custom.state_dict(), num_classes=4)
+    assert model.head_type == "cls" and model.num_classes == 4
+    with pytest.raises(WeightsError, match="pass the network name"):
+        build_network_from_checkpoint(custom.state_dict())

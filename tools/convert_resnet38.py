@@ -1,0 +1,96 @@
+"""Convert the ImageNet ResNet-38 MXNet weights to a PyTorch state_dict, without MXNet.
+
+    python tools/convert_resnet38.py ilsvrc-cls_rna-a1_cls1000_ep-0001.params resnet38d_imagenet.pth
+
+Reads any of the legacy / V1 / V2 / V3 record formats (network/mxnet_params.py), renames the
+ademxapp names to the psa ResNet38d trunk (reference.md 2.2), drops the ImageNet classifier
+(linear1000), checks that exactly the 191 trunk tensors are present with the trunk's shapes,
+loads them strictly into a ResNet38d trunk, saves its state_dict atomically, and prints the
+sha256 of the output. Training also accepts the .params file directly; the .pth loads faster.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from network import mxnet_params  # noqa: E402
+from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
+from utils.io import torch_save  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+NUM_TRUNK_TENSORS = 191  # 44 conv weights + 37 BN x 4 (reference.md 1.12, without fc8 and counters)
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert(params_path: Path) -> dict:
+    """Return the trunk state_dict (with BN num_batches_tracked) converted from ``params_path``,
+    after checking the key count, every shape, and a strict load."""
+    arrays = mxnet_params.load_params(params_path)
+    logger.info("%s: %d arrays", params_path, len(arrays))
+    try:
+        sd = convert_mxnet_to_torch(arrays)
+        del arrays  # the tensors share or copy this memory; drop the rest (e.g. linear1000)
+    except KeyError as e:
+        raise ConversionError(f"{params_path}: {e.args[0]}; is this the ResNet-38 (A1) ImageNet file "
+                              "ilsvrc-cls_rna-a1_cls1000_ep-0001.params?") from None
+    trunk = ResNet38d()
+    expected = {k: v.shape for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(expected) == NUM_TRUNK_TENSORS, len(expected)
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if len(sd) != NUM_TRUNK_TENSORS or missing or extra:
+        raise ConversionError(f"{params_path}: {len(sd)} trunk tensors after renaming, expected "
+                              f"{NUM_TRUNK_TENSORS}; missing {missing[:5]}, unexpected {extra[:5]}")
+    bad = [(k, tuple(v.shape), tuple(expected[k])) for k, v in sd.items() if v.shape != expected[k]]
+    if bad:
+        raise ConversionError(f"{params_path}: shape mismatches (key, file, trunk): {bad[:5]}")
+    # Strict: the converted dict plus BN's counters must be exactly the trunk's state_dict.
+    counters = {k: v for k, v in trunk.state_dict().items() if k.endswith("num_batches_tracked")}
+    trunk.load_state_dict({**sd, **counters}, strict=True)
+    return trunk.state_dict()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Convert ResNet-38 MXNet .params to .pth", add_help=False)
+    p.add_argument("params", type=Path,
+                   help="ImageNet MXNet weights, e.g. ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+    p.add_argument("output", type=Path, help="output .pth (a plain trunk state_dict, 228 entries)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    return p
+
+
+def main(args) -> str:
+    if args.output.exists() and not args.force:
+        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
+    try:
+        sd = convert(args.params)
+    except (FileNotFoundError, mxnet_params.MXNetParamsError, ConversionError) as e:
+        raise SystemExit(f"error: {e}") from None
+    torch_save(sd, args.output)
+    digest = sha256_of(args.output)
+    n_params = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    logger.info("wrote %s: %d entries, %d values", args.output, len(sd), n_params)
+    print(f"sha256 {digest}  {args.output}")
+    return digest
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
