@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from data.metadata import MetadataError, atomic_write_text
+from data.metadata import MetadataError
+from utils.io import atomic_write_text
 from data.registry import DATASETS, dataset_root_of, get_dataset
 from eval.cam_sweep import evaluate_cams, format_sweep, thresholds_from_range
 from eval.evaluator import (EvalError, default_workers, evaluate_folders, paths_in_dir,

@@ -12,12 +12,12 @@ Formats (all UTF-8 text, ``#`` starts a comment line):
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Sequence
 
 import numpy as np
+
+from utils.io import atomic_write_text  # noqa: F401  (re-exported for the metadata writers)
 
 
 class MetadataError(ValueError):
@@ -89,21 +89,6 @@ def format_image_labels(labels: Mapping[str, Sequence[float]], header: str = "")
         idx = np.flatnonzero(np.asarray(vec) > 0.5)
         lines.append(" ".join([img_id] + [str(i) for i in idx]))
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write text through a temporary file in the same folder, then rename (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_image_labels(path, labels: Mapping[str, Sequence[float]], header: str = "") -> None:

@@ -13,7 +13,15 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from data.metadata import atomic_write_text  # noqa: F401  (re-exported: one place for text too)
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
 
 
 @contextlib.contextmanager
@@ -26,10 +34,19 @@ def atomic_path(path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

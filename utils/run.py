@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from data.metadata import atomic_write_text
+from utils.io import atomic_write_text
 from utils.dist import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,3 +82,50 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be (re)used as asked; the message says what to do."""
+
+
+def resolve_resume(run_dir, resume, final_name: str, last_name: str,
+                   dir_flag: str = "--run-dir") -> Optional[Path]:
+    """Decide how a training run starts in ``run_dir``.
+
+    Never overwrites: without ``resume`` an existing finished (``final_name``) or unfinished
+    (``last_name``) run is an error. ``resume == "auto"`` continues from ``last_name`` if present;
+    any other value is an explicit checkpoint path. Returns the checkpoint to resume from, or None
+    for a fresh start."""
+    run_dir = Path(run_dir)
+    final, last = run_dir / final_name, run_dir / last_name
+    if resume is None:
+        if final.exists():
+            raise RunDirError(f"{run_dir} already holds a finished run ({final}); choose another "
+                              f"{dir_flag}, or pass --resume to continue it")
+        if last.exists():
+            raise RunDirError(f"{run_dir} holds an unfinished run ({last}); pass --resume to "
+                              f"continue it, or choose another {dir_flag}")
+        return None
+    if resume == "auto":
+        if last.exists():
+            return last
+        if final.exists():
+            raise RunDirError(f"{final} exists but {last} does not: the run finished without a "
+                              f"resumable state; choose another {dir_flag}")
+        logging.getLogger(__name__).warning("--resume: no %s yet, starting from scratch", last)
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise RunDirError(f"--resume {path}: file not found")
+    return path
+
+
+def trim_metrics(path, upto: int) -> None:
+    """Drop metrics records after iteration ``upto`` (written after the last checkpoint by a run
+    that died), so a resumed log holds each iteration once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iter", 0) <= upto]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
