@@ -1,0 +1,335 @@
+"""Second stage inference: DeepLab-v2 on full images -> label PNGs (+ dense CRF) -> mIoU.
+
+    python infer_seg.py --data_root $VOC --weights $OUT/deeplab/checkpoint_final.pth \\
+        --out-dir $OUT/deeplab/val --crf
+
+As deeplab-pytorch's test: full-size image (no resize or padding), batch 1, MSC max logits ->
+bilinear to the image size -> softmax -> argmax. ``--crf`` also writes the dense-CRF result
+(DeepLab parameters: 10 iterations, Gaussian sxy 1 / compat 3, bilateral sxy 67 / srgb 3 / compat
+4) to ``<out-dir>_crf``. Both folders are then scored with evaluate.py when ground truth exists.
+
+Existing PNGs are kept (a killed run continues where it stopped); writes are atomic.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.datasets import DataError, load_rgb
+from data.metadata import MetadataError
+from data.registry import DATASETS, dataset_root_of, get_dataset
+from data.seg_transforms import MEAN_BGR, SegEvalTransform
+from eval.evaluator import EvalError
+from network.deeplab import MSC_SCALES, SegWeightsError, load_trained
+from utils import dist
+from utils.io import save_label_png
+from utils.run import setup_logging, write_run_info
+
+logger = logging.getLogger(__name__)
+
+# Paper anchors (EPS, CVPR 2021, DeepLab-v2 ResNet-101 with COCO init), printed beside results.
+PAPER_ANCHORS = {"voc12": "paper (EPS, DeepLab-v2 R101, COCO init): 70.9 val / 70.8 test mIoU"}
+CRF_IMAGES = ("rgb", "published")
+
+
+class InferSegError(RuntimeError):
+    """A problem with the inputs; the message says what to change."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("DeepLab-v2 inference and evaluation", add_help=False)
+    p.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
+                   help="dataset registry entry")
+    p.add_argument("--data_root", "--data-root", dest="data_root", type=Path, required=True,
+                   help="dataset root (VOC: the folder holding JPEGImages) or its JPEGImages folder")
+    p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
+                   help="labels.txt and split lists (default: metadata/<dataset>; custom: data root)")
+    p.add_argument("--list", "--infer_list", "--infer-list", dest="list", type=str, default="val",
+                   help="id list, a split name or a path (paper: val, 1,449 images)")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="checkpoint_final.pth of train_seg.py (or its run directory)")
+    p.add_argument("--out-dir", "--out_dir", dest="out_dir", type=Path, required=True,
+                   help="folder for the label PNGs <id>.png (palette, 0 = background)")
+    p.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
+                   default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run the flipped image and take the pixel-wise max of the logits "
+                        "(not in the published test; default off)")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write dense-CRF labels (DeepLab parameters 4/67/3/3/1, 10 iterations)")
+    p.add_argument("--crf-dir", "--crf_dir", dest="crf_dir", type=Path, default=None,
+                   help="folder for the CRF PNGs (default: <out-dir>_crf)")
+    p.add_argument("--crf-image", "--crf_image", dest="crf_image", type=str, default="rgb",
+                   choices=CRF_IMAGES,
+                   help="image given to the CRF: 'rgb' = the raw image (default, correct; as "
+                        "deeplab-pytorch demo.py) or 'published' = deeplab-pytorch main.py's bug "
+                        "(mean-subtracted BGR cast to uint8, negatives wrap around)")
+    p.add_argument("--crf-workers", "--crf_workers", dest="crf_workers", type=int, default=0,
+                   help="CRF worker processes (0 = in this process; ~1 s per VOC image each)")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the PNGs with evaluate.py when the list has ground truth")
+    p.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", type=Path, default=None,
+                   help="ground-truth folder for evaluation (default: found under --data_root)")
+    p.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="skip ids whose image is missing (default: stop with the file name)")
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
+                   help="image-loading workers")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="autocast (fp16 on CUDA, bf16 on CPU); default off")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="channels_last memory format (often faster on CPU); same results up to "
+                        "float rounding")
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when available")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+
+def crf_input_image(rgb: np.ndarray, mode: str = "rgb", mean_bgr=MEAN_BGR) -> np.ndarray:
+    """The uint8 (H,W,3) image handed to the CRF.
+
+    'rgb': the raw image. 'published': what deeplab-pytorch main.py passes, the mean-subtracted
+    BGR float image cast to uint8; the cast of negative floats is made explicit here
+    (truncate, then wrap modulo 256, as numpy's float->uint8 cast does on x86)."""
+    if mode == "rgb":
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if mode == "published":
+        sub = rgb[:, :, ::-1].astype(np.float32) - np.asarray(mean_bgr, np.float32)
+        return np.ascontiguousarray((np.trunc(sub).astype(np.int64) % 256).astype(np.uint8))
+    raise ValueError(f"unknown CRF image mode {mode!r}; choose one of {CRF_IMAGES}")
+
+
+@torch.no_grad()
+def predict_probs(model, image: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """(1,3,H,W) input -> (1,K,H,W) softmax probabilities at the input size (eval mode)."""
+    logits = model(image)
+    if flip:
+        logits = torch.maximum(logits, model(image.flip(-1)).flip(-1))
+    logits = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    return F.softmax(logits, dim=1)
+
+
+def crf_labels(rgb: np.ndarray, probs: np.ndarray, mode: str) -> np.ndarray:
+    """DeepLab dense CRF on (K,H,W) probabilities -> uint8 labels."""
+    from utils.crf import CRF_PRESETS, dense_crf
+    q = dense_crf(crf_input_image(rgb, mode), probs, **CRF_PRESETS["deeplab"])
+    return q.argmax(axis=0).astype(np.uint8)
+
+
+def _crf_job(rgb, probs, mode, path) -> str:
+    save_label_png(path, crf_labels(rgb, probs, mode))
+    return str(path)
+
+
+class ImageList(Dataset):
+    """(id, normalised CHW float32, raw uint8 RGB) for full-image inference; no mask needed."""
+
+    def __init__(self, info, data_root, ids, skip_missing=False):
+        self.transform = SegEvalTransform()
+        paths = [(i, info.image_path(data_root, i)) for i in ids]
+        missing = [str(p) for _, p in paths if not p.is_file()]
+        if missing and not skip_missing:
+            raise DataError(f"{len(missing)} of {len(ids)} images not found (first: {missing[0]}); "
+                            f"check --data_root or pass --skip-missing")
+        self.items = [(i, p) for i, p in paths if p.is_file()]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        img_id, path = self.items[k]
+        rgb = np.array(load_rgb(path))  # writable: the DataLoader turns it into a tensor
+        chw, _ = self.transform(rgb, np.zeros(rgb.shape[:2], np.uint8))
+        return img_id, torch.from_numpy(chw), rgb
+
+
+def _single(batch):
+    return batch[0]
+
+
+def resolve_weights(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "checkpoint_final.pth"
+    if not path.is_file():
+        raise InferSegError(f"{path}: weights not found; pass checkpoint_final.pth written by "
+                            f"train_seg.py (or its run directory)")
+    return path
+
+
+def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, device, flip=False,
+                  crf_image="rgb", crf_workers=0, amp=False, channels_last=False,
+                  num_workers=0) -> Dict:
+    """Write <out_dir>/<id>.png (and CRF PNGs); ids whose outputs exist are skipped."""
+    todo = [k for k, (i, _) in enumerate(dataset.items)
+            if not (out_dir / f"{i}.png").is_file()
+            or (crf_dir is not None and not (crf_dir / f"{i}.png").is_file())]
+    if len(todo) < len(dataset):
+        logger.info("%d of %d images already done in %s; skipping them",
+                    len(dataset) - len(todo), len(dataset), out_dir)
+    loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
+                        num_workers=num_workers, collate_fn=None) if todo else []
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    pool = cf.ProcessPoolExecutor(crf_workers) if (crf_dir is not None and crf_workers > 0) else None
+    pending: List[cf.Future] = []
+    t_net, n = 0.0, 0
+    try:
+        for img_id, chw, rgb in tqdm(loader, total=len(todo), desc="infer_seg",
+                                     disable=not dist.is_main_process() or not todo,
+                                     dynamic_ncols=True):
+            x = chw[None].to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t = time.time()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                probs = predict_probs(model, x, flip)[0]
+            probs = probs.cpu().numpy()
+            t_net += time.time() - t
+            n += 1
+            save_label_png(out_dir / f"{img_id}.png", probs.argmax(0).astype(np.uint8))
+            if crf_dir is not None:
+                rgb = np.asarray(rgb)
+                if pool is None:
+                    _crf_job(rgb, probs, crf_image, crf_dir / f"{img_id}.png")
+                else:
+                    pending.append(pool.submit(_crf_job, rgb, probs, crf_image,
+                                               crf_dir / f"{img_id}.png"))
+                    if len(pending) >= 2 * crf_workers:  # bound the memory held by queued jobs
+                        pending.pop(0).result()
+        for f in pending:
+            f.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if n:
+        logger.info("network: %.3f s per image over %d images", t_net / n, n)
+    return {"written": n, "sec_per_image": t_net / n if n else None}
+
+
+def evaluate_dir(args, pred_dir: Path, list_path: Path, rewritten: bool) -> Optional[dict]:
+    """Score pred_dir with evaluate.py; re-uses its result file when nothing changed."""
+    import evaluate
+    eval_json = pred_dir.resolve().parent / f"{pred_dir.resolve().name}_eval.json"
+    if eval_json.is_file() and not rewritten:
+        logger.info("predictions unchanged; reusing %s", eval_json)
+        record = json.loads(eval_json.read_text())
+        print(f"mIoU {record['miou'] * 100:.2f} ({eval_json})")
+        return record
+    argv = ["--dataset", args.dataset, "--datalist", str(list_path), "--pred_dir", str(pred_dir),
+            "--save_path", str(eval_json.with_suffix(".txt")), "--json", str(eval_json),
+            "--overwrite", "true"]
+    if args.data_root is not None:
+        argv += ["--data-root", str(args.data_root)]
+    if args.metadata_dir is not None:
+        argv += ["--metadata-dir", str(args.metadata_dir)]
+    if args.gt_dir is not None:
+        argv += ["--gt_dir", str(args.gt_dir)]
+    if args.skip_missing:
+        argv += ["--skip-missing", "true"]
+    return evaluate.main(evaluate.get_args_parser().parse_args(argv))
+
+
+# Settings that change the PNGs: existing outputs are only re-used when these are unchanged.
+OUTPUT_SETTINGS = ("weights", "msc_scales", "flip", "crf_image", "dataset")
+
+
+def check_same_setting(args_json: Path, args) -> None:
+    """Refuse to mix PNGs of different settings in one --out-dir (resume needs the same ones)."""
+    if not args_json.is_file():
+        return
+    old = json.loads(args_json.read_text())
+    now = json.loads(json.dumps(vars(args), default=str))
+    diff = {k: (old.get(k), now.get(k)) for k in OUTPUT_SETTINGS if old.get(k) != now.get(k)}
+    if diff:
+        raise InferSegError(f"{args.out_dir} holds predictions made with other settings "
+                            f"(before -> now: {diff}); choose another --out-dir")
+
+
+def main(args) -> Dict:
+    """Predict the list, optionally CRF, then evaluate; returns {"miou": ..., "miou_crf": ...}."""
+    device = dist.init_distributed(args.device)
+    if args.device == "cuda" and device.type != "cuda":
+        raise InferSegError("--device cuda but CUDA is not available")
+    out_dir = args.out_dir
+    crf_dir = (args.crf_dir or out_dir.with_name(out_dir.name + "_crf")) if args.crf else None
+    args.weights = resolve_weights(args.weights).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = out_dir.with_name(out_dir.name + "_run")  # args.json, env.json, log.txt
+    check_same_setting(run_dir / "args.json", args)
+    setup_logging(run_dir / "log.txt")
+    write_run_info(run_dir, args)
+    if args.crf:
+        from utils.crf import _densecrf
+        _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
+
+    data_root = dataset_root_of(args.data_root)
+    info = get_dataset(args.dataset, args.metadata_dir, data_root)
+    list_path = info.list_path(args.list)
+    ids = info.read_ids(list_path)
+    dataset = ImageList(info, args.data_root, ids[dist.get_rank()::dist.get_world_size()],
+                        args.skip_missing)
+    weights = args.weights
+    model = load_trained(weights, msc_scales=args.msc_scales)
+    if model.n_classes != info.num_classes + 1:
+        raise InferSegError(f"{weights} predicts {model.n_classes} classes but {info.name} has "
+                            f"{info.num_classes + 1} (background included): wrong --dataset?")
+    model.eval().to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    logger.info("%s (%s) on %d images of %s -> %s%s", weights, model.arch, len(dataset),
+                list_path, out_dir, f" and {crf_dir}" if crf_dir else "")
+    stats = run_inference(model, dataset, out_dir, crf_dir, device=device, flip=args.flip,
+                          crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
+                          channels_last=args.channels_last, num_workers=args.num_workers)
+    written = stats["written"]
+    if dist.is_dist():  # did any rank write a PNG? then the scores must be recomputed
+        t = torch.tensor([written], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t)
+        written = int(t)
+    result = dict(stats, miou=None, miou_crf=None)
+    if not dist.is_main_process() or not args.evaluate:
+        return result
+    has_gt = args.gt_dir is not None or all(info.gt_path(data_root, i).is_file() for i in ids[:20])
+    if not has_gt:
+        logger.info("no ground truth for %s: skipping evaluation", list_path)
+        return result
+    anchor = PAPER_ANCHORS.get(info.name, "")
+    for key, folder in (("miou", out_dir), ("miou_crf", crf_dir)):
+        if folder is None:
+            continue
+        record = evaluate_dir(args, folder, list_path, written > 0)
+        result[key] = record["miou"]
+        tag = "with CRF" if key == "miou_crf" else "without CRF"
+        # deeplab-pytorch's scores.py averages only over classes present in the GT
+        gt_only = record.get("miou_gt_classes")
+        extra = (f" (GT-present classes only, deeplab-pytorch convention: {gt_only * 100:.2f})"
+                 if gt_only is not None and abs(gt_only - record["miou"]) > 1e-9 else "")
+        print(f"DeepLab-v2 {tag}: mIoU {record['miou'] * 100:.2f}{extra} on {list_path.name}"
+              + (f"   [{anchor}]" if anchor else ""))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("infer_seg.py", parents=[get_args_parser()],
+                                     description=__doc__.split("\n")[0])
+    try:
+        main(parser.parse_args())
+    except (InferSegError, DataError, MetadataError, SegWeightsError, EvalError) as e:
+        sys.exit(f"infer_seg.py: error: {e}")
+    finally:
+        dist.cleanup()

@@ -1,0 +1,426 @@
+"""Second stage: train DeepLab-v2 (ResNet-101, MSC) on a folder of pseudo-mask PNGs.
+
+Published recipe (kazuto1011/deeplab-pytorch configs/voc12.yaml, reference.md 4), all defaults:
+SGD momentum 0.9, lr 2.5e-4 (ASPP weights 10x, biases 20x without weight decay), weight decay
+5e-4, poly 0.9 updated every 10 iterations, 20,000 iterations of batch 5 x 2 accumulated
+(effective 10), crop 321, scales {0.5, 0.75, 1, 1.25, 1.5}, Caffe BGR mean, frozen BN, loss =
+sum over the 4 MSC outputs of CE(ignore 255) with labels nearest-resized to each output.
+
+    python train_seg.py --data_root $VOC --mask-dir $OUT/result/png \\
+        --init deeplabv1_resnet101-coco.pth --run-dir $OUT/deeplab
+    torchrun --nproc_per_node 2 train_seg.py ... --batch-size 10 --iter-size 1   # 5 per GPU
+
+--batch-size is the GLOBAL batch of one forward pass (split over torchrun processes, as in
+train.py); the effective batch is batch-size x iter-size whatever the number of processes.
+
+Run directory (--run-dir): args.json, env.json, log.txt, metrics.jsonl, checkpoint_last.pth (full
+state for --resume, rewritten every --ckpt-every iterations), checkpoint_<it>.pth every
+--save-every iterations (published 5,000) and checkpoint_final.pth (plain state dict with
+"base." keys, the deeplab-pytorch layout; its presence means "finished"). An existing run is
+never overwritten: pass --resume to continue it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from data.datasets import DataError, SegDataset
+from data.metadata import MetadataError
+from utils.io import atomic_write_text
+from data.registry import DATASETS, dataset_root_of, get_dataset
+from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
+from network.deeplab import (MSC_SCALES, SEG_ARCHS, SegWeightsError, build_deeplab,
+                             load_init_weights)
+from utils import dist
+from utils.io import torch_save
+from utils.optim import build_optimizer, poly_lr
+from utils.run import (JsonlLogger, RunDirError, resolve_resume, setup_logging, trim_metrics,
+                       write_run_info)
+
+logger = logging.getLogger(__name__)
+
+# deeplab-pytorch configs/voc12.yaml SOLVER values.
+LR, MOMENTUM, WEIGHT_DECAY, POLY_POWER, LR_DECAY_EVERY = 2.5e-4, 0.9, 5e-4, 0.9, 10
+MAX_ITERS, BATCH_SIZE, ITER_SIZE, SAVE_EVERY, AVERAGE_LOSS = 20000, 5, 2, 5000, 20
+FINAL_NAME, LAST_NAME = "checkpoint_final.pth", "checkpoint_last.pth"
+
+
+class TrainSegError(RuntimeError):
+    """A problem with the run set-up; the message says what to change."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("DeepLab-v2 training on pseudo-masks", add_help=False)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
+                   help="dataset registry entry (voc12: 21 outputs incl. background; coco: 81)")
+    d.add_argument("--data_root", "--data-root", dest="data_root", type=Path, required=True,
+                   help="dataset root (VOC: the folder holding JPEGImages) or its JPEGImages folder")
+    d.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
+                   help="labels.txt and split lists (default: metadata/<dataset>; custom: data root)")
+    d.add_argument("--mask-dir", "--mask_dir", dest="mask_dir", type=Path, default=None,
+                   help="folder of pseudo-mask PNGs <id>.png (0 = background, 1..C, 255 = ignore), "
+                        "e.g. EPS's result/png; default: the dataset's ground truth (a fully "
+                        "supervised run, not the paper's setting)")
+    d.add_argument("--train_list", "--train-list", dest="train_list", type=str, default="train_aug",
+                   help="id list, a split name or a path (paper: train_aug, 10,582 images)")
+    d.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="drop ids whose image or mask is missing instead of stopping (default off)")
+    d.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
+                   default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers per process (results do not depend on it)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", type=str, default="deeplabv2_resnet101", choices=sorted(SEG_ARCHS),
+                   help="deeplabv2_resnet101 (paper) or deeplabv2_small (tiny CPU demo/test net)")
+    m.add_argument("--init", type=str, default=None,
+                   help="initial weights: deeplabv1_resnet101-coco.pth (paper, COCO-pretrained, "
+                        "deeplab-pytorch layout) or a torchvision ImageNet resnet101 .pth; 'none' "
+                        "trains from scratch (default for deeplabv2_small only)")
+    m.add_argument("--init-kind", "--init_kind", dest="init_kind", type=str, default="auto",
+                   choices=["auto", "deeplab", "torchvision"],
+                   help="layout of --init (default: detected from the key names)")
+    m.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
+                   default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
+    o = p.add_argument_group("optimisation (defaults = published recipe)")
+    o.add_argument("--lr", type=float, default=LR, help="base lr (paper 2.5e-4; ASPP 10x / 20x)")
+    o.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (paper 0.9)")
+    o.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float,
+                   default=WEIGHT_DECAY, help="weight decay (paper 5e-4; none on ASPP biases)")
+    o.add_argument("--poly-power", "--poly_power", dest="poly_power", type=float,
+                   default=POLY_POWER, help="poly lr power (paper 0.9)")
+    o.add_argument("--lr-decay-every", "--lr_decay_every", dest="lr_decay_every", type=int,
+                   default=LR_DECAY_EVERY, help="the lr is updated every N iterations (paper 10)")
+    o.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=MAX_ITERS,
+                   help="optimizer steps (paper 20,000)")
+    o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=BATCH_SIZE,
+                   help="GLOBAL images per forward pass, split over torchrun processes (paper 5)")
+    o.add_argument("--iter-size", "--iter_size", dest="iter_size", type=int, default=ITER_SIZE,
+                   help="forward/backward passes accumulated per step (paper 2: batch 5 x 2 = 10)")
+    o.add_argument("--crop-size", "--crop_size", dest="crop_size", type=int, default=CROP_SIZE,
+                   help="square training crop (paper 321)")
+    o.add_argument("--scales", type=float, nargs="+", default=list(TRAIN_SCALES),
+                   help="discrete random scales (paper 0.5 0.75 1.0 1.25 1.5)")
+    o.add_argument("--ignore-label", "--ignore_label", dest="ignore_label", type=int,
+                   default=IGNORE_LABEL, help="mask value excluded from the loss (255)")
+    o.add_argument("--amp", type=str, default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision (fp16 with a GradScaler on CUDA; bf16 also on CPU); "
+                        "published: off (fp32)")
+    r = p.add_argument_group("run")
+    r.add_argument("--run-dir", "--run_dir", dest="run_dir", type=Path,
+                   required=True, help="output folder (checkpoints, logs, metrics)")
+    r.add_argument("--resume", type=str, nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue a run: without a value, <run-dir>/checkpoint_last.pth (fresh "
+                        "start if there is none); or a path to a checkpoint_last-style file")
+    r.add_argument("--stop-after", "--stop_after", dest="stop_after", type=int, default=None,
+                   help="stop with a checkpoint after this many iterations of this invocation "
+                        "(time-limited job slots); --resume continues")
+    r.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=SAVE_EVERY,
+                   help="keep checkpoint_<iter>.pth every N iterations (paper 5,000; 0 = never)")
+    r.add_argument("--ckpt-every", "--ckpt_every", dest="ckpt_every", type=int, default=500,
+                   help="rewrite the resume checkpoint every N iterations")
+    r.add_argument("--log-every", "--log_every", dest="log_every", type=int, default=AVERAGE_LOSS,
+                   help="average the loss over N iterations per metrics.jsonl line (paper 20)")
+    r.add_argument("--eval-list", "--eval_list", dest="eval_list", type=str, default=None,
+                   help="after training, run infer_seg.py on this list (e.g. val) into "
+                        "<run-dir>/pred_<list> and evaluate it (default: off)")
+    r.add_argument("--eval-crf", "--eval_crf", dest="eval_crf",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="with --eval-list, also the dense-CRF result (DeepLab parameters)")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed for python/numpy/torch (the published code sets none)")
+    r.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when available")
+    r.add_argument("--cudnn-benchmark", "--cudnn_benchmark", dest="cudnn_benchmark",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="cudnn.benchmark (published: on)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure pieces (tested on their own)
+
+def step_poly_lr(it: int, base_lr: float, max_iters: int, power: float, every: int) -> float:
+    """lr of 0-based iteration ``it`` under deeplab-pytorch's PolynomialLR(step_size=every).
+
+    1. The scheduler is stepped after each iteration with epoch = iteration number;
+    2. it recomputes base * (1 - epoch / max) ** power only when epoch % every == 0,
+    3. so iterations [k*every, (k+1)*every) all use the value for epoch k*every."""
+    return poly_lr((it // every) * every, base_lr, max_iters, power)
+
+
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N,H,W) int labels -> (N,h,w) with PIL NEAREST's sampling (pixel centres:
+    src = floor((dst + 0.5) * scale)), which torch calls 'nearest-exact'."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    out = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")
+    return out[:, 0].long()
+
+
+def seg_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor,
+             ignore_index: int = IGNORE_LABEL) -> Tuple[torch.Tensor, List[float]]:
+    """Sum over the MSC outputs of CE(ignore_index), labels resized to each output's size.
+
+    The mean is over valid pixels (as nn.CrossEntropyLoss); a crop with no valid pixel adds 0
+    instead of NaN (upstream would produce NaN and poison the weights)."""
+    total, terms = 0.0, []
+    for logit in outputs:
+        lab = resize_labels(labels, logit.shape[-2:])
+        n_valid = (lab != ignore_index).sum().clamp(min=1)
+        ce = F.cross_entropy(logit.float(), lab, ignore_index=ignore_index, reduction="sum") / n_valid
+        total = total + ce
+        terms.append(float(ce.detach()))
+    return total, terms
+
+
+def check_labels(labels: torch.Tensor, ids: Sequence[str], n_classes: int, ignore: int,
+                 mask_dir) -> None:
+    """Fail with the file name when a mask holds a value that is neither a class nor ignore."""
+    bad = (labels >= n_classes) & (labels != ignore)
+    if bool(bad.any()):
+        i = int(bad.flatten(1).any(1).nonzero()[0])
+        vals = sorted(set(labels[i][bad[i]].unique().tolist()))
+        where = f"{mask_dir}/{ids[i]}.png" if mask_dir else f"the ground truth of {ids[i]}"
+        raise DataError(f"{where} has values {vals[:5]} outside 0..{n_classes - 1} and "
+                        f"{ignore} (ignore); masks must hold class indices (0 = background)")
+
+
+# --------------------------------------------------------------------------------------------
+
+def _jsonable_args(args) -> Dict:
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def build_model(args, n_classes: int):
+    model = build_deeplab(args.arch, n_classes, msc_scales=args.msc_scales)
+    init = args.init
+    if init is None and args.arch == "deeplabv2_resnet101":
+        raise TrainSegError(
+            "DeepLab-v2 ResNet-101 needs initial weights: --init deeplabv1_resnet101-coco.pth "
+            "(the paper's COCO init, see README) or a torchvision resnet101 .pth; --init none "
+            "trains from scratch (not a paper setting)")
+    if init is not None and init.lower() != "none":
+        load_init_weights(model, init, args.init_kind)
+    else:
+        logger.warning("no --init: %s starts from random weights", args.arch)
+    return model
+
+
+def infinite_batches(loader, sampler, epoch: int):
+    """Yield (epoch, batch) forever, re-shuffling each epoch (the published loop restarts the
+    iterator on StopIteration)."""
+    while True:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def save_resume(path, model, optimizer, scaler, it: int, epoch: int, args) -> None:
+    torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "iter": it, "epoch": epoch,
+                "args": _jsonable_args(args)}, path)
+
+
+def check_args(args) -> None:
+    for name in ("iter_size", "batch_size", "max_iters", "lr_decay_every", "crop_size",
+                 "log_every", "ckpt_every"):
+        if getattr(args, name) < 1:
+            raise TrainSegError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise TrainSegError("--stop-after must be >= 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.momentum < 0:
+        raise TrainSegError("--lr must be > 0, --weight-decay and --momentum >= 0")
+
+
+def main(args) -> Dict:
+    """Train; returns {"run_dir", "final" (None when stopped early), "losses": per-iteration}."""
+    check_args(args)
+    device = dist.init_distributed(args.device)
+    if args.device == "cuda" and device.type != "cuda":
+        raise TrainSegError("--device cuda but CUDA is not available")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if args.batch_size % world:
+        raise TrainSegError(f"--batch-size {args.batch_size} (global) is not divisible by the "
+                            f"{world} processes; e.g. --batch-size {world * 5} --iter-size 1")
+    run_dir = args.run_dir
+    resume = resolve_resume(args.run_dir, args.resume, FINAL_NAME, LAST_NAME)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    write_run_info(run_dir, args)
+    seed = args.seed + rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.amp == "fp16" and device.type != "cuda":
+        raise TrainSegError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+
+    # Data: the transform draws from the global `random`, which DataLoader seeds per worker.
+    info = get_dataset(args.dataset, args.metadata_dir, dataset_root_of(args.data_root))
+    n_classes = info.num_classes + 1
+    dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
+                         SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
+                         skip_missing=args.skip_missing)
+    logger.info("%s, transform %s", dataset, dataset.transform)
+    sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed) if world > 1
+               else RandomSampler(dataset))
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        drop_last=False, persistent_workers=args.num_workers > 0)
+    logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: 5 x 2)",
+                args.batch_size * args.iter_size, args.batch_size, args.iter_size,
+                args.batch_size // world)
+
+    model = (build_model(args, n_classes) if resume is None
+             else build_deeplab(args.arch, n_classes, msc_scales=args.msc_scales))
+    model.to(device)
+    optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.weight_decay,
+                                momentum=args.momentum)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    start_iter, epoch = 0, 0
+    if resume is not None:
+        try:
+            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except Exception as e:  # noqa: BLE001 - any unusable file gets the same message
+            raise TrainSegError(f"cannot resume from {resume} ({type(e).__name__}: {e}); it is "
+                                f"not a train_seg.py {LAST_NAME} of this --arch/--dataset") from None
+        scaler.load_state_dict(ckpt["scaler"])
+        start_iter, epoch = int(ckpt["iter"]), int(ckpt["epoch"])
+        changed = {k: (ckpt["args"].get(k), str(getattr(args, k))) for k in
+                   ("arch", "lr", "max_iters", "batch_size", "iter_size", "mask_dir", "init")
+                   if str(ckpt.get("args", {}).get(k)) != str(getattr(args, k))}
+        if changed:
+            logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
+        logger.info("resumed from %s at iteration %d", resume, start_iter)
+    jsonl = JsonlLogger(run_dir / "metrics.jsonl")
+    if dist.is_main_process():
+        if resume is not None:
+            trim_metrics(run_dir / "metrics.jsonl", start_iter)
+        elif (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()  # from a run that died before its first checkpoint
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    end_iter = args.max_iters if args.stop_after is None else min(args.max_iters,
+                                                                  start_iter + args.stop_after)
+    batches = infinite_batches(loader, sampler, epoch)
+    n_terms = len(args.msc_scales) + 2
+    window, history, t0 = torch.zeros(n_terms + 1, dtype=torch.float64), [], time.perf_counter()
+    window_n = 0
+    bar = tqdm(total=args.max_iters, initial=start_iter, desc="train_seg", dynamic_ncols=True,
+               disable=not dist.is_main_process(), mininterval=2.0)
+    for it in range(start_iter, end_iter):
+        # 1. lr for this iteration (constant within blocks of lr_decay_every iterations)
+        for g in optimizer.param_groups:
+            g["lr"] = step_poly_lr(it, g["base_lr"], args.max_iters, args.poly_power,
+                                   args.lr_decay_every)
+        optimizer.zero_grad(set_to_none=True)
+        # 2. iter_size forward/backward passes; DDP syncs gradients on the last one only
+        stats = torch.zeros(n_terms + 1, dtype=torch.float64)
+        for micro in range(args.iter_size):
+            epoch, (ids, images, labels) = next(batches)
+            check_labels(labels, ids, n_classes, args.ignore_label, args.mask_dir)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            last_micro = micro == args.iter_size - 1
+            with (contextlib.nullcontext() if world == 1 or last_micro else ddp.no_sync()):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = ddp(images)
+                loss, terms = seg_loss(outputs, labels, args.ignore_label)
+                # published: the sum of the 4 CE terms divided by ITER_SIZE, then backward
+                scaler.scale(loss / args.iter_size).backward()
+            stats += torch.tensor([float(loss.detach())] + terms, dtype=torch.float64) / args.iter_size
+        if world > 1:  # every rank sees the same mean, so all stop together
+            torch.distributed.all_reduce(stats)
+            stats /= world
+        # 3. a non-finite loss stops the run before it reaches the weights
+        if not torch.isfinite(stats).all():
+            bar.close()
+            raise TrainSegError(f"non-finite loss at iteration {it + 1}; lower --lr or use "
+                                f"--amp off, then --resume")
+        # 4. one optimizer step per iteration
+        scaler.step(optimizer)
+        scaler.update()
+        window += stats
+        window_n += 1
+        history.append(float(stats[0]))
+        done = it + 1
+        bar.update(1)
+        if done % args.log_every == 0 or done == end_iter:
+            mean = (window / window_n).tolist()
+            dt = time.perf_counter() - t0
+            jsonl.log(iter=done, loss=mean[0], loss_terms=mean[1:],
+                      lr=optimizer.param_groups[0]["lr"], epoch=epoch,
+                      images_per_s=window_n * args.batch_size * args.iter_size / dt,
+                      sec_per_iter=dt / window_n)
+            bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            window.zero_()
+            window_n, t0 = 0, time.perf_counter()
+        if dist.is_main_process():
+            if args.save_every and done % args.save_every == 0 and done != args.max_iters:
+                torch_save(model.state_dict(), run_dir / f"checkpoint_{done}.pth")
+            if done % args.ckpt_every == 0 or done == end_iter:
+                save_resume(run_dir / LAST_NAME, model, optimizer, scaler, done, epoch, args)
+    bar.close()
+    if end_iter < args.max_iters:
+        logger.info("stopped after --stop-after %d iterations at %d/%d; continue with --resume",
+                    args.stop_after, end_iter, args.max_iters)
+        dist.barrier()
+        return {"run_dir": run_dir, "final": None, "losses": history}
+    final_path = run_dir / FINAL_NAME
+    if dist.is_main_process():
+        # Plain state dict with "base." keys: the deeplab-pytorch checkpoint_final.pth layout.
+        # Written after checkpoint_last.pth, so its presence means "finished".
+        torch_save(model.state_dict(), final_path)
+        logger.info("finished: %s", final_path)
+    dist.barrier()
+    result = {"run_dir": run_dir, "final": final_path, "losses": history}
+    if args.eval_list:
+        result["eval"] = evaluate_after_training(args, final_path)
+    return result
+
+
+def evaluate_after_training(args, final_path: Path) -> Dict:
+    """infer_seg.py on --eval-list with the final weights (all ranks share the images)."""
+    import infer_seg
+    argv = ["--dataset", args.dataset, "--data_root", str(args.data_root), "--list", args.eval_list,
+            "--weights", str(final_path), "--device", args.device,
+            "--out-dir", str(args.run_dir / f"pred_{Path(args.eval_list).stem}"),
+            "--crf" if args.eval_crf else "--no-crf",
+            "--msc-scales", *[str(s) for s in args.msc_scales],
+            "--num-workers", str(min(args.num_workers, 2))]
+    if args.metadata_dir is not None:
+        argv += ["--metadata-dir", str(args.metadata_dir)]
+    return infer_seg.main(infer_seg.get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("train_seg.py", parents=[get_args_parser()],
+                                     description=__doc__.split("\n")[0])
+    try:
+        main(parser.parse_args())
+    except (TrainSegError, RunDirError, DataError, MetadataError, SegWeightsError) as e:
+        logger.error("%s", e)  # also lands in <run-dir>/log.txt once logging is set up
+        sys.exit(2)
+    finally:
+        dist.cleanup()
