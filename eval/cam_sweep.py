@@ -75,15 +75,6 @@ def cam_best(keys: np.ndarray, cams: np.ndarray, shape: Tuple[int, int]) -> Tupl
     return score, label
 
 
-def cams_to_mask(keys: np.ndarray, cams: np.ndarray, thr: float) -> np.ndarray:
-    """The published pseudo-mask (uint8, 0 = background) of one CAM file at threshold thr."""
-    keys = np.asarray(keys)
-    cams = np.asarray(cams)
-    full = np.full((1,) + cams.shape[1:], thr, dtype=cams.dtype)
-    arg = np.argmax(np.concatenate([full, cams], axis=0), axis=0)  # ties -> first = background
-    return np.concatenate([[0], keys + 1])[arg].astype(np.uint8)
-
-
 def _sweep_chunk(chunk, num_classes: int, thresholds: Tuple[float, ...]):
     """Worker: summed (T, n, n + 1) confusions of a chunk of (gt_path, cam_path) pairs."""
     total = np.zeros((len(thresholds), num_classes, num_classes + 1), dtype=np.int64)

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.cam_sweep import (cam_best, cams_to_mask, evaluate_cams, format_sweep, load_cam_file,
+from eval.cam_sweep import (cam_best, evaluate_cams, format_sweep, load_cam_file,
                             thresholds_from_range)
 from eval.evaluator import EvalError, evaluate_folders, read_label_png
 from eval.metrics import (compute_scores, confusion_matrix, format_summary, format_table,
                           scores_to_json, sweep_confusion_matrices)
+from utils.cam import pseudo_mask
 from utils.io import save_label_png, save_npz
+
+
+def cams_to_mask(keys, cams, thr):
+    # The published pseudo-mask rule as infer.py applies it; the sweep must agree with it.
+    return pseudo_mask(keys, cams, thr).numpy()
 
 # ---------------------------------------------------------------- a hand-computed 4-class case
 # Pixels (gt, pred): (0,0) (0,1) (1,1) (1,1) / (2,0) (1,255) (255,3) (255,0)
