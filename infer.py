@@ -41,6 +41,7 @@ from data.metadata import MetadataError
 from data.registry import DATASETS, DatasetInfo, get_dataset
 from data.transforms import INFER_SCALES
 from network import build_network, normalize_network_name
+from network.fuse import FusedNetwork, fuse_for_inference
 from network.weights import WeightsError, describe_checkpoint, load_state_dict_file, load_weights
 from utils import cam as camlib
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
@@ -57,7 +58,7 @@ class InferError(ValueError):
 
 
 # Flags whose value changes what is written: a resumed run must use the same ones
-# (--fast / --channels-last / --num-workers only change the speed).
+# (--fast / --fuse / --channels-last / --num-workers only change the speed).
 RESULT_FLAGS = ("dataset", "weights", "network", "thr", "scales", "bg_from_eps", "save_bg",
                 "crf_alpha", "crf_t", "crf_params", "amp")
 
@@ -128,6 +129,11 @@ def get_args_parser():
                         "off for the CPU, where it measured slower)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format in the fast path (faster convolutions)")
+    g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast path on the CPU: fold conv-BN pairs and run a frozen TorchScript "
+                        "graph with pre-packed oneDNN weights (network/fuse.py; CAMs equal "
+                        "within ~1e-6; 1.24x less CPU time per VOC image than --no-fast "
+                        "on 2 threads)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="float16 autocast on CUDA (changes CAMs slightly; ignored on CPU)")
     g.add_argument("--num-workers", type=int, default=2,
@@ -252,8 +258,21 @@ def cams_fast(model, images: Sequence[torch.Tensor], label: torch.Tensor, size: 
     return camlib.finalize(sum_fg, sum_bg, 2 * len(images), label, keys=keys)
 
 
-def prepare_model(model, fast: bool, channels_last: bool):
-    """channels_last weights only for the fast path; the reference loop keeps the default layout."""
+def uses_fused(fast: bool, fuse: bool, device: torch.device) -> bool:
+    """The fused network (network/fuse.py) is a CPU-only part of the fast path."""
+    return fast and fuse and device.type == "cpu"
+
+
+def prepare_model(model, fast: bool, channels_last: bool, fuse: bool = False):
+    """channels_last weights only for the fast path; the reference loop keeps the default layout.
+    With ``fuse`` (CPU fast path) an inference-only fused copy; its frozen graph picks its own
+    (blocked oneDNN) layout, so it takes NCHW input."""
+    if fast and fuse:
+        try:
+            return fuse_for_inference(model.eval())
+        except Exception as e:  # a speed-only feature: fall back to the eager fast path, loudly
+            logger.warning("could not build the fused network (%s: %s); using the eager fast "
+                           "path (pass --no-fuse to skip this attempt)", type(e).__name__, e)
     fmt = torch.channels_last if (fast and channels_last) else torch.contiguous_format
     return model.to(memory_format=fmt)
 
@@ -372,12 +391,15 @@ def writer_pool(workers: int, processes: bool):
 def make_cams(model, dataset: InferDataset, outputs: Outputs, device: torch.device, *,
               thr: float, bg_from_eps: bool, fast: bool = True, channels_last: bool = True,
               amp: bool = False, batch_views: bool = True, num_workers: int = 2,
-              writer_threads: int = 2, progress: bool = True) -> int:
+              writer_threads: int = 2, progress: bool = True, fuse: bool = True) -> int:
     """Run the model over ``dataset`` and write every output; returns the number of images."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", collate_fn=_identity)
-    model = prepare_model(model, fast, channels_last)
+    model = prepare_model(model, fast, channels_last, fuse=uses_fused(fast, fuse, device))
+    if isinstance(model, FusedNetwork):
+        logger.info("fused network for the CPU fast path: %s", model.description)
+        channels_last = False
     pending: List[Future] = []
     n = 0
     with writer_pool(writer_threads, processes=bool(outputs.crf)) as pool, torch.inference_mode():
@@ -450,7 +472,7 @@ def main(args):
                       fast=args.fast, channels_last=args.channels_last, amp=args.amp,
                       batch_views=batch_views_default(args.batch_views, device),
                       num_workers=args.num_workers, writer_threads=args.writer_threads,
-                      progress=is_main_process())
+                      progress=is_main_process(), fuse=args.fuse)
         dt = time.time() - t0
         logger.info("rank %d: %d images in %.1f s (%.3f s/image)", rank, n, dt, dt / max(n, 1))
     barrier()

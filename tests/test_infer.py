@@ -111,6 +111,7 @@ def test_fast_and_reference_paths_match_straightforward(env, head):
     model.eval()
     ds = InferDataset(info, env["root"], IDS)
     dev = torch.device("cpu")
+    fused_model = infer.prepare_model(model, True, False, fuse=True)   # the CPU default (network/fuse.py)
     for idx, img_id in enumerate(IDS):
         item = ds[idx]
         label = item["label"]
@@ -121,7 +122,9 @@ def test_fast_and_reference_paths_match_straightforward(env, head):
             ref = infer.cams_reference(infer.prepare_model(model, False, False), images, label, size, dev)
             fast = infer.cams_fast(infer.prepare_model(model, True, True), images, label, size, dev)
             single = infer.cams_fast(model, images, label, size, dev, batch_views=False)
-        for keys, cams, _ in (ref, fast, single):
+            fused = infer.cams_fast(fused_model, images, label, size, dev, channels_last=False,
+                                    batch_views=False)
+        for keys, cams, _ in (ref, fast, single, fused):
             assert keys.tolist() == keys_s == LABELS[img_id]
             assert cams.shape == (len(keys_s), SIZES[img_id][1], SIZES[img_id][0])
             assert (cams - cams_s).abs().max() <= 1e-5
@@ -129,6 +132,7 @@ def test_fast_and_reference_paths_match_straightforward(env, head):
         assert (ref[2] is None) == (fast[2] is None) == (head == "cls")
         if head == "eps":
             assert (ref[2] - fast[2]).abs().max() <= 1e-5
+            assert (ref[2] - fused[2]).abs().max() <= 1e-5
         assert cams_s.amax(dim=(1, 2)).min() > 0.99  # normalised: every class peaks near 1
 
 
@@ -157,16 +161,23 @@ def test_cli_end_to_end_outputs(env, head, tmp_path):
     assert not [p for p in out.rglob(".*")]   # no temporary files left behind
 
 
-def test_no_fast_gives_identical_pngs(env, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run(env, env["eps"], "--png-dir", a / "png", "--cam-dir", a / "cam")
+def test_no_fast_gives_identical_pngs(env, tmp_path, monkeypatch):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    calls = []
+    real_fuse = infer.fuse_for_inference
+    monkeypatch.setattr(infer, "fuse_for_inference", lambda m: calls.append(1) or real_fuse(m))
+    run(env, env["eps"], "--png-dir", a / "png", "--cam-dir", a / "cam")   # default: fast + fused (CPU)
+    assert calls == [1]
     run(env, env["eps"], "--png-dir", b / "png", "--cam-dir", b / "cam", "--no-fast", "--no-channels-last")
+    run(env, env["eps"], "--png-dir", c / "png", "--cam-dir", c / "cam", "--no-fuse")
+    assert calls == [1]
     for i in IDS:
         png = lambda d: np.array(Image.open(d / "png" / f"{i}.png"))
         cams = lambda d: load_npz(d / "cam" / f"{i}.npz")["cams"]
-        assert np.array_equal(png(a), png(b))
-        diff = np.abs(cams(a) - cams(b)).max()
-        assert diff <= 1e-5
+        for d in (a, c):
+            assert np.array_equal(png(d), png(b))
+            diff = np.abs(cams(d) - cams(b)).max()
+            assert diff <= 1e-5
 
 
 def test_threshold_and_bg_from_eps(env, tmp_path):

@@ -7,7 +7,8 @@ ResNet-38, the published one-view-at-a-time loop against infer.py's fast path.
 
 Rows: the reference loop (8 forward passes of batch 1, each view upsampled on its own), then the
 fast path's pieces added one at a time (pair sum at feature resolution + present classes only,
-channels_last, flip pair as one batch, and on CUDA float16 autocast). Each row reports wall and
+channels_last, flip pair as one batch, on the CPU the fused network of network/fuse.py, and on
+CUDA float16 autocast). Each row reports wall and
 CPU seconds with the speed-up over the reference for each (on a shared machine the CPU time is
 the trustworthy one: wall time moves with the other jobs' load), the largest CAM difference and
 how many pseudo-mask pixels differ (thr 0.20).
@@ -57,10 +58,11 @@ def _sync(device: torch.device) -> None:
 
 
 def make_runner(model, images, label, size, device, *, fast: bool, channels_last: bool = False,
-                batch_views: bool = False, amp: bool = False):
+                batch_views: bool = False, amp: bool = False, fuse: bool = False):
     """A closure computing one image's CAMs with one variant, warmed up on a small image
-    (oneDNN primitive creation / CUDA context off the clock)."""
-    m = infer.prepare_model(model, fast, channels_last)  # a copy per layout: not converted in the loop
+    (oneDNN primitive creation / CUDA context off the clock; the fused network's one-off build,
+    about 1-2 s of CPU per run, is off the clock too)."""
+    m = infer.prepare_model(model, fast, channels_last, fuse=fuse)  # a copy per layout: not converted in the loop
 
     def once(imgs, sz):
         with torch.inference_mode():
@@ -102,10 +104,14 @@ def run(args) -> Tuple[str, List[Dict]]:
             ("reference: 8 views, batch 1 (published loop, --no-fast)", dict(fast=False)),
             ("fast: pair sum at feature res., present classes only, NCHW",
              dict(fast=True, channels_last=False, batch_views=False)),
-            ("fast + channels_last" + (" (CPU default)" if cpu else ""),
+            ("fast + channels_last" + (" (--no-fuse)" if cpu else ""),
              dict(fast=True, channels_last=True, batch_views=False)),
             ("fast + channels_last + flip pair as one batch" + ("" if cpu else " (CUDA default)"),
              dict(fast=True, channels_last=True, batch_views=True))]
+        if cpu:
+            variants.append(("fast + fused network: conv-BN folded, frozen TorchScript, "
+                             "pre-packed oneDNN (CPU default)",
+                             dict(fast=True, channels_last=False, batch_views=False, fuse=True)))
         if not cpu:
             variants.append(("fast + channels_last + batch + AMP fp16 (--amp)",
                              dict(fast=True, channels_last=True, batch_views=True, amp=True)))

@@ -1,0 +1,81 @@
+"""network/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph)
+computes the same CAMs as the eager network, at sizes the trace never saw, leaves the original
+model untouched and refuses to train."""
+import pytest
+import torch
+
+from network import build_network
+from network.fuse import FusedNetwork, fold_conv_bn, fuse_for_inference
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def make(name, num_classes=4, seed=0):
+    torch.manual_seed(seed)
+    model = build_network(name, num_classes)
+    # Non-trivial eval statistics and affines, so every BN (folded or not) does something.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.7, 1.3, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+    return model.eval()
+
+
+def max_rel_diff(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# resnet38: 15 basic blocks (conv_branch2a -> bn_branch2b1) + 2 bottlenecks (two pairs each)
+# + conv1a -> b2.bn_branch2a (b2 has a projection shortcut, so conv1a's output has one user);
+# small (width 16, 1 block): 8 ConvBNReLU units.
+@pytest.mark.parametrize("name,folded", [("resnet38_eps", 20), ("small_cls", 8), ("small_eps", 8)])
+def test_fused_network_equals_eager(name, folded):
+    model = make(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_for_inference(model)
+    assert isinstance(fused, FusedNetwork)
+    assert fused.head_type == model.head_type and fused.num_classes == model.num_classes
+    assert f"folded {folded} conv-BN pairs" in fused.description
+    plain = fold_conv_bn(model)        # the fx-only stage (freeze=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        # 64x64 is the trace size; the others were never traced (scales of one image differ)
+        for size in ((64, 64), (40, 88), (72, 56)):
+            x = torch.randn(2, 3, *size, generator=g)
+            ref = model.forward_cam(x)
+            for out in (fused.forward_cam(x), plain(x)):
+                assert out.shape == ref.shape
+                assert max_rel_diff(out, ref) <= 1e-5
+    # the original is untouched: same tensors, BN modules still there, still trainable
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()
+    assert any(p.requires_grad for p in model.parameters())
+
+
+def test_fused_network_is_inference_only():
+    fused = fuse_for_inference(make("small_eps"), freeze=False)
+    assert not any(p.requires_grad for p in fused.parameters())
+    fused.eval()   # allowed
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused.train()
+
+
+def test_fused_cams_through_the_infer_arithmetic():
+    """Softmax + normalisation of the fused CAMs stay within the infer tolerance (1e-5)."""
+    from utils import cam as camlib
+    model = make("small_eps", num_classes=3, seed=2)
+    fused = fuse_for_inference(model)
+    x = torch.randn(2, 3, 48, 60, generator=torch.Generator().manual_seed(3))
+    label = torch.tensor([1.0, 0.0, 1.0])
+    keys = camlib.present_classes(label)
+    with torch.inference_mode():
+        a = camlib.combine_flip_pair(model.forward_cam(x), (48, 60), keys, label, "eps")[0]
+        b = camlib.combine_flip_pair(fused.forward_cam(x), (48, 60), keys, label, "eps")[0]
+    assert (camlib.normalize_cams(a) - camlib.normalize_cams(b)).abs().max() <= 1e-5
