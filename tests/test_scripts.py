@@ -1,0 +1,224 @@
+"""The bash pipelines script/{voc12,coco}_{cls,eps}.sh, end to end on tiny generated datasets.
+
+Each script runs with the same environment overrides a user would set (tiny iteration counts, the
+small CPU backbones, one inference scale), so what is tested is the real sequencing: the stages,
+the flags they pass, skip-on-rerun, resume of an unfinished run, and the input checks.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "script"
+
+# Every variable the scripts read: cleared first so that nothing leaks in from the caller's shell.
+SCRIPT_VARS = (
+    "DATASET DATASET_ROOT SALIENCY_ROOT GT_DIR WEIGHTS SEG_INIT METADATA_DIR SAVE_ROOT SESSION "
+    "NGPUS DEVICE NUM_WORKERS NETWORK TRAIN_LIST CROP RESIZE MAX_ITERS BATCH LR WT_DEC TAU LAM "
+    "INFER_LIST THR VIS_NUM SAVE_CAMS SEG_LIST SEG_EVAL_LIST SEG_GT_DIR SEG_ARCH SEG_ITERS "
+    "SEG_BATCH SEG_ITER_SIZE SEG_CROP SEG_LR SEG_CRF SEG_CRF_WORKERS TRAIN_ARGS INFER_ARGS "
+    "EVAL_ARGS SEG_ARGS SEGINFER_ARGS STAGES SKIP_SEG PYTHON").split()
+
+TINY = dict(
+    PYTHON=sys.executable, NGPUS="1", DEVICE="cpu", NUM_WORKERS="0", WEIGHTS="none",
+    MAX_ITERS="2", BATCH="4", CROP="32", RESIZE="32 48", VIS_NUM="2",
+    INFER_ARGS="--scales 1.0 --writer-threads 1", EVAL_ARGS="--num-workers 0 --progress false",
+    SEG_ARCH="deeplabv2_small", SEG_INIT="none", SEG_ITERS="2", SEG_BATCH="2",
+    SEG_ITER_SIZE="1", SEG_CROP="32", SEG_CRF="0", SEG_CRF_WORKERS="0",
+    OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+
+N_TRAIN, N_TRAIN_AUG, N_VAL = 6, 10, 4
+
+
+def run_script(name: str, timeout: int = 240, **env) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full.update(TINY)
+    full.update({k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", str(SCRIPT / name)], env=full, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def result_rows(stdout: str) -> dict:
+    """{row label: (list, published, this run)} from the markdown table printed at the end."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and not cells[0].startswith("---"):
+            rows[cells[0]] = tuple(cells[1:])
+    return rows
+
+
+def is_number(s: str) -> bool:
+    return re.fullmatch(r"\d+\.\d\d", s) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny datasets: the demo generator in the VOC layout, and the same images in the COCO layout.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scripts") / "demo"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_dataset.py"), "--out", str(root),
+                    "--num-train", str(N_TRAIN_AUG), "--num-val", str(N_VAL), "--size", "40"],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def voc(demo) -> dict:
+    """VOC layout; the metadata folder makes train a strict subset of train_aug, as in VOC."""
+    meta = demo.parent / "voc_meta"
+    meta.mkdir()
+    for name in ("labels.txt", "image_labels.txt", "val.txt"):
+        shutil.copy(demo / name, meta / name)
+    ids = (demo / "train.txt").read_text().split()
+    (meta / "train_aug.txt").write_text("\n".join(ids) + "\n")
+    (meta / "train.txt").write_text("\n".join(ids[:N_TRAIN]) + "\n")
+    return dict(DATASET_ROOT=demo, METADATA_DIR=meta)
+
+
+@pytest.fixture(scope="module")
+def coco(demo) -> dict:
+    """COCO-2014 layout: train2014/COCO_train2014_<12 digits>.jpg, SegmentationClass/<split>/."""
+    root, meta = demo.parent / "coco", demo.parent / "coco_meta"
+    meta.mkdir()
+    shutil.copy(demo / "labels.txt", meta / "labels.txt")
+    rename = {}
+    for split, src_list in (("train2014", "train.txt"), ("val2014", "val.txt")):
+        for sub in (split, f"SegmentationClass/{split}", "SALImages"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        new_ids = []
+        for k, old in enumerate((demo / src_list).read_text().split()):
+            new = f"COCO_{split}_{k + 1:012d}"
+            rename[old] = new
+            new_ids.append(new)
+            shutil.copy(demo / "JPEGImages" / f"{old}.jpg", root / split / f"{new}.jpg")
+            shutil.copy(demo / "SegmentationClassAug" / f"{old}.png",
+                        root / "SegmentationClass" / split / f"{new}.png")
+            shutil.copy(demo / "SALImages" / f"{old}.png", root / "SALImages" / f"{new}.png")
+        (meta / f"{split[:-4]}.txt").write_text("\n".join(new_ids) + "\n")
+    lines = [line.split(maxsplit=1) for line in (demo / "image_labels.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    (meta / "image_labels.txt").write_text(
+        "".join(f"{rename[i]} {rest}\n" for i, rest in lines if i in rename))
+    return dict(DATASET_ROOT=root, METADATA_DIR=meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------------
+def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1)
+    out = ok(run_script("voc12_eps.sh", **env))
+    run = tmp_path / "voc12_eps"
+    assert (run / "checkpoint_cls.pth").is_file()
+    # pseudo-masks: the train list (stage 2), then the rest of train_aug for DeepLab (stage 4)
+    assert len(list((run / "result" / "png").glob("*.png"))) == N_TRAIN_AUG
+    assert len(list((run / "result" / "vis").glob("*.png"))) == 2
+    assert (run / "result" / "train_miou.json").is_file()
+    assert (run / "deeplab" / "checkpoint_final.pth").is_file()
+    assert len(list((run / "deeplab" / "val").glob("*.png"))) == N_VAL
+    assert len(list((run / "deeplab" / "val_crf").glob("*.png"))) == N_VAL
+    rows = result_rows(out)
+    pseudo = rows["pseudo-masks (thr 0.20, no CRF)"]
+    assert pseudo[:2] == ("train", "69.22") and is_number(pseudo[2])
+    assert rows["DeepLab-v2"][:2] == ("val", "70.9") and is_number(rows["DeepLab-v2"][2])
+    assert is_number(rows["DeepLab-v2 + CRF"][2])
+
+    # Rerun: finished stages are skipped, nothing is recomputed, and inputs that only the skipped
+    # stages need (the initial weights) may be gone by now.
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")
+              if p.suffix in (".pth", ".png") or p.name.endswith(("_miou.txt", "_eval.txt"))}
+    out2 = ok(run_script("voc12_eps.sh", **env, WEIGHTS="/nonexistent/init.params",
+                         SEG_INIT="/nonexistent/deeplab.pth"))
+    for stage in ("train", "eval", "seg", "segeval"):
+        assert f"skip {stage}:" in out2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert result_rows(out2) == rows
+
+
+def test_voc12_cls_default_stages(voc, tmp_path):
+    out = ok(run_script("voc12_cls.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_cls"))
+    run = tmp_path / "voc12_cls"
+    assert len(list((run / "result" / "png").glob("*.png"))) == N_TRAIN  # train list only
+    assert not (run / "deeplab").exists()  # DeepLab stages are opt-in for the baseline
+    pseudo = result_rows(out)["pseudo-masks (thr 0.20, no CRF)"]
+    assert pseudo[:2] == ("train", "47.05") and is_number(pseudo[2])
+
+
+def test_coco_eps_all_stages(coco, tmp_path):
+    out = ok(run_script("coco_eps.sh", **coco, SAVE_ROOT=tmp_path, NETWORK="small_eps"))
+    run = tmp_path / "coco_eps"
+    assert len(list((run / "result" / "png").glob("COCO_train2014_*.png"))) == N_TRAIN_AUG
+    assert len(list((run / "deeplab" / "val").glob("COCO_val2014_*.png"))) == N_VAL
+    rows = result_rows(out)
+    assert rows["pseudo-masks (thr 0.20, no CRF)"][1] == "37.15"
+    assert is_number(rows["pseudo-masks (thr 0.20, no CRF)"][2])
+    assert is_number(rows["DeepLab-v2"][2]) and "DeepLab-v2 + CRF" not in rows
+
+
+def test_coco_cls_default_stages(coco, tmp_path):
+    out = ok(run_script("coco_cls.sh", **coco, SAVE_ROOT=tmp_path, NETWORK="small_cls"))
+    pseudo = result_rows(out)["pseudo-masks (thr 0.20, no CRF)"]
+    assert pseudo[1] == "31.23" and is_number(pseudo[2])
+    assert (tmp_path / "coco_cls" / "result" / "train_miou.txt").is_file()
+
+
+def test_unfinished_training_is_resumed(voc, tmp_path):
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", STAGES="train", MAX_ITERS=3)
+    ok(run_script("voc12_cls.sh", **env, TRAIN_ARGS="--stop-after 1"))  # a job slot ran out
+    run = tmp_path / "voc12_cls"
+    assert (run / "checkpoint_last.pth").is_file() and not (run / "checkpoint_cls.pth").exists()
+    ok(run_script("voc12_cls.sh", **env))
+    assert (run / "checkpoint_cls.pth").is_file()
+    assert "resumed from" in (run / "log.txt").read_text()
+
+
+def test_ngpus_launches_torchrun(voc, tmp_path):
+    """NGPUS=2 goes through torchrun (gloo on the CPU); the global batch is split, not doubled."""
+    out = ok(run_script("voc12_cls.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", NGPUS=2))
+    run = tmp_path / "voc12_cls"
+    assert "2 process(es) on cpu; per-process batch 2" in (run / "log.txt").read_text()
+    assert len(list((run / "result" / "png").glob("*.png"))) == N_TRAIN
+    assert is_number(result_rows(out)["pseudo-masks (thr 0.20, no CRF)"][2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks: bash stops before any Python runs, saying what to download and where
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, override, expect", [
+    ("voc12_eps.sh", dict(DATASET_ROOT="/nonexistent/VOC2012"), "VOCtrainval_11-May-2012.tar"),
+    ("voc12_eps.sh", dict(SALIENCY_ROOT="/nonexistent/sal"), "PFAN saliency maps"),
+    ("voc12_eps.sh", dict(WEIGHTS="/nonexistent/w.params"), "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"),
+    ("voc12_eps.sh", dict(SEG_INIT="/nonexistent/d.pth"), "deeplabv1_resnet101-coco.pth"),
+    ("voc12_cls.sh", dict(GT_DIR="/nonexistent/gt"), "SegmentationClassAug"),
+    ("coco_eps.sh", dict(GT_DIR="/nonexistent/gt"), "make_coco_masks.py"),
+    ("coco_cls.sh", dict(METADATA_DIR="/nonexistent/meta"), "make_cls_labels.py"),
+    ("coco_cls.sh", dict(DATASET_ROOT="/nonexistent/coco"), "train2014.zip"),
+    ("voc12_cls.sh", dict(STAGES="train bogus"), "unknown stage 'bogus'"),
+])
+def test_missing_input_stops_at_once(voc, coco, tmp_path, script, override, expect):
+    data = coco if script.startswith("coco") else voc
+    proc = run_script(script, **{**data, "SAVE_ROOT": tmp_path / "runs", **override}, timeout=30)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expect in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_skip_seg_drops_the_deeplab_stages(voc, tmp_path):
+    out = ok(run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, STAGES="seg segeval",
+                        SKIP_SEG=1, SEG_INIT="/nonexistent/d.pth", timeout=30))
+    assert "stages: none" in out
+    assert not (tmp_path / "voc12_eps").exists()
