@@ -15,6 +15,7 @@
 # same command resumes where it stopped (an unfinished training run continues from its checkpoint).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/_stages.sh"
 
 # ---- inputs -----------------------------------------------------------------------------------
 DATASET=${DATASET:-voc12}
@@ -65,19 +66,8 @@ STAGES=${STAGES:-train infer eval}
 PUBLISHED_PSEUDO=47.05        # EPS README, VOC train, baseline pseudo-masks
 PUBLISHED_SEG=n/a             # the paper's DeepLab number is for EPS masks only
 
-select_stages train infer eval pseudo seg segeval
-RUN_DIR=$SAVE_ROOT/$SESSION
-CKPT=$RUN_DIR/checkpoint_cls.pth
-RESULT=$RUN_DIR/result
-EVAL_TXT=$RESULT/$(list_name "$INFER_LIST")_miou.txt
-SEG_DIR=$RUN_DIR/deeplab
-SEG_PRED=$SEG_DIR/$(list_name "$SEG_EVAL_LIST")
-words RESIZE_A "$RESIZE"
-words TRAIN_X "$TRAIN_ARGS"; words INFER_X "$INFER_ARGS"; words EVAL_X "$EVAL_ARGS"
-words SEG_X "$SEG_ARGS"; words SEGINFER_X "$SEGINFER_ARGS"
-META=(); if [[ -n "$METADATA_DIR" ]]; then META=(--metadata-dir "$METADATA_DIR"); fi
-CAMS=(); if [[ "$SAVE_CAMS" == 1 ]]; then CAMS=(--cam-dir "$RESULT/cam"); fi
-CRF=(); if [[ "$SEG_CRF" == 1 ]]; then CRF=(--crf --crf-workers "$SEG_CRF_WORKERS"); fi
+METHOD_ARGS=()  # the CAM baseline takes no saliency, tau or lambda
+prepare_run
 
 # ---- check every input the selected stages need, before any work ------------------------------
 need_dir "$DATASET_ROOT" "Download VOC2012 (VOCtrainval_11-May-2012.tar, \
@@ -107,92 +97,32 @@ SegmentationClass): set SEG_GT_DIR."
 fi
 
 # ---- 1. train the CAM classifier ---------------------------------------------------------------
-if want train; then
-  if [[ -f "$CKPT" ]]; then skip train "$CKPT"; else
-    say "train $NETWORK on $TRAIN_LIST -> $RUN_DIR"
-    # shellcheck disable=SC2046  # resume_flag prints nothing or one word
-    launch "$REPO/train.py" --dataset "$DATASET" "${META[@]}" --network "$NETWORK" \
-      --session "$SESSION" --save_root "$SAVE_ROOT" --data_root "$DATASET_ROOT" \
-      --weights "$WEIGHTS" --train_list "$TRAIN_LIST" --crop_size "$CROP" \
-      --resize_size "${RESIZE_A[@]}" --max_iters "$MAX_ITERS" --batch_size "$BATCH" --lr "$LR" \
-      --wt_dec "$WT_DEC" --num_workers "$NUM_WORKERS" --device "$DEVICE" \
-      $(resume_flag "$RUN_DIR") "${TRAIN_X[@]}"
-  fi
-fi
+if want train; then stage_train; fi
 # -> $RUN_DIR/checkpoint_cls.pth (final weights), checkpoint_last.pth (resume state), log.txt,
 #    metrics.jsonl, loss.png, args.json, env.json
 
 # ---- 2. CAMs -> pseudo-masks on the evaluation list --------------------------------------------
-if want infer; then
-  need_file "$CKPT" "It is the train stage's output: add 'train' to STAGES."
-  say "pseudo-masks on $INFER_LIST -> $RESULT/png"
-  launch "$REPO/infer.py" --dataset "$DATASET" "${META[@]}" --infer_list "$INFER_LIST" \
-    --img_root "$DATASET_ROOT" --weights "$CKPT" --thr "$THR" --png-dir "$RESULT/png" \
-    "${CAMS[@]}" --vis-dir "$RESULT/vis" --vis-num "$VIS_NUM" --run-dir "$RESULT/infer_run" \
-    --num-workers "$NUM_WORKERS" --device "$DEVICE" "${INFER_X[@]}"
-fi
+if want infer; then stage_infer; fi
 # -> $RESULT/png/<id>.png pseudo-masks (0 = background, c+1 = class c), $RESULT/vis/ overlays,
 #    [$RESULT/cam/<id>.npz with SAVE_CAMS=1], $RESULT/infer_run/ (args, log); done ids are skipped
 
 # ---- 3. pseudo-mask mIoU -----------------------------------------------------------------------
-if want eval; then
-  if [[ -f "$EVAL_TXT" ]]; then skip eval "$EVAL_TXT"; else
-    say "evaluate $RESULT/png on $INFER_LIST"
-    "$PYTHON" "$REPO/evaluate.py" --dataset "$DATASET" "${META[@]}" --datalist "$INFER_LIST" \
-      --gt_dir "$GT_DIR" --pred_dir "$RESULT/png" --save_path "$EVAL_TXT" "${EVAL_X[@]}"
-  fi
-fi
+if want eval; then stage_eval; fi
 # -> $EVAL_TXT (published table: mean row, then per-class IoU / precision / recall) and .json
 
 # ---- 4. pseudo-masks for DeepLab's training list (train_aug) -----------------------------------
-if want pseudo; then
-  need_file "$CKPT" "It is the train stage's output: add 'train' to STAGES."
-  say "pseudo-masks on $SEG_LIST -> $RESULT/png"
-  launch "$REPO/infer.py" --dataset "$DATASET" "${META[@]}" --infer_list "$SEG_LIST" \
-    --img_root "$DATASET_ROOT" --weights "$CKPT" --thr "$THR" --png-dir "$RESULT/png" \
-    --run-dir "$RESULT/infer_run" --num-workers "$NUM_WORKERS" --device "$DEVICE" "${INFER_X[@]}"
-fi
+if want pseudo; then stage_pseudo; fi
 # -> more $RESULT/png/<id>.png: infer.py skips the ids of stage 2 and makes the rest of the list
 
 # ---- 5. DeepLab-v2 on the pseudo-masks ---------------------------------------------------------
-if want seg; then
-  if [[ -f "$SEG_DIR/checkpoint_final.pth" ]]; then skip seg "$SEG_DIR/checkpoint_final.pth"; else
-    say "train $SEG_ARCH on the $SEG_LIST pseudo-masks -> $SEG_DIR"
-    # shellcheck disable=SC2046
-    launch "$REPO/train_seg.py" --dataset "$DATASET" "${META[@]}" --data_root "$DATASET_ROOT" \
-      --mask-dir "$RESULT/png" --train_list "$SEG_LIST" --arch "$SEG_ARCH" --init "$SEG_INIT" \
-      --max-iters "$SEG_ITERS" --batch-size "$SEG_BATCH" --iter-size "$SEG_ITER_SIZE" \
-      --crop-size "$SEG_CROP" --lr "$SEG_LR" --num-workers "$NUM_WORKERS" --device "$DEVICE" \
-      --run-dir "$SEG_DIR" $(resume_flag "$SEG_DIR") "${SEG_X[@]}"
-  fi
-fi
+if want seg; then stage_seg; fi
 # -> $SEG_DIR/checkpoint_final.pth (deeplab-pytorch layout), checkpoint_last.pth, checkpoint_<it>.pth,
 #    log.txt, metrics.jsonl
 
 # ---- 6. DeepLab on val (+ dense CRF) -> mIoU ---------------------------------------------------
-if want segeval; then
-  if [[ -f "${SEG_PRED}_eval.txt" && ( "$SEG_CRF" != 1 || -f "${SEG_PRED}_crf_eval.txt" ) ]]; then
-    skip segeval "${SEG_PRED}_eval.txt"
-  else
-    need_file "$SEG_DIR/checkpoint_final.pth" "It is the seg stage's output: add 'seg' to STAGES."
-    say "DeepLab on $SEG_EVAL_LIST -> $SEG_PRED"
-    launch "$REPO/infer_seg.py" --dataset "$DATASET" "${META[@]}" --data_root "$DATASET_ROOT" \
-      --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth" --out-dir "$SEG_PRED" \
-      "${CRF[@]}" --evaluate --gt_dir "$SEG_GT_DIR" --num-workers "$NUM_WORKERS" \
-      --device "$DEVICE" "${SEGINFER_X[@]}"
-  fi
-fi
+if want segeval; then stage_segeval; fi
 # -> $SEG_PRED/<id>.png, ${SEG_PRED}_crf/<id>.png, ${SEG_PRED}_eval.txt / _crf_eval.txt (+ .json),
 #    ${SEG_PRED}_run/ (args, log)
 
 # ---- results next to the published numbers -----------------------------------------------------
-echo
-echo "| $SESSION | list | published mIoU | this run |"
-echo "|---|---|---|---|"
-result_row "pseudo-masks (thr $THR, no CRF)" "$INFER_LIST" "$PUBLISHED_PSEUDO" "$EVAL_TXT"
-if want seg || want segeval || [[ -f "${SEG_PRED}_eval.txt" ]]; then
-  result_row "DeepLab-v2" "$SEG_EVAL_LIST" "$PUBLISHED_SEG" "${SEG_PRED}_eval.txt"
-  if [[ "$SEG_CRF" == 1 ]]; then
-    result_row "DeepLab-v2 + CRF" "$SEG_EVAL_LIST" "$PUBLISHED_SEG" "${SEG_PRED}_crf_eval.txt"
-  fi
-fi
+print_results
