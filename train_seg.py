@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from data.datasets import DataError, SegDataset
 from data.metadata import MetadataError
-from utils.io import atomic_write_text
 from data.registry import DATASETS, dataset_root_of, get_dataset
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
 from network.deeplab import (MSC_SCALES, SEG_ARCHS, SegWeightsError, build_deeplab,

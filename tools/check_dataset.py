@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.metadata import MetadataError  # noqa: E402
 from data.registry import DATASETS, DatasetInfo, dataset_root_of, get_dataset  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +209,4 @@ def main(args) -> CheckReport:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    try:
-        sys.exit(0 if main(parser.parse_args()).passed else 1)
-    except MetadataError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(0 if run_cli(get_args_parser, main, (MetadataError,), __doc__).passed else 1)

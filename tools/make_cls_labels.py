@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from data.metadata import MetadataError, write_id_list, write_image_labels  # noqa: E402
 from data.registry import DATASETS, get_dataset  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +232,4 @@ def main(args) -> Dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    try:
-        main(parser.parse_args())
-    except (LabelToolError, MetadataError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(get_args_parser, main, (LabelToolError, MetadataError), __doc__)

@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from data.metadata import MetadataError, read_id_list  # noqa: E402
 from tools.make_cls_labels import (COCO_KEY_FORMAT, LabelToolError, coco_category_ranks,  # noqa: E402
                                    coco_split_of, load_coco_json)
+from utils.cli import run_cli  # noqa: E402
 from utils.io import save_label_png  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -181,10 +182,4 @@ def main(args) -> Tuple[int, int]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    try:
-        main(parser.parse_args())
-    except (LabelToolError, MetadataError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(get_args_parser, main, (LabelToolError, MetadataError), __doc__)
