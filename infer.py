@@ -42,7 +42,8 @@ from data.registry import DATASETS, DatasetInfo, get_dataset
 from data.transforms import INFER_SCALES
 from network import build_network, normalize_network_name
 from network.fuse import FusedNetwork, fuse_for_inference
-from network.weights import WeightsError, describe_checkpoint, load_state_dict_file, load_weights
+from network.weights import (WeightsError, describe_checkpoint, load_state_dict_file, load_weights,
+                             small_net_kwargs)
 from utils import cam as camlib
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
 from utils.dist import barrier, cleanup, get_rank, get_world_size, init_distributed, is_main_process
@@ -149,14 +150,6 @@ def get_args_parser():
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-def _small_kwargs(sd) -> dict:
-    """width / blocks of a small-net checkpoint, read from its shapes (output_stride cannot be
-    read from weights; the small nets default to 8)."""
-    width = int(sd["stem.conv.weight"].shape[0])
-    units = {k.split(".")[1] for k in sd if k.startswith("stage1.")}
-    return dict(width=width, blocks=max(0, len(units) - 1))
-
-
 def resolve_network(sd, weights: Path, network: Optional[str], num_classes: int,
                     dataset: str) -> Tuple[str, dict]:
     """Network name from --network or from the checkpoint's shapes; checks the class count
@@ -191,7 +184,7 @@ def build_model(weights: Path, network: Optional[str], info: DatasetInfo,
     """Build the network the checkpoint holds and load it strictly (published: strict load)."""
     sd = load_state_dict_file(weights)
     name, desc = resolve_network(sd, weights, network, info.num_classes, info.name)
-    kwargs = _small_kwargs(sd) if name.startswith("small") else {}
+    kwargs = small_net_kwargs(sd) if name.startswith("small") else {}
     model = build_network(name, info.num_classes, **kwargs)
     load_weights(model, sd)
     logger.info("network %s from %s: %s", name, weights, desc["summary"])

@@ -232,6 +232,15 @@ def load_weights(model: nn.Module, source: PathOrStateDict, *, strict: bool = Tr
     return dict(missing=missing, unexpected=unexpected, description=desc)
 
 
+def small_net_kwargs(sd: StateDict) -> Dict[str, int]:
+    """Build options (width, blocks) of a small-net state dict, read from its shapes; empty for
+    other networks. output_stride is not stored in weights (the small nets default to 8)."""
+    if "stem.conv.weight" not in sd:
+        return {}
+    units = {k.split(".")[1] for k in sd if k.startswith("stage1.")}
+    return dict(width=int(sd["stem.conv.weight"].shape[0]), blocks=max(0, len(units) - 1))
+
+
 def build_network_from_checkpoint(source: PathOrStateDict, name: Optional[str] = None,
                                   num_classes: Optional[int] = None, **kwargs):
     """Build the registry network that fits a full checkpoint and load it strictly.
@@ -253,9 +262,8 @@ def build_network_from_checkpoint(source: PathOrStateDict, name: Optional[str] =
         if desc["num_classes"] is None:
             raise WeightsError(f"{src}: cannot tell the number of classes ({desc['summary']}); pass it")
         num_classes = desc["num_classes"]
-    if name.startswith("small") and "stem.conv.weight" in sd:
-        kwargs.setdefault("width", int(sd["stem.conv.weight"].shape[0]))
-        kwargs.setdefault("blocks", len({k.split(".")[1] for k in sd if k.startswith("stage1.")}) - 1)
+    if name.startswith("small"):
+        kwargs = {**small_net_kwargs(sd), **kwargs}
     model = build_network(name, num_classes, **kwargs)
     load_weights(model, sd if isinstance(source, Mapping) else source)
     return model, desc
