@@ -171,11 +171,8 @@ def random_crop(arrays: Sequence[np.ndarray], crop: int, rng=None) -> List[np.nd
 # --------------------------------------------------------------------------------------------
 # Composed training transforms
 # --------------------------------------------------------------------------------------------
-class ClsTrainTransform:
-    """'cls' training transform: resize-long -> hflip (p=0.5) -> jitter -> normalize -> crop -> CHW.
-
-    Returns a float32 tensor (3, crop, crop). ``color_jitter=None`` disables jitter (tests only).
-    """
+class _TrainTransform:
+    """Shared set-up of the training transforms: random resize-long, colour jitter, crop size."""
 
     def __init__(self, crop_size: int, resize_long: Sequence[int] = (256, 512),
                  color_jitter: Optional[Callable] = DEFAULT, rng=None):
@@ -183,6 +180,13 @@ class ClsTrainTransform:
         self.resize = RandomResizeLong(resize_long[0], resize_long[1], rng=self.rng)
         self.crop_size = int(crop_size)
         self.color_jitter = default_color_jitter() if color_jitter is DEFAULT else color_jitter
+
+
+class ClsTrainTransform(_TrainTransform):
+    """'cls' training transform: resize-long -> hflip (p=0.5) -> jitter -> normalize -> crop -> CHW.
+
+    Returns a float32 tensor (3, crop, crop). ``color_jitter=None`` disables jitter (tests only).
+    """
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = self.resize(img)
@@ -201,20 +205,13 @@ class ClsTrainTransform:
                 f"crop={self.crop_size})")
 
 
-class ClsSalTrainTransform:
+class ClsSalTrainTransform(_TrainTransform):
     """'eps' joint transform of an image and its saliency map (reference 1.4).
 
     One target_long for both (both bicubic) -> joint hflip -> jitter (image only) -> normalize the
     image, saliency uint8/255 -> joint crop with the same box (both zero-padded) -> CHW ->
     saliency = mean over its 3 RGB channels. Returns (img (3,crop,crop), sal (1,crop,crop)) float32.
     """
-
-    def __init__(self, crop_size: int, resize_long: Sequence[int] = (256, 512),
-                 color_jitter: Optional[Callable] = DEFAULT, rng=None):
-        self.rng = rng  # None = the ``random`` module, resolved at call time so workers can pickle us
-        self.resize = RandomResizeLong(resize_long[0], resize_long[1], rng=self.rng)
-        self.crop_size = int(crop_size)
-        self.color_jitter = default_color_jitter() if color_jitter is DEFAULT else color_jitter
 
     def __call__(self, img: Image.Image, sal: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
         if img.size != sal.size:
