@@ -26,14 +26,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data.metadata import MetadataError, atomic_write_text  # noqa: E402
 from data.registry import get_dataset  # noqa: E402
 from eval import EvalError, evaluate_folders, read_label_png  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 from tools.make_demo_dataset import count_context_errors, read_context_names  # noqa: E402
-from utils.vis import blend, colorize_mask, tile  # noqa: E402
+from utils.vis import blend, captioned, colorize_mask, tile  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +127,15 @@ def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[s
         return np.asarray(Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale),
                                                     Image.NEAREST))
 
-    def caption(a, text):
-        img = Image.fromarray(a)
-        draw = ImageDraw.Draw(img)
-        box = draw.textbbox((2, 2), text)
-        draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-        draw.text((2, 2), text, fill=(255, 255, 255))
-        return np.asarray(img)
-
     for img_id in chosen:
         image = np.asarray(Image.open(info.image_path(data_root, img_id)).convert("RGB"))
         gt = read_label_png(info.gt_path(data_root, img_id))
         gt_vis = np.where(gt == 255, 0, gt).astype(np.uint8)
-        tiles.append(caption(up(image), img_id))
-        tiles.append(caption(up(blend(image, colorize_mask(gt_vis), 0.6, where=gt_vis > 0)), "GT"))
+        tiles.append(captioned(up(image), img_id))
+        tiles.append(captioned(up(blend(image, colorize_mask(gt_vis), 0.6, where=gt_vis > 0)), "GT"))
         for name, folder in methods.items():
             m = read_label_png(folder / f"{img_id}.png")
-            tiles.append(caption(up(blend(image, colorize_mask(m), 0.6, where=m > 0)), name))
+            tiles.append(captioned(up(blend(image, colorize_mask(m), 0.6, where=m > 0)), name))
     return tile(tiles, columns=2 + len(methods)) if tiles else None
 
 

@@ -33,7 +33,7 @@ def colorize_mask(mask: np.ndarray) -> np.ndarray:
     return voc_palette()[np.asarray(mask, np.uint8)]
 
 
-def _captioned(tile: np.ndarray, text: str) -> np.ndarray:
+def captioned(tile: np.ndarray, text: str) -> np.ndarray:
     img = Image.fromarray(tile)
     draw = ImageDraw.Draw(img)
     # A dark box behind the text keeps it readable on any image.
@@ -73,15 +73,15 @@ def cam_overview(image: np.ndarray, mask: np.ndarray, keys: Sequence[int], cams:
     present = sorted({int(v) for v in np.unique(mask_s)} - {0})
     names = ", ".join(class_names[v - 1] for v in present if v - 1 < len(class_names)) or "background"
     tiles: List[np.ndarray] = [
-        _captioned(img_s, title or "image"),
-        _captioned(blend(img_s, colorize_mask(mask_s), 0.6, where=mask_s > 0), f"mask: {names}"),
+        captioned(img_s, title or "image"),
+        captioned(blend(img_s, colorize_mask(mask_s), 0.6, where=mask_s > 0), f"mask: {names}"),
     ]
     maps = ([("bg (eps)", bg)] if bg is not None else []) + [
         (class_names[k] if k < len(class_names) else str(k), cams[i]) for i, k in enumerate(keys)]
     for name, m in maps:
         m = np.asarray(m, np.float32)
         m_s = np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) if scale < 1 else m
-        tiles.append(_captioned(blend(img_s, heatmap(m_s), 0.5), f"{name} max {float(m.max()):.2f}"))
+        tiles.append(captioned(blend(img_s, heatmap(m_s), 0.5), f"{name} max {float(m.max()):.2f}"))
     return tile(tiles, columns=columns)
 
 
