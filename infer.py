@@ -59,7 +59,7 @@ class InferError(ValueError):
 
 
 # Flags whose value changes what is written: a resumed run must use the same ones
-# (--fast / --fuse / --channels-last / --num-workers only change the speed).
+# (--fast / --fuse / --winograd / --channels-last / --num-workers only change the speed).
 RESULT_FLAGS = ("dataset", "weights", "network", "thr", "scales", "bg_from_eps", "save_bg",
                 "crf_alpha", "crf_t", "crf_params", "amp")
 
@@ -135,6 +135,12 @@ def get_args_parser():
                         "graph with pre-packed oneDNN weights (network/fuse.py; CAMs equal "
                         "within ~1e-6; 1.24x less CPU time per VOC image than --no-fast "
                         "on 2 threads)")
+    g.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --fuse on the CPU: 3x3 convs with >= 256 input channels as Winograd "
+                        "F(2x2,3x3) (2.25x fewer multiply-adds, network/winograd.py) and the "
+                        "other convs with pre-packed oneDNN weights, instead of the frozen "
+                        "TorchScript graph; same function, CAMs within ~2e-6 "
+                        "(--no-winograd: direct convolutions)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="float16 autocast on CUDA (changes CAMs slightly; ignored on CPU)")
     g.add_argument("--num-workers", type=int, default=2,
@@ -256,16 +262,22 @@ def uses_fused(fast: bool, fuse: bool, device: torch.device) -> bool:
     return fast and fuse and device.type == "cpu"
 
 
-def prepare_model(model, fast: bool, channels_last: bool, fuse: bool = False):
+def prepare_model(model, fast: bool, channels_last: bool, fuse: bool = False,
+                  winograd: bool = False):
     """channels_last weights only for the fast path; the reference loop keeps the default layout.
-    With ``fuse`` (CPU fast path) an inference-only fused copy; its frozen graph picks its own
-    (blocked oneDNN) layout, so it takes NCHW input."""
+    With ``fuse`` (CPU fast path) an inference-only fused copy (network/fuse.py): with
+    ``winograd`` the eager Winograd / pre-packed graph, else the frozen TorchScript one. Each
+    takes any input layout."""
     if fast and fuse:
-        try:
-            return fuse_for_inference(model.eval())
-        except Exception as e:  # a speed-only feature: fall back to the eager fast path, loudly
-            logger.warning("could not build the fused network (%s: %s); using the eager fast "
-                           "path (pass --no-fuse to skip this attempt)", type(e).__name__, e)
+        for wino in ([True, False] if winograd else [False]):
+            try:
+                return fuse_for_inference(model.eval(), winograd=wino)
+            except Exception as e:  # a speed-only feature: fall back to the next one, loudly
+                logger.warning("could not build the %s network (%s: %s); falling back to %s "
+                               "(pass %s to skip this attempt)",
+                               "Winograd" if wino else "fused", type(e).__name__, e,
+                               "the frozen graph" if wino else "the eager fast path",
+                               "--no-winograd" if wino else "--no-fuse")
     fmt = torch.channels_last if (fast and channels_last) else torch.contiguous_format
     return model.to(memory_format=fmt)
 
@@ -384,12 +396,14 @@ def writer_pool(workers: int, processes: bool):
 def make_cams(model, dataset: InferDataset, outputs: Outputs, device: torch.device, *,
               thr: float, bg_from_eps: bool, fast: bool = True, channels_last: bool = True,
               amp: bool = False, batch_views: bool = True, num_workers: int = 2,
-              writer_threads: int = 2, progress: bool = True, fuse: bool = True) -> int:
+              writer_threads: int = 2, progress: bool = True, fuse: bool = True,
+              winograd: bool = True) -> int:
     """Run the model over ``dataset`` and write every output; returns the number of images."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", collate_fn=_identity)
-    model = prepare_model(model, fast, channels_last, fuse=uses_fused(fast, fuse, device))
+    model = prepare_model(model, fast, channels_last, fuse=uses_fused(fast, fuse, device),
+                          winograd=winograd)
     if isinstance(model, FusedNetwork):
         logger.info("fused network for the CPU fast path: %s", model.description)
         channels_last = False
@@ -465,7 +479,7 @@ def main(args):
                       fast=args.fast, channels_last=args.channels_last, amp=args.amp,
                       batch_views=batch_views_default(args.batch_views, device),
                       num_workers=args.num_workers, writer_threads=args.writer_threads,
-                      progress=is_main_process(), fuse=args.fuse)
+                      progress=is_main_process(), fuse=args.fuse, winograd=args.winograd)
         dt = time.time() - t0
         logger.info("rank %d: %d images in %.1f s (%.3f s/image)", rank, n, dt, dt / max(n, 1))
     barrier()

@@ -1,11 +1,13 @@
-"""network/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph)
-computes the same CAMs as the eager network, at sizes the trace never saw, leaves the original
-model untouched and refuses to train."""
+"""network/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph,
+or the Winograd / pre-packed eager graph) computes the same CAMs as the eager network, at sizes
+the trace never saw, leaves the original model untouched and refuses to train."""
 import pytest
 import torch
 
 from network import build_network
-from network.fuse import FusedNetwork, fold_conv_bn, fuse_for_inference
+from network.fuse import (FusedNetwork, PackedConv2d, fold_conv_bn, fuse_for_inference,
+                          optimise_cpu_graph)
+from network.winograd import WinogradConv2d
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +81,72 @@ def test_fused_cams_through_the_infer_arithmetic():
         a = camlib.combine_flip_pair(model.forward_cam(x), (48, 60), keys, label, "eps")[0]
         b = camlib.combine_flip_pair(fused.forward_cam(x), (48, 60), keys, label, "eps")[0]
     assert (camlib.normalize_cams(a) - camlib.normalize_cams(b)).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# winograd=True: the eager CPU graph of optimise_cpu_graph (Winograd + pre-packed convs)
+# ------------------------------------------------------------------------------------------
+# resnet38: 24 3x3 stride-1 convs with >= 256 inputs (b3.conv_branch2b1 .. b7) as Winograd, the
+# other 20 convs (conv1a, b2*, the strided and 1x1 ones, fc8) pre-packed; small nets: the 5 3x3
+# stride-1 convs as Winograd when the channel floor is 0, none above their width.
+@pytest.mark.parametrize("name,min_channels,n_wino", [("resnet38_eps", None, 24),
+                                                      ("small_cls", 0, 5), ("small_eps", 0, 5),
+                                                      ("small_eps", 10**6, 0)])
+def test_winograd_network_equals_eager(name, min_channels, n_wino):
+    model = make(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_for_inference(model, winograd=True, min_winograd_channels=min_channels)
+    assert f"{n_wino} convs as Winograd" in fused.description
+    assert fused.head_type == model.head_type and fused.num_classes == model.num_classes
+    n_wino_modules = sum(isinstance(m, WinogradConv2d) for m in fused.modules())
+    assert n_wino_modules == n_wino
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for size in ((64, 64), (40, 88), (21, 30)):
+            x = torch.randn(2, 3, *size, generator=g)
+            ref = model.forward_cam(x)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                out = fused.forward_cam(x.contiguous(memory_format=fmt))
+                assert out.shape == ref.shape
+                assert max_rel_diff(out, ref) <= 1e-5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused.train()
+
+
+def test_winograd_graph_leaves_the_input_alone():
+    model = make("small_eps")
+    fused = fuse_for_inference(model, winograd=True, min_winograd_channels=0)
+    x = torch.randn(1, 3, 33, 47).contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    with torch.inference_mode():
+        a, b = fused.forward_cam(x), fused.forward_cam(x)
+    assert torch.equal(x, keep) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=1), dict(kernel_size=1, stride=2),
+                                    dict(kernel_size=3, stride=2, padding=1),
+                                    dict(kernel_size=3, padding=2, dilation=2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_packed_conv_equals_conv(kwargs, relu):
+    torch.manual_seed(0)
+    c = torch.nn.Conv2d(12, 20, bias=relu, **kwargs).eval()
+    p = PackedConv2d(c, relu=relu)
+    with torch.inference_mode():
+        # sizes other than any packing hint: the packed weight works for every input size
+        for size in ((17, 23), (5, 4), (40, 33)):
+            x = torch.randn(2, 12, *size)
+            ref = c(x).relu() if relu else c(x)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                y = p(x.contiguous(memory_format=fmt))
+                assert y.shape == ref.shape and max_rel_diff(y, ref) <= 1e-5
+
+
+def test_optimise_cpu_graph_counts():
+    """small_eps: 8 conv-BN-ReLU units (ReLU fused into each conv) + fc8; without Winograd all 9
+    are pre-packed, with no channel floor the 5 3x3 stride-1 ones become Winograd. The CAM head's
+    fc8 is a module call (eps); the cls head calls F.conv2d on its weight and keeps it."""
+    gm = fold_conv_bn(make("small_eps"))
+    assert optimise_cpu_graph(gm, None) == {"winograd": 0, "packed": 9, "fused_relu": 8, "inplace": 0}
+    gm = fold_conv_bn(make("small_eps"))
+    assert optimise_cpu_graph(gm, 0) == {"winograd": 5, "packed": 4, "fused_relu": 8, "inplace": 0}

@@ -14,6 +14,7 @@ from PIL import Image
 import infer
 from data.datasets import DataError, InferDataset
 from data.registry import get_dataset
+import network.fuse
 from network import build_network
 from utils import cam as camlib
 from utils.io import load_npz
@@ -104,14 +105,17 @@ def straightforward(model, img_pil, label, scales=(0.5, 1.0, 1.5, 2.0)):
 
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head", ["cls", "eps"])
-def test_fast_and_reference_paths_match_straightforward(env, head):
+def test_fast_and_reference_paths_match_straightforward(env, head, monkeypatch):
+    monkeypatch.setattr(network.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
     info = get_dataset("custom", env["root"])
     model = build_network(f"small_{head}", C)
     model.load_state_dict(torch.load(env[head], weights_only=True))
     model.eval()
     ds = InferDataset(info, env["root"], IDS)
     dev = torch.device("cpu")
-    fused_model = infer.prepare_model(model, True, False, fuse=True)   # the CPU default (network/fuse.py)
+    fused_model = infer.prepare_model(model, True, False, fuse=True)   # frozen graph (--no-winograd)
+    wino_model = infer.prepare_model(model, True, False, fuse=True, winograd=True)  # the CPU default
+    assert "5 convs as Winograd" in wino_model.description
     for idx, img_id in enumerate(IDS):
         item = ds[idx]
         label = item["label"]
@@ -124,7 +128,9 @@ def test_fast_and_reference_paths_match_straightforward(env, head):
             single = infer.cams_fast(model, images, label, size, dev, batch_views=False)
             fused = infer.cams_fast(fused_model, images, label, size, dev, channels_last=False,
                                     batch_views=False)
-        for keys, cams, _ in (ref, fast, single, fused):
+            wino = infer.cams_fast(wino_model, images, label, size, dev, channels_last=False,
+                                   batch_views=False)
+        for keys, cams, _ in (ref, fast, single, fused, wino):
             assert keys.tolist() == keys_s == LABELS[img_id]
             assert cams.shape == (len(keys_s), SIZES[img_id][1], SIZES[img_id][0])
             assert (cams - cams_s).abs().max() <= 1e-5
@@ -133,6 +139,7 @@ def test_fast_and_reference_paths_match_straightforward(env, head):
         if head == "eps":
             assert (ref[2] - fast[2]).abs().max() <= 1e-5
             assert (ref[2] - fused[2]).abs().max() <= 1e-5
+            assert (ref[2] - wino[2]).abs().max() <= 1e-5
         assert cams_s.amax(dim=(1, 2)).min() > 0.99  # normalised: every class peaks near 1
 
 
@@ -162,19 +169,23 @@ def test_cli_end_to_end_outputs(env, head, tmp_path):
 
 
 def test_no_fast_gives_identical_pngs(env, tmp_path, monkeypatch):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a, b, c, e = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "e"
+    monkeypatch.setattr(network.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
     calls = []
     real_fuse = infer.fuse_for_inference
-    monkeypatch.setattr(infer, "fuse_for_inference", lambda m: calls.append(1) or real_fuse(m))
-    run(env, env["eps"], "--png-dir", a / "png", "--cam-dir", a / "cam")   # default: fast + fused (CPU)
-    assert calls == [1]
+    monkeypatch.setattr(infer, "fuse_for_inference",
+                        lambda m, **kw: calls.append(kw) or real_fuse(m, **kw))
+    run(env, env["eps"], "--png-dir", a / "png", "--cam-dir", a / "cam")   # default: fast + Winograd (CPU)
+    assert calls == [{"winograd": True}]
     run(env, env["eps"], "--png-dir", b / "png", "--cam-dir", b / "cam", "--no-fast", "--no-channels-last")
     run(env, env["eps"], "--png-dir", c / "png", "--cam-dir", c / "cam", "--no-fuse")
-    assert calls == [1]
+    assert calls == [{"winograd": True}]
+    run(env, env["eps"], "--png-dir", e / "png", "--cam-dir", e / "cam", "--no-winograd")
+    assert calls == [{"winograd": True}, {"winograd": False}]
     for i in IDS:
         png = lambda d: np.array(Image.open(d / "png" / f"{i}.png"))
         cams = lambda d: load_npz(d / "cam" / f"{i}.npz")["cams"]
-        for d in (a, c):
+        for d in (a, c, e):
             assert np.array_equal(png(d), png(b))
             diff = np.abs(cams(d) - cams(b)).max()
             assert diff <= 1e-5

@@ -7,8 +7,8 @@ ResNet-38, the published one-view-at-a-time loop against infer.py's fast path.
 
 Rows: the reference loop (8 forward passes of batch 1, each view upsampled on its own), then the
 fast path's pieces added one at a time (pair sum at feature resolution + present classes only,
-channels_last, flip pair as one batch, on the CPU the fused network of network/fuse.py, and on
-CUDA float16 autocast). Each row reports wall and
+channels_last, flip pair as one batch, on the CPU the frozen fused network of network/fuse.py and
+then its Winograd graph (network/winograd.py), and on CUDA float16 autocast). Each row reports wall and
 CPU seconds with the speed-up over the reference for each (on a shared machine the CPU time is
 the trustworthy one: wall time moves with the other jobs' load), the largest CAM difference and
 how many pseudo-mask pixels differ (thr 0.20).
@@ -58,11 +58,12 @@ def _sync(device: torch.device) -> None:
 
 
 def make_runner(model, images, label, size, device, *, fast: bool, channels_last: bool = False,
-                batch_views: bool = False, amp: bool = False, fuse: bool = False):
+                batch_views: bool = False, amp: bool = False, fuse: bool = False,
+                winograd: bool = False):
     """A closure computing one image's CAMs with one variant, warmed up on a small image
     (oneDNN primitive creation / CUDA context off the clock; the fused network's one-off build,
     about 1-2 s of CPU per run, is off the clock too)."""
-    m = infer.prepare_model(model, fast, channels_last, fuse=fuse)  # a copy per layout: not converted in the loop
+    m = infer.prepare_model(model, fast, channels_last, fuse=fuse, winograd=winograd)
 
     def once(imgs, sz):
         with torch.inference_mode():
@@ -110,8 +111,12 @@ def run(args) -> Tuple[str, List[Dict]]:
              dict(fast=True, channels_last=True, batch_views=True))]
         if cpu:
             variants.append(("fast + fused network: conv-BN folded, frozen TorchScript, "
-                             "pre-packed oneDNN (CPU default)",
+                             "pre-packed oneDNN (--no-winograd)",
                              dict(fast=True, channels_last=False, batch_views=False, fuse=True)))
+            variants.append(("fast + fused network: conv-BN folded, Winograd F(2x2,3x3) for "
+                             ">= 256 channels, other convs pre-packed (CPU default)",
+                             dict(fast=True, channels_last=False, batch_views=False, fuse=True,
+                                  winograd=True)))
         if not cpu:
             variants.append(("fast + channels_last + batch + AMP fp16 (--amp)",
                              dict(fast=True, channels_last=True, batch_views=True, amp=True)))
