@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from network import onednn
 from network.winograd import WinogradConv2d, is_eligible
 
 logger = logging.getLogger(__name__)
@@ -107,11 +108,10 @@ def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
 
 class PackedConv2d(nn.Module):
     """Inference-only ``nn.Conv2d`` (+ optional fused ReLU) with its weight pre-packed once into
-    oneDNN's blocked layout; eager ``F.conv2d`` re-packs it on every call (32 MB for ResNet-38's
-    b7 1x1 convs). A 1x1 stride-1 conv runs as a oneDNN matmul over the channels-last pixels: the
-    packed conv weight is only right for the input size it was packed for and gets re-packed on
-    every call at other sizes (measured: b7's 1x1 at 2.5x the time on a half-size view), the matmul
-    weight is not. Output is channels-last whatever the input layout."""
+    oneDNN's blocked layout (network/onednn.py); eager ``F.conv2d`` re-packs it on every call.
+    A 1x1 stride-1 conv runs as a oneDNN matmul over the channels-last pixel rows: a packed conv
+    weight suits one input size and is re-packed per call at others (measured: b7's 1x1 at 2.5x
+    the time on a half-size view), a packed matmul weight suits all. Channels-last output."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
@@ -121,36 +121,23 @@ class PackedConv2d(nn.Module):
                           and conv.padding == (0, 0) and conv.groups == 1)
         self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         w = conv.weight.detach()
-        if self.pointwise:
-            # the batch-size hint picks a layout; measured equal for 768..11750 pixels
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.flatten(1).contiguous(), 1024)
-        else:
-            self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *self.args)
+        self.weight = (onednn.pack_linear_weight(w.flatten(1)) if self.pointwise
+                       else onednn.pack_conv_weight(w, *self.args))
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.out_channels = conv.out_channels
-        self.attr = "relu" if relu else "none"
+        self.relu = bool(relu)
         self.desc = f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pointwise:
             n, c, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when x is channels-last
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, self.attr, [], "")
+            y = onednn.linear(rows, self.weight, self.bias, self.relu)
             return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, *self.args, self.attr, [], "")
+        return onednn.conv2d(x, self.weight, self.bias, *self.args, relu=self.relu)
 
     def extra_repr(self) -> str:
-        return f"{self.desc}, relu={self.attr == 'relu'}"
-
-
-def _onednn_convs_ok() -> bool:
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    except (AttributeError, RuntimeError):
-        return False
+        return f"{self.desc}, relu={self.relu}"
 
 
 def optimise_cpu_graph(gm: fx.GraphModule, min_winograd_channels: Optional[int]) -> Dict[str, int]:
@@ -166,7 +153,7 @@ def optimise_cpu_graph(gm: fx.GraphModule, min_winograd_channels: Optional[int])
     Returns counts of each rewrite."""
     modules = dict(gm.named_modules())
     counts = {"winograd": 0, "packed": 0, "fused_relu": 0, "inplace": 0}
-    packed_ok = _onednn_convs_ok()
+    packed_ok = onednn.available()
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(conv, nn.Conv2d):

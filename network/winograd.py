@@ -18,11 +18,11 @@ How it is laid out here (all plain torch ops, channels-last throughout):
 * dilation d is handled by tiling the dilated grid: a tile's 4x4 inputs are d apart and its 2x2
   outputs are d apart, and the tiles of the d x d phases interleave. Both the tile reads and the
   output writes are then single strided views (no phase reshuffling copies);
-* input and output transforms are eight and eight elementwise ops over strided views, written
-  into reused workspace buffers (freshly allocated buffers of this size cost a page fault per
-  4 KiB on every call, which alone ate half of the gain);
-* the 16 products are oneDNN matmuls with pre-packed weights (``torch.ops.mkldnn``), about 2.5x
-  the throughput of the MKL ``bmm`` on the AMD EPYC this was measured on. Without oneDNN they
+* the input transform is 8 elementwise ops and the output transform 20, over strided views,
+  written into reused workspace buffers (freshly allocated buffers of this size cost a page
+  fault per 4 KiB on every call, which alone ate half of the gain);
+* the 16 products are oneDNN matmuls with pre-packed weights (network/onednn.py), about 2.5x
+  the throughput of MKL's ``bmm`` on the AMD EPYC this was measured on. Without oneDNN they
   fall back to ``torch.mm``;
 * the conv bias rides on product 5 (component (1, 1)): column 1 of A^T is all ones, so whatever
   is added to that product reaches all four outputs of the tile;
@@ -37,6 +37,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from network import onednn
 
 # Lavin & Gray's F(2x2, 3x3) matrices (interpolation points 0, 1, -1, infinity).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -64,32 +66,21 @@ def is_eligible(conv: nn.Module, min_channels: int = 0) -> bool:
 # --------------------------------------------------------------------------------------------
 # The matrix products: oneDNN with pre-packed weights when this torch has it, else torch.mm.
 # --------------------------------------------------------------------------------------------
-def _onednn_ok() -> bool:
-    try:
-        ops = torch.ops.mkldnn
-        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
-                and hasattr(ops, "_reorder_linear_weight"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class _Products:
     """The 16 (T, C) @ (C, Co) products of one layer, bias on component 5."""
 
-    def __init__(self, u: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool):
+    def __init__(self, u: torch.Tensor, bias: Optional[torch.Tensor], use_onednn: bool):
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.onednn = onednn and u.device.type == "cpu" and u.dtype == torch.float32
-        if self.onednn:
-            # The batch-size hint only picks the packed layout; any T works.
-            self.w = [torch.ops.mkldnn._reorder_linear_weight(u[k].contiguous(), 1024)
-                      for k in range(16)]
+        self.use_onednn = use_onednn and u.device.type == "cpu" and u.dtype == torch.float32
+        if self.use_onednn:
+            self.w = [onednn.pack_linear_weight(u[k]) for k in range(16)]
         else:
             self.w = [u[k].t().contiguous() for k in range(16)]  # (C, Co)
 
     def __call__(self, k: int, v: torch.Tensor) -> torch.Tensor:
         bias = self.bias if k == BIAS_COMPONENT else None
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(v, self.w[k], bias, "none", [], "")
+        if self.use_onednn:
+            return onednn.linear(v, self.w[k], bias)
         return torch.mm(v, self.w[k]) if bias is None else torch.addmm(bias, v, self.w[k])
 
 
@@ -196,14 +187,15 @@ class WinogradConv2d(nn.Module):
     """Inference-only replacement of an eligible ``nn.Conv2d`` (see :func:`is_eligible`),
     optionally with a following ReLU fused in."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, onednn: Optional[bool] = None):
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, use_onednn: Optional[bool] = None):
         super().__init__()
         if not is_eligible(conv):
             raise ValueError(f"not a 3x3 stride-1 'same' conv: {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.dilation = conv.dilation[0]
         self.relu = bool(relu)
-        use_onednn = _onednn_ok() if onednn is None else (onednn and _onednn_ok())
+        if use_onednn is None or use_onednn:
+            use_onednn = onednn.available()
         self.products = _Products(transform_weight(conv.weight), conv.bias, use_onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,4 +211,4 @@ class WinogradConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, dilation={self.dilation}, "
-                f"relu={self.relu}, onednn={self.products.onednn}")
+                f"relu={self.relu}, onednn={self.products.use_onednn}")

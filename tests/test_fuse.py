@@ -150,3 +150,18 @@ def test_optimise_cpu_graph_counts():
     assert optimise_cpu_graph(gm, None) == {"winograd": 0, "packed": 9, "fused_relu": 8, "inplace": 0}
     gm = fold_conv_bn(make("small_eps"))
     assert optimise_cpu_graph(gm, 0) == {"winograd": 5, "packed": 4, "fused_relu": 8, "inplace": 0}
+
+
+def test_without_onednn_ops_the_graph_still_matches(monkeypatch):
+    """A torch without the private oneDNN ops: no pre-packed convs, Winograd products through
+    torch.mm; same CAMs."""
+    import network.onednn
+    monkeypatch.setattr(network.onednn, "available", lambda: False)
+    model = make("small_eps")
+    fused = fuse_for_inference(model, winograd=True, min_winograd_channels=0)
+    assert "0 pre-packed" in fused.description
+    assert not any(isinstance(m, PackedConv2d) for m in fused.modules())
+    assert all(not m.products.use_onednn for m in fused.modules() if isinstance(m, WinogradConv2d))
+    x = torch.randn(1, 3, 40, 52)
+    with torch.inference_mode():
+        assert max_rel_diff(fused.forward_cam(x), model.forward_cam(x)) <= 1e-5

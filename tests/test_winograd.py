@@ -51,7 +51,7 @@ def test_equals_direct_convolution_float64(shape, dilation, bias, relu):
     """float64 with the torch.mm products: Winograd is exact algebra, so 1e-12 agreement."""
     c = conv(shape[1], 11, dilation, bias, torch.float64)
     x = torch.randn(*shape, dtype=torch.float64)
-    w = WinogradConv2d(c, relu=relu, onednn=False)
+    w = WinogradConv2d(c, relu=relu, use_onednn=False)
     with torch.inference_mode():
         for fmt in (torch.contiguous_format, torch.channels_last):
             y = w(x.contiguous(memory_format=fmt))
@@ -68,7 +68,7 @@ def test_float32_within_rounding(onednn, dilation):
     against a float64 reference), ~1e-6 of the output's magnitude."""
     c = conv(256, 32, dilation)
     x = torch.randn(1, 256, 23, 30).relu()   # post-ReLU activations, as in the network
-    w = WinogradConv2d(c, onednn=onednn)
+    w = WinogradConv2d(c, use_onednn=onednn)
     c64 = conv(256, 32, dilation, dtype=torch.float64)
     with torch.inference_mode():
         ref = direct(c64, x.double(), False)
@@ -101,7 +101,7 @@ def test_bias_rides_on_component_5():
     with torch.no_grad():
         c.weight.zero_()
         c.bias.copy_(torch.tensor([0.5, -2.0, 3.25]))
-    y = WinogradConv2d(c, onednn=False)(torch.randn(1, 4, 5, 6))
+    y = WinogradConv2d(c, use_onednn=False)(torch.randn(1, 4, 5, 6))
     assert torch.equal(y, c.bias.view(1, 3, 1, 1).expand(1, 3, 5, 6))
 
 
