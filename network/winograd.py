@@ -85,7 +85,8 @@ class _Products:
 
 
 # --------------------------------------------------------------------------------------------
-# Workspace: the padded input, B^T d and B^T d B, and A^T M reuse buffers between calls.
+# Workspace: the padded input, B^T d (later A^T M, in the same buffer) and B^T d B reuse
+# buffers between calls.
 # --------------------------------------------------------------------------------------------
 _LOCAL = threading.local()
 
@@ -109,8 +110,8 @@ def _workspace(name: str, shape: Tuple[int, ...], like: torch.Tensor) -> torch.T
 
 
 def clear_workspace() -> None:
-    """Free this thread's buffers (they grow to the largest layer seen: ~0.5 GB for ResNet-38's
-    b7 at scale 2 of a VOC image)."""
+    """Free this thread's buffers (they grow to the largest layer seen: about 0.6 GB for
+    ResNet-38's b7 at scale 2 of a 500x500 image)."""
     _LOCAL.bufs = {}
 
 
@@ -147,7 +148,7 @@ def winograd_conv2d(x: torch.Tensor, products, out_channels: int, dilation: int 
     data = xp.as_strided((4, 4) + tiles, (d * sh, d * sw) + tstride, xp.storage_offset())
 
     # B^T d (rows), then (B^T d) B (columns); B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
-    bt = _workspace("bt", (4, 4) + tiles, x)
+    bt = _workspace("scratch", (4, 4) + tiles, x)
     torch.sub(data[0], data[2], out=bt[0])
     torch.add(data[1], data[2], out=bt[1])
     torch.sub(data[2], data[1], out=bt[2])
@@ -160,15 +161,16 @@ def winograd_conv2d(x: torch.Tensor, products, out_channels: int, dilation: int 
 
     t = n * mh * d * mw * d
     v = v.view(16, t, c)
-    m = [products(k, v[k]) for k in range(16)]
 
-    # A^T M (over i), then (A^T M) A (over j); A^T = [[1,1,1,0],[0,1,-1,-1]]
-    am = _workspace("am", (4, 2, t, out_channels), x)  # [j, a]
+    # A^T M (over i), then (A^T M) A (over j); A^T = [[1,1,1,0],[0,1,-1,-1]]. The products
+    # M[4i+j] are made one column j at a time: 4 of them alive at once instead of 16 (each is
+    # T x Co: ~130 MB for b7 at scale 2 of a VOC image).
+    am = _workspace("scratch", (4, 2, t, out_channels), x)  # [j, a]; bt is no longer needed
     for j in range(4):
-        m0, m1, m2, m3 = m[j], m[4 + j], m[8 + j], m[12 + j]
+        m0, m1, m2, m3 = (products(4 * i + j, v[4 * i + j]) for i in range(4))
         torch.add(m0, m1, out=am[j, 0]).add_(m2)
         torch.sub(m1, m2, out=am[j, 1]).sub_(m3)
-    del m
+        del m0, m1, m2, m3
     y = torch.empty((n, mh, 2, d, mw, 2, d, out_channels), dtype=x.dtype, device=x.device)
     # am[j] as (N, mh, a, p, mw, q, Co) to match y[..., b, ...]'s layout with a as dim 2
     s = [am[j].view(2, n, mh, d, mw, d, out_channels).permute(1, 2, 0, 3, 4, 5, 6) for j in range(4)]
