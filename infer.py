@@ -131,16 +131,17 @@ def get_args_parser():
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format in the fast path (faster convolutions)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="fast path on the CPU: fold conv-BN pairs and run a frozen TorchScript "
-                        "graph with pre-packed oneDNN weights (network/fuse.py; CAMs equal "
-                        "within ~1e-6; 1.24x less CPU time per VOC image than --no-fast "
-                        "on 2 threads)")
+                   help="fast path on the CPU: an inference-only copy of the network with its "
+                        "conv-BN pairs folded (network/fuse.py), run as the Winograd graph "
+                        "(--winograd) or as a frozen TorchScript graph with pre-packed oneDNN "
+                        "weights (--no-winograd; 1.25x less CPU time per VOC image than "
+                        "--no-fast on 2 threads); CAMs equal within ~2e-6")
     g.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                    help="with --fuse on the CPU: 3x3 convs with >= 256 input channels as Winograd "
-                        "F(2x2,3x3) (2.25x fewer multiply-adds, network/winograd.py) and the "
-                        "other convs with pre-packed oneDNN weights, instead of the frozen "
-                        "TorchScript graph; same function, CAMs within ~2e-6 "
-                        "(--no-winograd: direct convolutions)")
+                        "F(2x2,3x3) (2.25x fewer multiply-adds, network/winograd.py), the other "
+                        "convs with pre-packed oneDNN weights; same function, CAMs within ~2e-6, "
+                        "1.5-1.7x less CPU time per VOC image than --no-fast on 2 threads, about "
+                        "0.8 GB more memory at scale 2 (--no-winograd: direct convolutions)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="float16 autocast on CUDA (changes CAMs slightly; ignored on CPU)")
     g.add_argument("--num-workers", type=int, default=2,
