@@ -17,7 +17,7 @@ computes the same CAMs with less memory traffic:
   :func:`optimise_cpu_graph`: 3x3 convs with >= 256 input channels as Winograd F(2x2, 3x3)
   (network/winograd.py: 2.25x fewer multiply-adds, CAMs within ~2e-6), every other conv with
   pre-packed oneDNN weights, ReLUs fused into the convs before them, residual sums and the
-  remaining ReLUs in place. On the 2-core CPU it replaced, this graph is 1.2-1.4x faster per
+  remaining ReLUs in place. On the 2-core development CPU this graph is 1.2-1.4x faster per
   view than the frozen one.
 
 The pre-activation BNs (``bn_branch2a``, ``bn7``) follow a residual sum, not a conv, and stay as
@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 # Traced graphs are checked against the eager copy at this size (a size the trace did not see).
 _CHECK_SIZE = (56, 72)
 _CHECK_TOL = 1e-4  # relative to the CAMs' magnitude; real mismatches (baked shapes) are O(1)
-# Winograd pays off from 256 input channels on (measured per layer on a 2-core AMD EPYC: 512-1024
-# channels 1.4-1.9x, 256 1.2-1.4x, 128 0.8x): ResNet-38's b3-b7; b2 and conv1a stay direct.
+# Winograd pays off from about 256 input channels on (per layer against the pre-packed direct conv
+# on a 2-core AMD EPYC: 512-2048 channels 1.3-1.9x, 256 0.85-1.2x depending on the map size, 128
+# 0.7x): ResNet-38's b3-b7 run as Winograd; b2 and conv1a stay direct.
 WINOGRAD_MIN_CHANNELS = 256
 
 
@@ -176,8 +177,10 @@ def optimise_cpu_graph(gm: fx.GraphModule, min_winograd_channels: Optional[int])
     for node in list(gm.graph.nodes):
         if _is_relu(node, modules) and node.op == "call_function":
             src = node.args[0]
-            # only a module's fresh output (BN, conv): never a graph input, weight or view
-            if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
+            # only the fresh output of a BN or conv: never a graph input, a weight, or what an
+            # identity-like module (eval Dropout) passes through from elsewhere
+            if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                    and isinstance(modules.get(src.target), fresh + (_BatchNorm, nn.Conv2d))):
                 node.kwargs = {**node.kwargs, "inplace": True}
                 counts["inplace"] += 1
         elif node.op == "call_function" and node.target is operator.add and not node.kwargs:

@@ -1,6 +1,8 @@
 """network/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph,
 or the Winograd / pre-packed eager graph) computes the same CAMs as the eager network, at sizes
 the trace never saw, leaves the original model untouched and refuses to train."""
+import copy
+
 import pytest
 import torch
 
@@ -165,3 +167,32 @@ def test_without_onednn_ops_the_graph_still_matches(monkeypatch):
     x = torch.randn(1, 3, 40, 52)
     with torch.inference_mode():
         assert max_rel_diff(fused.forward_cam(x), model.forward_cam(x)) <= 1e-5
+
+
+def test_in_place_rewrites_never_touch_shared_tensors():
+    """A ReLU after an eval Dropout (which passes its input through) must not run in place when
+    that input has other users, and a conv output used twice is not accumulated into."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.drop = torch.nn.Dropout2d(0.5)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = F.relu(self.drop(y))          # drop(y) is y itself in eval mode
+            w = F.relu(self.bn(z))            # bn output: fresh, single user -> in place is fine
+            return y + z + w
+
+    torch.manual_seed(0)
+    toy = Toy().eval()
+    gm = fx.symbolic_trace(copy.deepcopy(toy))
+    counts = optimise_cpu_graph(gm, 0)
+    assert counts["fused_relu"] == 0 and counts["inplace"] == 1   # only relu(bn(.))
+    x = torch.randn(2, 3, 9, 11)
+    with torch.inference_mode():
+        assert max_rel_diff(gm(x), toy(x)) <= 1e-6
