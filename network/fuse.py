@@ -114,9 +114,14 @@ class PackedConv2d(nn.Module):
     weight suits one input size and is re-packed per call at others (measured: b7's 1x1 at 2.5x
     the time on a half-size view), a packed matmul weight suits all. Channels-last output."""
 
+    @staticmethod
+    def supports(conv: nn.Conv2d) -> bool:
+        """oneDNN's conv takes numeric zero padding only (no 'same' strings, no reflect)."""
+        return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
     def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not self.supports(conv):
             raise ValueError(f"PackedConv2d needs numeric zero padding: {conv}")
         self.pointwise = (conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                           and conv.padding == (0, 0) and conv.groups == 1)
@@ -162,7 +167,7 @@ def optimise_cpu_graph(gm: fx.GraphModule, min_winograd_channels: Optional[int])
         relu = _fused_relu(node, modules)
         if min_winograd_channels is not None and is_eligible(conv, min_winograd_channels):
             new, key = WinogradConv2d(conv, relu=relu is not None), "winograd"
-        elif packed_ok and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        elif packed_ok and PackedConv2d.supports(conv):
             new, key = PackedConv2d(conv, relu=relu is not None), "packed"
         else:
             continue
@@ -260,12 +265,14 @@ def fuse_for_inference(model: nn.Module, *, freeze: bool = True, winograd: bool 
                 raise ValueError("the Winograd inference graph is CPU-only")
             if min_winograd_channels is None:
                 min_winograd_channels = WINOGRAD_MIN_CHANNELS
+            x = _check_input(device)
+            expected = gm(x)  # the folded graph before the rewrite is the reference
             counts = optimise_cpu_graph(gm, min_winograd_channels)
             desc += (f", {counts['winograd']} convs as Winograd F(2x2,3x3) (>= "
                      f"{min_winograd_channels} channels), {counts['packed']} pre-packed oneDNN "
                      f"convs, {counts['fused_relu']} ReLUs fused, {counts['inplace']} ops in place")
             channels_last = True
-            _check_same(_CamGraph(model.eval()), gm, device, channels_last=True)
+            _check_same(expected, gm(x))
         elif freeze:
             example = torch.randn(1, 3, *trace_size, device=device)
             with warnings.catch_warnings():
@@ -274,20 +281,21 @@ def fuse_for_inference(model: nn.Module, *, freeze: bool = True, winograd: bool 
                 warnings.simplefilter("ignore", FutureWarning)
                 traced = torch.jit.trace(gm, example, check_trace=False)
                 graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-            _check_same(gm, graph, device)
+            x = _check_input(device)
+            _check_same(gm(x), graph(x))
             desc += ", TorchScript frozen + optimize_for_inference"
     return FusedNetwork(graph, model.head_type, model.num_classes, desc, channels_last)
 
 
-def _check_same(eager: nn.Module, traced: nn.Module, device: torch.device,
-                channels_last: bool = False) -> None:
+def _check_input(device: torch.device) -> torch.Tensor:
+    return torch.randn(1, 3, *_CHECK_SIZE, device=device)
+
+
+def _check_same(expected: torch.Tensor, got: torch.Tensor) -> None:
     """The rewritten graph must compute the same CAMs, and a trace must not have baked in the
-    example's shape: compare at a size the trace did not see."""
-    x = torch.randn(1, 3, *_CHECK_SIZE, device=device)
-    a = eager(x)
-    b = traced(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-    scale = max(float(a.abs().max()), 1e-6)
-    if a.shape != b.shape or float((a - b).abs().max()) > _CHECK_TOL * scale:
-        raise RuntimeError("fuse_for_inference: the traced network disagrees with the eager one "
+    example's shape: both are compared on :func:`_check_input`, a size the trace did not see."""
+    scale = max(float(expected.abs().max()), 1e-6)
+    if expected.shape != got.shape or float((expected - got).abs().max()) > _CHECK_TOL * scale:
+        raise RuntimeError("fuse_for_inference: the optimised network disagrees with the eager one "
                            "at another input size (shape-dependent code in forward_cam?); "
                            "use freeze=False, winograd=False or infer.py --no-fuse")

@@ -196,3 +196,10 @@ def test_in_place_rewrites_never_touch_shared_tensors():
     x = torch.randn(2, 3, 9, 11)
     with torch.inference_mode():
         assert max_rel_diff(gm(x), toy(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_building_leaves_the_models_mode_alone(winograd):
+    model = make("small_eps").train()
+    fuse_for_inference(model, winograd=winograd, min_winograd_channels=0)
+    assert model.training
