@@ -22,31 +22,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
-from data.metadata import MetadataError
-from utils.io import atomic_write_text
 from data.registry import DATASETS, dataset_root_of, get_dataset
 from eval.cam_sweep import evaluate_cams, format_sweep, thresholds_from_range
 from eval.evaluator import (EvalError, default_workers, evaluate_folders, paths_in_dir,
                             resolve_gt_paths)
 from eval.metrics import compute_scores, format_summary, format_table, scores_to_json
+from utils.cli import run_cli
+from utils.io import atomic_write_text
+from utils.errors import UserError
+from utils.run import check_writable
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("evaluate")
 
 DEFAULT_THR_RANGE = (0.05, 0.95, 0.05)  # covers the published pseudo-mask threshold 0.20
-
-
-def bool_flag(s: str) -> bool:
-    """Strict boolean for flags that may be given bare (``--overwrite``) or with a value."""
-    v = str(s).lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+bool_flag = argparse.BooleanOptionalAction
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,19 +82,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    default=default_workers(),
                    help="decoding worker processes (0 or 1 = in this process); default: usable "
                         "cores, at most 8")
-    n.add_argument("--skip-missing", "--skip_missing", dest="skip_missing", type=bool_flag,
-                   nargs="?", const=True, default=False, metavar="BOOL",
+    n.add_argument("--skip-missing", "--skip_missing", dest="skip_missing", action=bool_flag,
+                   default=False,
                    help="skip ids whose prediction/CAM or GT file is missing and report the count "
                         "(default: a missing file is an error naming it)")
     n.add_argument("--published-ignore-invalid", "--published_ignore_invalid",
-                   dest="published_ignore_invalid", type=bool_flag, nargs="?", const=True,
-                   default=False, metavar="BOOL",
+                   dest="published_ignore_invalid", action=bool_flag, default=False,
                    help="drop predicted values >= num_classes (e.g. 255) like evaluate_png.py "
-                        "instead of counting them as wrong (default false; identical on valid masks)")
-    n.add_argument("--overwrite", type=bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+                        "instead of counting them as wrong (default off; identical on valid masks)")
+    n.add_argument("--overwrite", action=bool_flag, default=False,
                    help="replace existing result files (default: refuse)")
-    n.add_argument("--progress", type=bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
-                   help="show a tqdm progress bar (default true)")
+    n.add_argument("--progress", action=bool_flag, default=True,
+                   help="show a progress bar (on a terminal; default on)")
     return p
 
 
@@ -139,26 +132,37 @@ def dumps_json(obj, indent: int = 0) -> str:
     return json.dumps(obj)
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+def thresholds_of(args) -> list:
+    """The thresholds of a CAM sweep, checked: each in [0, 1] (CAMs are normalised to [0, 1],
+    so a background score outside it gives all-foreground or all-background masks)."""
+    try:
+        thr = (args.thresholds if args.thresholds is not None
+               else thresholds_from_range(*(args.thr_range or DEFAULT_THR_RANGE)))
+    except ValueError as e:
+        raise EvalError(f"--thr-range {' '.join(map(str, args.thr_range))}: {e}") from None
+    bad = [t for t in thr if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
+    if bad:
+        flag = "--thresholds" if args.thresholds is not None else "--thr-range"
+        raise EvalError(f"{flag}: {', '.join(map(str, bad[:5]))} outside [0, 1]; background "
+                        f"thresholds must be in [0, 1] (published: 0.20)")
+    return thr
 
 
 def main(args) -> dict:
     """Run the evaluation described by ``args`` and return the JSON record it wrote."""
-    _setup_logging()
     if (args.pred_dir is None) == (args.cam_dir is None):
         raise EvalError("pass exactly one of --pred_dir (PNG masks) and --cam-dir (CAM .npz files)")
     if args.cam_dir is None and (args.thr_range is not None or args.thresholds is not None):
         raise EvalError("--thr-range / --thresholds only apply to --cam-dir")
     if args.thr_range is not None and args.thresholds is not None:
         raise EvalError("pass --thr-range or --thresholds, not both")
+    if args.num_workers < 0:
+        raise EvalError(f"--num-workers {args.num_workers} must be >= 0")
+    thr = thresholds_of(args) if args.cam_dir is not None else None
     data_root = dataset_root_of(args.data_root) if args.data_root is not None else None
     try:
         info = get_dataset(args.dataset, args.metadata_dir, data_root)
-    except MetadataError:
+    except UserError:
         raise
     except ValueError as e:
         raise EvalError(str(e)) from None
@@ -170,6 +174,8 @@ def main(args) -> dict:
     save_path, json_path = output_paths(args.save_path, args.json, source,
                                         "eval" if args.cam_dir is None else "sweep")
     refuse_overwrite([save_path, json_path], args.overwrite)
+    for out in (save_path, json_path):  # before any compute: the scores must land somewhere
+        check_writable(out.parent, "--save_path / --json")
     record = {"dataset": info.name, "num_classes": num_classes, "class_names": info.label_names,
               "datalist": str(list_path), "num_ids": len(ids),
               "gt": str(args.gt_dir if args.gt_dir is not None else data_root)}
@@ -201,8 +207,6 @@ def main(args) -> dict:
         summary = format_summary(scores)
         best = scores
     else:
-        thr = (args.thresholds if args.thresholds is not None
-               else thresholds_from_range(*(args.thr_range or DEFAULT_THR_RANGE)))
         result = evaluate_cams(ids, gt_paths, paths_in_dir(args.cam_dir, ids, ".npz"), num_classes,
                                thr, args.num_workers, skip_missing=args.skip_missing,
                                progress=args.progress)
@@ -234,9 +238,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("evaluate.py", parents=[get_args_parser()],
-                                     description=__doc__.split("\n")[0])
-    try:
-        main(parser.parse_args())
-    except (EvalError, MetadataError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    sys.exit(run_cli(get_args_parser, main, __doc__))

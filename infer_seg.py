@@ -25,26 +25,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from data.datasets import DataError, load_rgb
-from data.metadata import MetadataError
 from data.registry import DATASETS, dataset_root_of, get_dataset
 from data.seg_transforms import MEAN_BGR, SegEvalTransform
-from eval.evaluator import EvalError
-from network.deeplab import MSC_SCALES, SegWeightsError, load_trained
+from network.deeplab import MSC_SCALES, load_trained
 from utils import dist
+from utils.cli import run_cli
+from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
 from utils.io import save_label_png
-from utils.run import setup_logging, write_run_info
+from utils.progress import Progress
+from utils.run import check_writable, setup_logging, write_run_info
+from utils.workers import process_pool
+from utils.errors import UserError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("infer_seg")
 
 # Paper anchors (EPS, CVPR 2021, DeepLab-v2 ResNet-101 with COCO init), printed beside results.
 PAPER_ANCHORS = {"voc12": "paper (EPS, DeepLab-v2 R101, COCO init): 70.9 val / 70.8 test mIoU"}
 CRF_IMAGES = ("rgb", "published")
 
 
-class InferSegError(RuntimeError):
+class InferSegError(UserError):
     """A problem with the inputs; the message says what to change."""
 
 
@@ -94,7 +96,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="channels_last memory format (often faster on CPU); same results up to "
                         "float rounding")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available")
+                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
+                        "reason when it does not")
+    p.add_argument("--wait-poll", "--wait_poll", dest="wait_poll", type=float, default=5.0,
+                   help="under torchrun, seconds between rank 0's checks that every rank's PNGs "
+                        "are written, before it evaluates (no collective waits on slow ranks)")
+    add_numerics_args(p, cudnn_benchmark=False, published="off (each image has its own size)")
+    dist.add_dist_args(p)
     return p
 
 
@@ -183,15 +191,19 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
         logger.info("%d of %d images already done in %s; skipping them",
                     len(dataset) - len(todo), len(dataset), out_dir)
     loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
-                        num_workers=num_workers, collate_fn=None) if todo else []
+                        num_workers=num_workers, collate_fn=None,
+                        pin_memory=pin_memory(device)) if todo else []
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    pool = cf.ProcessPoolExecutor(crf_workers) if (crf_dir is not None and crf_workers > 0) else None
+    # Spawned CRF workers that die with this process (utils/workers.py): forking after CUDA /
+    # NCCL initialisation can hang the children.
+    pool = process_pool(crf_workers) if (crf_dir is not None and crf_workers > 0) else None
     pending: List[cf.Future] = []
     t_net, n = 0.0, 0
+    bar = Progress(len(todo), "infer_seg", enabled=dist.is_main_process() and bool(todo),
+                   unit="img")
     try:
-        for img_id, chw, rgb in tqdm(loader, total=len(todo), desc="infer_seg",
-                                     disable=not dist.is_main_process() or not todo,
-                                     dynamic_ncols=True):
+        for img_id, chw, rgb in loader:
+            bar.update(1)
             x = chw[None].to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -214,6 +226,7 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
         for f in pending:
             f.result()
     finally:
+        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if n:
@@ -221,18 +234,18 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
     return {"written": n, "sec_per_image": t_net / n if n else None}
 
 
-def evaluate_dir(args, pred_dir: Path, list_path: Path, rewritten: bool) -> Optional[dict]:
-    """Score pred_dir with evaluate.py; re-uses its result file when nothing changed."""
+def evaluate_dir(args, pred_dir: Path, list_path: Path) -> Optional[dict]:
+    """Score pred_dir with evaluate.py; re-uses its result file when no PNG is newer."""
     import evaluate
     eval_json = pred_dir.resolve().parent / f"{pred_dir.resolve().name}_eval.json"
-    if eval_json.is_file() and not rewritten:
+    if eval_json.is_file() and eval_json.stat().st_mtime_ns >= newest_png(pred_dir):
         logger.info("predictions unchanged; reusing %s", eval_json)
         record = json.loads(eval_json.read_text())
         print(f"mIoU {record['miou'] * 100:.2f} ({eval_json})")
         return record
     argv = ["--dataset", args.dataset, "--datalist", str(list_path), "--pred_dir", str(pred_dir),
             "--save_path", str(eval_json.with_suffix(".txt")), "--json", str(eval_json),
-            "--overwrite", "true"]
+            "--overwrite"]
     if args.data_root is not None:
         argv += ["--data-root", str(args.data_root)]
     if args.metadata_dir is not None:
@@ -240,8 +253,27 @@ def evaluate_dir(args, pred_dir: Path, list_path: Path, rewritten: bool) -> Opti
     if args.gt_dir is not None:
         argv += ["--gt_dir", str(args.gt_dir)]
     if args.skip_missing:
-        argv += ["--skip-missing", "true"]
+        argv += ["--skip-missing"]
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
+
+
+def newest_png(folder: Path) -> int:
+    return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.png")), default=0)
+
+
+def wait_for_outputs(folders, ids, poll_s: float) -> None:
+    """Rank 0, before evaluating: wait until every id's PNG exists in every folder. The other
+    ranks write them at their own pace; a file poll (not a collective) has no timeout to hit,
+    and torchrun stops every rank if one of them fails."""
+    missing = [(f, i) for f in folders for i in ids if not (f / f"{i}.png").is_file()]
+    t0, last_log = time.time(), 0.0
+    while missing:
+        if time.time() - last_log > 60:
+            logger.info("waiting for the other ranks: %d PNGs to go (%.0f s)", len(missing),
+                        time.time() - t0)
+            last_log = time.time()
+        time.sleep(poll_s)
+        missing = [(f, i) for f, i in missing if not (f / f"{i}.png").is_file()]
 
 
 # Settings that change the PNGs: existing outputs are only re-used when these are unchanged.
@@ -262,21 +294,23 @@ def check_same_setting(args_json: Path, args) -> None:
 
 def main(args) -> Dict:
     """Predict the list, optionally CRF, then evaluate; returns {"miou": ..., "miou_crf": ...}."""
-    device = dist.init_distributed(args.device)
-    if args.device == "cuda" and device.type != "cuda":
-        raise InferSegError("--device cuda but CUDA is not available")
+    # 1. every check before anything is written
+    if args.crf_workers < 0 or args.num_workers < 0 or not args.wait_poll > 0:
+        raise InferSegError("--crf-workers and --num-workers must be >= 0, --wait-poll > 0")
+    device = resolve_device(args.device, dist.get_local_rank())
+    numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
+    dist.init_distributed(device, args.dist_timeout)
     out_dir = args.out_dir
     crf_dir = (args.crf_dir or out_dir.with_name(out_dir.name + "_crf")) if args.crf else None
-    args.weights = resolve_weights(args.weights).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir.with_name(out_dir.name + "_run")  # args.json, env.json, log.txt
+    args.weights = resolve_weights(args.weights).resolve()
+    for folder in (out_dir, run_dir, crf_dir):
+        if folder is not None:
+            check_writable(folder, "--out-dir / --crf-dir")
     check_same_setting(run_dir / "args.json", args)
-    setup_logging(run_dir / "log.txt")
-    write_run_info(run_dir, args)
     if args.crf:
         from utils.crf import _densecrf
         _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
-
     data_root = dataset_root_of(args.data_root)
     info = get_dataset(args.dataset, args.metadata_dir, data_root)
     list_path = info.list_path(args.list)
@@ -288,6 +322,11 @@ def main(args) -> Dict:
     if model.n_classes != info.num_classes + 1:
         raise InferSegError(f"{weights} predicts {model.n_classes} classes but {info.name} has "
                             f"{info.num_classes + 1} (background included): wrong --dataset?")
+
+    # 2. the network pass; ranks finish independently
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    write_run_info(run_dir, args, numerics=numerics)
     model.eval().to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -296,23 +335,22 @@ def main(args) -> Dict:
     stats = run_inference(model, dataset, out_dir, crf_dir, device=device, flip=args.flip,
                           crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
                           channels_last=args.channels_last, num_workers=args.num_workers)
-    written = stats["written"]
-    if dist.is_dist():  # did any rank write a PNG? then the scores must be recomputed
-        t = torch.tensor([written], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t)
-        written = int(t)
     result = dict(stats, miou=None, miou_crf=None)
     if not dist.is_main_process() or not args.evaluate:
         return result
+    # 3. rank 0 scores every rank's PNGs once they are all written
     has_gt = args.gt_dir is not None or all(info.gt_path(data_root, i).is_file() for i in ids[:20])
     if not has_gt:
         logger.info("no ground truth for %s: skipping evaluation", list_path)
         return result
+    present = [i for i, _ in ImageList(info, args.data_root, ids, skip_missing=True).items]
+    if dist.get_world_size() > 1:
+        wait_for_outputs([d for d in (out_dir, crf_dir) if d is not None], present, args.wait_poll)
     anchor = PAPER_ANCHORS.get(info.name, "")
     for key, folder in (("miou", out_dir), ("miou_crf", crf_dir)):
         if folder is None:
             continue
-        record = evaluate_dir(args, folder, list_path, written > 0)
+        record = evaluate_dir(args, folder, list_path)
         result[key] = record["miou"]
         tag = "with CRF" if key == "miou_crf" else "without CRF"
         # deeplab-pytorch's scores.py averages only over classes present in the GT
@@ -325,11 +363,4 @@ def main(args) -> Dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("infer_seg.py", parents=[get_args_parser()],
-                                     description=__doc__.split("\n")[0])
-    try:
-        main(parser.parse_args())
-    except (InferSegError, DataError, MetadataError, SegWeightsError, EvalError) as e:
-        sys.exit(f"infer_seg.py: error: {e}")
-    finally:
-        dist.cleanup()
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -1,73 +1,64 @@
 """Train the baseline CAM classifier (``resnet38_cls``) or EPS (``resnet38_eps``).
 
-    python train.py --dataset voc12 --network resnet38_eps --data_root VOC2012/JPEGImages \
-        --saliency_root VOC2012/SALImages --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \
+    python train.py --dataset voc12 --network resnet38_eps --data_root VOC2012/JPEGImages \\
+        --saliency_root VOC2012/SALImages --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \\
         --session voc12_eps --save_root runs
     torchrun --nproc_per_node 2 train.py ...     # DDP; --batch_size stays the GLOBAL batch
 
-Defaults reproduce the published runs (reference.md 1.2, 1.3, 1.7-1.9): per-dataset recipe from
-the dataset registry, SGD with the published groups, poly decay per step and momentum 5e-4 (the
-published weight-decay-as-momentum quirk), multilabel soft margin loss (+ EPS saliency loss).
+Defaults reproduce the published runs (EPS main.py and script/*.sh; docs/training.md): the
+dataset's recipe from data/registry.py, SGD with the published parameter groups, poly decay per
+step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/optim.py), and the
+losses the network's head defines (network/heads.py: multilabel soft margin, + the EPS saliency
+loss for EPS).
 
 Run directory ``<save_root>/<session>``: args.json, env.json, log.txt, metrics.jsonl, loss.png,
 ``checkpoint_last.pth`` (full state for --resume) and, at the end, ``checkpoint_cls.pth`` (plain
-state dict, published name and layout, for both heads).
+state dict, the published name and layout for both heads, with the network recorded inside).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import pickle
-import random
-import resource
 import sys
 import time
-import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import numpy as np
+import random
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data.datasets import ClsDataset, ClsSalDataset, DataError, default_saliency_root
-from data.metadata import MetadataError
+from data.datasets import ClsDataset, ClsSalDataset, default_saliency_root
 from data.registry import DATASETS, get_dataset
-from network import NETWORKS, build_network, normalize_network_name
-from network.losses import cls_loss, eps_loss
-from network.weights import (WeightsError, describe_checkpoint, load_pretrained,
-                             load_state_dict_file, load_weights)
-from utils import dist as du
-from utils.io import atomic_path, torch_save
+from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
+from network.weights import load_initial_weights, record_network
+from utils import dist
+from utils.checkpoint import (changed_settings, check_ranks_agree, load_training_state,
+                              restore_training_state, save_training_state)
+from utils.cli import run_cli
+from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
+                          resolve_device)
+from utils.errors import UserError
+from utils.io import torch_save
 from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
-from utils.run import (JsonlLogger, RunDirError, resolve_resume, setup_logging, trim_metrics,
-                       write_run_info)
+from utils.plots import plot_losses
+from utils.progress import Progress
+from utils.run import (JsonlLogger, check_writable, close_file_log, peak_memory_mb,
+                       resolve_resume, setup_logging, trim_metrics, write_run_info)
+from utils.sampler import seeded_loader
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("train")
 
-FINAL_NAME = "checkpoint_cls.pth"   # published name, used for cls and eps alike (reference 1.2)
+FINAL_NAME = "checkpoint_cls.pth"   # published name, used for cls and eps alike (EPS main.py)
 LAST_NAME = "checkpoint_last.pth"   # full training state, rewritten every --ckpt-every steps
-# Flags whose default comes from the dataset registry (published recipe, reference 1.3).
-RECIPE_KEYS = ("train_list", "crop_size", "resize_size", "batch_size", "max_iters", "lr", "wt_dec",
-               "tau", "lam")
+# Flags whose default comes from the dataset's recipe (data/registry.py); the heads add theirs.
+RECIPE_KEYS = ("train_list", "crop_size", "resize_size", "batch_size", "max_iters", "lr", "wt_dec")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A run cannot start or must stop; the message says why and what to do."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: a mistyped flag (--max_iter) must be an error, not a prefix match. A
-    # parser built with parents=[this] needs allow_abbrev=False too (argparse does not inherit it).
     p = argparse.ArgumentParser("EPS / baseline classifier training", add_help=False,
                                 allow_abbrev=False)
     add = p.add_argument
@@ -82,22 +73,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--session", type=str, default="eps",
         help="run name: the run directory is <save_root>/<session> (published default: eps)")
     add("--network", type=str, default="resnet38_cls",
-        help=f"network: {', '.join(sorted(NETWORKS))}; the published 'network.resnet38_eps' "
-             f"spelling is accepted (published default: network.resnet38_cls)")
+        help=f"network = backbone_head: {', '.join(sorted(NETWORKS))}; the published "
+             f"'network.resnet38_eps' spelling is accepted (published default: network.resnet38_cls)")
     add("--data_root", "--data-root", type=Path, required=True,
         help="folder with the images (VOC: VOCdevkit/VOC2012 or its JPEGImages/; COCO: the "
              "folder holding train2014/)")
     add("--saliency_root", "--saliency-root", type=Path, default=None,
-        help="folder with <id>.png saliency maps (eps heads only; published: PFAN maps, "
-             "SALImages). Default: <dataset root>/SALImages when it exists")
+        help="folder with <id>.png saliency maps (heads that train with saliency, e.g. eps; "
+             "published: PFAN maps, SALImages). Default: <dataset root>/SALImages")
     add("--save_root", "--save-root", type=Path, default=Path("log"),
         help="parent of the run directory (published default '/log', which needs root; ours is "
              "the relative 'log')")
     add("--weights", type=str, default=None,
         help="initial weights: the ImageNet ResNet-38 MXNet .params "
              "(ilsvrc-cls_rna-a1_cls1000_ep-0001.params, as published) or its converted .pth, a "
-             "torchvision ResNet-101 .pth, or a trained checkpoint with the right class count. "
-             "'none' (or omitted, small nets only) trains from scratch")
+             "torchvision ResNet-101 .pth, or a trained checkpoint of this network and class "
+             "count. 'none' (or omitted, small nets only) trains from scratch")
     add("--crop_size", "--crop-size", type=int, default=None,
         help="random crop size (published: VOC 448, COCO 321)")
     add("--resize_size", "--resize-size", type=int, nargs=2, default=None,
@@ -114,12 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="training iterations; also the poly schedule length (published: VOC 20000, COCO 256500)")
     add("--num_workers", "--num-workers", type=int, default=8,
         help="data loading processes per training process (published 8)")
-    add("--tau", type=float, default=None,
-        help="EPS overlap-ratio threshold for foreground classes (published scripts: 0.4; "
-             "main.py default 0.5)")
-    add("--lam", type=float, default=None,
-        help="EPS weight of the foreground map in the predicted saliency (published: VOC 0.5, "
-             "COCO 0.9)")
+    heads = p.add_argument_group("method hyper-parameters (added by the heads, network/heads.py)")
+    for add_args in {h.add_args.__func__: h for h in HEADS.values()}.values():
+        add_args.add_args(heads)
     # --- new flags ---
     add("--momentum", type=float, default=PUBLISHED_MOMENTUM,
         help="SGD momentum. Default 5e-4 because the published optimizer passed its weight decay "
@@ -131,14 +119,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resume", type=str, nargs="?", const="auto", default=None, metavar="CKPT",
         help="continue from a checkpoint: without a value, <run dir>/checkpoint_last.pth "
              "(starting fresh if there is none); or a path to a checkpoint_last-style file")
+    add("--extend", action=bool_flag, default=False,
+        help="with --resume on a FINISHED run and a larger --max_iters: train it further (the "
+             "poly schedule is stretched to the new length; the finished checkpoint_cls.pth is "
+             "kept as checkpoint_cls_iter<N>.pth)")
     add("--amp", type=str, default="off", choices=["off", "bf16", "fp16"],
-        help="mixed precision (CUDA; bf16 also on CPU). Published: off (fp32)")
+        help="mixed precision (fp16: CUDA; bf16: CUDA with compute capability >= 8.0, or the "
+             "CPU). Published: off (fp32)")
     add("--channels-last", action=bool_flag, default=False,
         help="NHWC memory layout: same math, faster convolutions on CPU and tensor cores")
     add("--checkpointing", action=bool_flag, default=False,
         help="gradient checkpointing of the trunk: less memory, ~30%% more compute")
     add("--log-every", "--log_every", type=int, default=50,
-        help="iterations between metrics records (published printed every 50)")
+        help="iterations between metrics records and loss checks (published printed every 50)")
     add("--ckpt-every", "--ckpt_every", type=int, default=1000,
         help="iterations between checkpoint_last.pth rewrites (the published code saved only "
              "at the end)")
@@ -146,7 +139,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="stop with a checkpoint after this many iterations of this invocation (for "
              "time-limited job slots); --resume continues")
     add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-        help="auto = CUDA when available")
+        help="auto = CUDA when it works (a warning says why not); cuda = fail with the reason "
+             "when it does not")
     add("--metadata-dir", "--metadata_dir", type=Path, default=None,
         help="folder with labels.txt, image_labels.txt and the id lists (default: the "
              "repository's metadata/<dataset>, or the dataset root for --dataset custom)")
@@ -158,132 +152,87 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--freeze-bn", action=bool_flag, default=None,
         help="published freezing: every BN in eval mode with fixed affine, conv1a/b2* frozen. "
              "Default: on with --weights (ImageNet init, as published), off from scratch")
+    add_numerics_args(p, cudnn_benchmark=False, published="off (EPS main.py)")
+    dist.add_dist_args(p)
     return p
 
 
-def resolve_args(args, info) -> argparse.Namespace:
-    """Fill recipe flags left at None from the dataset registry and check values (no compute)."""
-    defaults = info.train_defaults
-    for key in RECIPE_KEYS:
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
-    args.resize_size = [int(v) for v in args.resize_size]
+def resolve_args(args, info, world: int) -> argparse.Namespace:
+    """Fill recipe flags left at None from the dataset registry and check every value (no
+    compute, no files written)."""
     try:
         args.network = normalize_network_name(args.network)
     except KeyError:
         raise TrainingError(f"unknown --network {args.network!r}; choose one of "
                             f"{sorted(NETWORKS)}") from None
+    backbone, head = network_parts(args.network)
+    recipe = info.train_defaults
+    for key in RECIPE_KEYS + head.hparams + tuple(k for k in recipe if hasattr(args, k)):
+        if getattr(args, key, None) is None:
+            if key not in recipe:
+                raise TrainingError(f"--{key} is needed by --network {args.network}; pass it")
+            setattr(args, key, recipe[key])
+    args.resize_size = [int(v) for v in args.resize_size]
     checks = [(args.crop_size > 0, "--crop_size must be positive"),
               (0 < args.resize_size[0] <= args.resize_size[1],
                "--resize_size needs 0 < MIN_LONG <= MAX_LONG"),
               (args.batch_size > 0, "--batch_size must be positive"),
+              (args.batch_size % world == 0,
+               f"--batch_size {args.batch_size} (global) is not divisible by the {world} "
+               f"processes: use a process count that divides it"),
               (args.max_iters > 0, "--max_iters must be positive"),
               (args.lr > 0, "--lr must be positive"),
               (args.wt_dec >= 0 and args.momentum >= 0, "--wt_dec and --momentum must be >= 0"),
-              (0 <= args.tau <= 1 and 0 <= args.lam <= 1, "--tau and --lam must be in [0, 1]"),
               (args.seed >= 0, "--seed must be >= 0"),
               (args.log_every > 0 and args.ckpt_every > 0, "--log-every/--ckpt-every must be > 0"),
               (args.num_workers >= 0, "--num_workers must be >= 0"),
               (args.stop_after is None or args.stop_after > 0, "--stop-after must be positive")]
+    problem = head.check_hparams(**{k: getattr(args, k) for k in head.hparams})
+    checks.append((problem is None, problem))
     for ok, msg in checks:
         if not ok:
             raise TrainingError(msg)
     if args.weights is None or args.weights.lower() == "none":
-        if args.weights is None and NETWORKS[args.network].expects_pretrained:
+        if args.weights is None and backbone.expects_pretrained:
             raise TrainingError(
                 f"--network {args.network} starts from ImageNet weights: pass --weights "
-                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params), or --weights none to "
-                f"train from scratch")
+                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params, README 'Downloads'), or "
+                f"--weights none to train from scratch")
         args.weights = "none"
     if args.freeze_bn is None:
         # The published freezing (frozen BN with ImageNet statistics, frozen stem) only makes
         # sense on top of ImageNet weights; nets trained from scratch train everything.
-        args.freeze_bn = NETWORKS[args.network].default_freeze_bn and args.weights != "none"
+        args.freeze_bn = backbone.default_freeze_bn and args.weights != "none"
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: infinite, seeded, resumable, sharded
-# ---------------------------------------------------------------------------------------------
-class InfiniteBatchSampler(Sampler):
-    """Yields this rank's share of global batch t = start, start+1, ... forever.
-
-    Epoch e is a permutation seeded by (seed, e); global batch t is slice k = t mod
-    (n // global_batch) of epoch t // (n // global_batch) (shuffle + drop_last, as published);
-    rank r takes the r-th contiguous sub-slice, so the union over ranks is exactly the global
-    batch a single process would draw. The state is the iteration number alone, so resume is
-    exact. Items are (index, epoch) pairs for per-sample augmentation seeds."""
-
-    def __init__(self, num_samples: int, global_batch: int, seed: int, start_iter: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise TrainingError(f"--batch_size {global_batch} is not divisible by the "
-                                f"{world_size} processes")
-        if num_samples < global_batch:
-            raise TrainingError(f"the training list has {num_samples} usable images, fewer than "
-                                f"one batch of {global_batch}; lower --batch_size")
-        self.n, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.start_iter, self.rank = start_iter, rank
-        self.per_rank = global_batch // world_size
-        self.steps_per_epoch = num_samples // global_batch
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def batch(self, it: int) -> List[tuple]:
-        epoch, k = divmod(it, self.steps_per_epoch)
-        lo = k * self.global_batch + self.rank * self.per_rank
-        return [(int(i), epoch) for i in self.permutation(epoch)[lo:lo + self.per_rank]]
-
-    def __iter__(self) -> Iterator[List[tuple]]:
-        it, epoch, perm = self.start_iter, None, None
-        while True:
-            e, k = divmod(it, self.steps_per_epoch)
-            if e != epoch:
-                epoch, perm = e, self.permutation(e)
-            lo = k * self.global_batch + self.rank * self.per_rank
-            yield [(int(i), epoch) for i in perm[lo:lo + self.per_rank]]
-            it += 1
-
-
-class SeededSamples(Dataset):
-    """Runs the wrapped dataset's random augmentation (Python ``random``, numpy and torch RNGs,
-    as the published transforms use them) under a seed made of (seed, epoch, index), then
-    restores the RNG states. Samples are therefore the same in any worker, after a resume and
-    under any world size, and the training process's own RNG (dropout) is left untouched."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, epoch = key
-        s = np.random.SeedSequence([self.seed, epoch, index]).generate_state(3)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                random.seed(int(s[0]))
-                np.random.seed(int(s[1]))
-                torch.manual_seed(int(s[2]))
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def build_dataset(args, info, head):
+    """The training set of the head's method: images (+ saliency maps when it needs them)."""
+    common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
+                  skip_missing=args.skip_missing)
+    if not head.needs_saliency:
+        return ClsDataset(info, args.data_root, args.train_list, **common)
+    sal_root = args.saliency_root or default_saliency_root(info, args.data_root)
+    if not Path(sal_root).is_dir():
+        raise TrainingError(f"--network {args.network} trains with saliency maps: "
+                            f"{'--saliency_root ' if args.saliency_root else 'the default '}"
+                            f"{sal_root} is not a folder (README 'Downloads': PFAN saliency maps)")
+    dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list, **common)
+    if args.check_data:
+        check_saliency_sizes(dataset)
+    return dataset
 
 
 def check_saliency_sizes(dataset: ClsSalDataset) -> None:
     """Header-only size check of every (image, saliency) pair, so a mismatch stops the run
     before any compute instead of at some later iteration."""
     from PIL import Image
+    from data.datasets import DataError
     bad = []
-    pairs = zip(dataset.image_paths, (e["saliency"] for e in dataset.extra_paths))
-    for img_path, sal_path in tqdm(pairs, total=len(dataset), desc="check sizes", leave=False,
-                                   disable=not du.is_main_process() or len(dataset) < 2000):
-        with Image.open(img_path) as a, Image.open(sal_path) as b:
+    for img_path, extra in zip(dataset.image_paths, dataset.extra_paths):
+        with Image.open(img_path) as a, Image.open(extra["saliency"]) as b:
             if a.size != b.size:
-                bad.append(f"{sal_path} is {b.size[0]}x{b.size[1]}, {img_path} is "
+                bad.append(f"{extra['saliency']} is {b.size[0]}x{b.size[1]}, {img_path} is "
                            f"{a.size[0]}x{a.size[1]}")
     if bad:
         raise DataError(f"{len(bad)} saliency maps do not have their image's size (" +
@@ -291,398 +240,164 @@ def check_saliency_sizes(dataset: ClsSalDataset) -> None:
                         "): regenerate them from the images (tools/check_dataset.py lists all)")
 
 
-def build_train_data(args, info, head_type: str, start_iter: int):
-    common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
-                  skip_missing=args.skip_missing)
-    if head_type == "eps":
-        sal_root = args.saliency_root
-        if sal_root is None:
-            sal_root = default_saliency_root(info, args.data_root)
-            if not sal_root.is_dir():
-                raise TrainingError(f"--network {args.network} needs saliency maps: pass "
-                                    f"--saliency_root (no {sal_root} folder either)")
-            logger.info("saliency maps: %s (default location)", sal_root)
-        elif not Path(sal_root).is_dir():
-            raise TrainingError(f"--saliency_root {sal_root} is not a folder")
-        dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list, **common)
-        if args.check_data:
-            check_saliency_sizes(dataset)
-    else:
-        dataset = ClsDataset(info, args.data_root, args.train_list, **common)
-    logger.info("%s", dataset)
-    sampler = InfiniteBatchSampler(len(dataset), args.batch_size, args.seed, start_iter,
-                                   du.get_rank(), du.get_world_size())
-    # The loader's own generator (worker base seeds) is separate from the global torch RNG, so
-    # creating the iterator does not shift the dropout stream (needed for exact resume).
-    loader = DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(args.seed))
-    return dataset, loader
-
-
-# ---------------------------------------------------------------------------------------------
-# Model and weights
-# ---------------------------------------------------------------------------------------------
-def load_initial_weights(model, args, num_classes: int) -> None:
-    """ImageNet initialisation (head missing, as published) or a checkpoint whose head must have
-    this dataset's class count; every mismatch is an error before training starts."""
-    path = Path(args.weights)
-    if not path.is_file():
-        raise TrainingError(f"--weights {path}: file not found")
-    if path.suffix == ".params":  # the published ImageNet ResNet-38 file
-        load_pretrained(model, path)
-        return
-    sd = load_state_dict_file(path)
-    desc = describe_checkpoint(sd, num_classes)
-    if desc["fc8_outputs"] is None:  # no head: an ImageNet trunk, fc8 starts from xavier
-        load_pretrained(model, path)
-        return
-    expected = num_classes + (1 if model.head_type == "eps" else 0)
-    if desc["fc8_outputs"] != expected:
-        raise TrainingError(
-            f"--weights {path}: {desc['summary']}; but --network {args.network} on --dataset "
-            f"{args.dataset} ({num_classes} classes) needs fc8 with {expected} outputs. Pass the "
-            f"ImageNet weights, or a checkpoint trained for this dataset and head")
-    load_weights(model, sd)  # fine-tuning a trained classifier: strict, head included
-    logger.info("initialised from the trained checkpoint %s", path)
-
-
-def build_model(args, num_classes: int, device: torch.device, init_weights: bool = True):
-    """The registry network, initialised from --weights (skipped when a checkpoint follows)."""
-    from_scratch = args.weights == "none"
-    model = build_network(args.network, num_classes, freeze_bn=args.freeze_bn,
-                          checkpointing=args.checkpointing)
-    if not from_scratch and init_weights:
-        load_initial_weights(model, args, num_classes)
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and RNG state
-# ---------------------------------------------------------------------------------------------
-def rng_state() -> Dict:
-    """This process's RNG states, as tensors/lists that torch.load(weights_only=True) reads."""
-    np_state = np.random.get_state(legacy=False)
-    return {"python": random.getstate(),
-            "numpy": {"state": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                      "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                      "gauss": float(np_state["gauss"])},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: Dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["state"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_rng_states() -> List[Dict]:
-    """RNG states of every rank (rank order), so each rank resumes its own dropout stream."""
-    mine = rng_state()
-    if not du.is_dist():
-        return [mine]
-    states = [None] * du.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def json_args(args) -> Dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def save_checkpoint(path: Path, model, optimizer, scaler, it: int, args) -> None:
-    states = gather_rng_states()  # collective: every rank calls save_checkpoint
-    if du.is_main_process():
-        torch_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "iter": it, "rng": states,
-                    "world_size": du.get_world_size(), "args": json_args(args)}, path)
-    du.barrier()
-
-
-CKPT_KEYS = ("model", "optimizer", "scaler", "iter", "rng", "args")
-
-
-def load_checkpoint(path: Path, network: str) -> Dict:
-    """A checkpoint_last.pth written by this script, for the same network."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
-            zipfile.BadZipFile) as e:
-        raise TrainingError(f"cannot read checkpoint {path} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or not a "
-                            f"train.py checkpoint") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_KEYS):
-        raise TrainingError(f"{path} is not a train.py checkpoint (expected the entries "
-                            f"{', '.join(CKPT_KEYS)}); to start from plain weights use --weights")
-    if ckpt["args"].get("network") != network:
-        raise TrainingError(f"{path} was trained with --network {ckpt['args'].get('network')}, "
-                            f"not {network}")
-    return ckpt
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def plot_losses(metrics_path: Path, out_path: Path) -> None:
-    """Loss curves (total, cls, sal) from metrics.jsonl as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if "loss" in r]
-    if not recs:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    its = [r["iter"] for r in recs]
-    for key in ("loss", "loss_cls", "loss_sal"):
-        if key in recs[0]:
-            ax.plot(its, [r[key] for r in recs], label=key)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
-def weights_digest(model) -> str:
-    """sha1 of every parameter and buffer (bitwise)."""
-    import hashlib
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_ranks_agree(model) -> None:
-    """DDP keeps replicas identical (same all-reduced gradients, same updates); verify it."""
-    digests = [None] * du.get_world_size()
-    dist.all_gather_object(digests, weights_digest(model))
-    if len(set(digests)) == 1:
-        logger.info("weights identical on all %d ranks (sha1 %s)", len(digests), digests[0][:12])
-    else:
-        logger.error("weights differ between ranks: %s", digests)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-def compute_losses(model, batch, head_type: str, args, device, autocast):
-    """One forward pass; returns (loss_cls, loss_sal, total). Published: loss = cls + sal."""
-    mf = torch.channels_last if args.channels_last else torch.contiguous_format
-    img = batch[1].to(device, non_blocking=True).contiguous(memory_format=mf)
-    label = batch[-1].to(device, non_blocking=True)
-    with autocast:
-        out = model(img)
-    if head_type == "eps":
-        pred, cam = out
-        sal = batch[2].to(device, non_blocking=True)
-        # The background channel (last) has no image label: the cls loss covers classes only.
-        loss_c = cls_loss(pred[:, :-1].float(), label)
-        loss_s = eps_loss(cam, sal, label, args.tau, args.lam)
-    else:
-        loss_c = cls_loss(out.float(), label)
-        loss_s = torch.zeros((), device=device)
-    return loss_c, loss_s, loss_c + loss_s
-
-
 def main(args):
-    device = du.init_distributed(args.device)
-    if args.device == "cuda" and device.type != "cuda":
-        raise TrainingError("--device cuda but CUDA is not available")
-    if args.amp == "fp16" and device.type != "cuda":
-        raise TrainingError("--amp fp16 needs CUDA (use --amp bf16 on the CPU)")
+    # 1. device, dataset, settings: every check before anything is written or computed
+    device = resolve_device(args.device, dist.get_local_rank())
+    numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
+                                  amp=args.amp)
+    dist.init_distributed(device, args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
-    args = resolve_args(args, info)
-    info.list_path(args.train_list)  # a wrong list is an error before the run directory exists
+    args = resolve_args(args, info, world)
+    check_shared_memory(args.num_workers)
     run_dir = Path(args.save_root) / args.session
     resume_path = resolve_resume(run_dir, args.resume, FINAL_NAME, LAST_NAME,
                                  dir_flag="--session/--save_root")
-    if du.is_main_process():
+    check_writable(run_dir, "--save_root")
+    ckpt = (load_training_state(resume_path, {"network": args.network, "dataset": args.dataset},
+                                "train.py") if resume_path else None)
+    start_iter = int(ckpt["iter"]) if ckpt else 0
+    if (run_dir / FINAL_NAME).exists() and ckpt is not None:
+        if start_iter >= args.max_iters:
+            logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
+            return run_dir
+        if not args.extend:
+            raise TrainingError(f"{run_dir} finished at iteration {start_iter}; to train it "
+                                f"further to --max_iters {args.max_iters} pass --extend (the "
+                                f"finished {FINAL_NAME} is kept), or choose another --session")
+
+    # 2. model (same seed on every rank; DDP also broadcasts rank 0's weights)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = build_network(args.network, info.num_classes, freeze_bn=args.freeze_bn,
+                          checkpointing=args.checkpointing)
+    if args.weights != "none" and ckpt is None:
+        load_initial_weights(model, args.weights)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    # 3. data (the file checks run here, still before the run directory exists)
+    dataset = build_dataset(args, info, model)
+    loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
+                           start_batch=start_iter, rank=rank, world_size=world,
+                           num_workers=args.num_workers, pin_memory=pin_memory(device))
+
+    # 4. run directory
+    if dist.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-    du.barrier()
+        if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
+            (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_cls_iter{start_iter}.pth")
+    dist.barrier()
     setup_logging(run_dir / "log.txt")
     try:
-        write_run_info(run_dir, args)
-        return train(args, info, run_dir, resume_path, device)
+        write_run_info(run_dir, args, numerics=numerics)
+        logger.info("%s", dataset)
+        logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir,
+                    world, device, args.batch_size // world)
+        return train(args, model, loader, ckpt, run_dir, device, resume_path)
     finally:  # in-process callers (tests, pipelines) must not keep logging into this run's file
         close_file_log(run_dir / "log.txt")
 
 
-def close_file_log(path: Path) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "baseFilename", None) == str(Path(path).resolve()):
-            root.removeHandler(h)
-            h.close()
-
-
-def train(args, info, run_dir: Path, resume_path: Optional[Path], device: torch.device) -> Path:
-    rank, world = du.get_rank(), du.get_world_size()
-    logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir, world,
-                device, args.batch_size // max(world, 1))
-    # Published: cudnn.benchmark False (reference 5, trap 9).
-    torch.backends.cudnn.benchmark = False
-
-    # Same seed on every rank for the initialisation (DDP also broadcasts rank 0's weights).
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    ckpt = load_checkpoint(resume_path, args.network) if resume_path is not None else None
-    model = build_model(args, info.num_classes, device, init_weights=ckpt is None)
-    head_type = model.head_type
-    start_iter = int(ckpt["iter"]) if ckpt else 0
-    if ckpt:
-        unwrap(model).load_state_dict(ckpt["model"])
-        old = ckpt.get("args", {})
-        changed = {k: (old.get(k), json_args(args)[k]) for k in RECIPE_KEYS + ("network", "dataset")
-                   if k in old and old.get(k) != json_args(args)[k]}
-        if changed:
-            logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
-    _, loader = build_train_data(args, info, head_type, start_iter)
-
+def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume_path=None) -> Path:
+    # 5. optimizer (published: built before train() freezes layers; frozen params get no grad)
     optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    model.train()  # applies the published freezing (BN eval, conv1a/b2* frozen) when requested
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+    model.train()  # the published freezing (BN eval, conv1a/b2* frozen) when requested
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%s (%s head, %d classes, freeze_bn=%s): %.2fM trainable parameters",
-                args.network, head_type, info.num_classes, args.freeze_bn, n_train / 1e6)
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Each rank has its own dropout stream; a resume restores exactly the saved one.
-    torch.manual_seed(args.seed + 1 + rank)
+    logger.info("%s (%d classes, freeze_bn=%s): %.2fM trainable parameters", args.network,
+                model.num_classes, args.freeze_bn, n_train / 1e6)
+    # 6. restore, else give each rank its own dropout stream
+    torch.manual_seed(args.seed + 1 + dist.get_rank())
+    start_iter = 0
     if ckpt:
-        states = ckpt["rng"]
-        if len(states) == world:
-            set_rng_state(states[rank])
-        else:
-            logger.warning("checkpoint was written by %d processes, now %d: dropout RNG reseeded",
-                           len(states), world)
-            torch.manual_seed(args.seed + 1 + rank + 7919 * start_iter)
+        start_iter = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
+                                            seed=args.seed)
+        changed = changed_settings(ckpt, args, RECIPE_KEYS + model.hparams)
+        if changed:
+            logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
     metrics = JsonlLogger(run_dir / "metrics.jsonl")
-    if du.is_main_process():
-        if ckpt:
-            trim_metrics(run_dir / "metrics.jsonl", start_iter)
-        elif (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()  # from a run that died before its first checkpoint
-
+    metrics.trim(start_iter)  # drop records a killed run wrote after its last checkpoint
+    hparams = {k: getattr(args, k) for k in model.hparams}
+    net = dist.wrap_ddp(model, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    last_good = resume_path
-    end_iter = args.max_iters if args.stop_after is None else min(args.max_iters,
-                                                                  start_iter + args.stop_after)
-    window = torch.zeros(3, dtype=torch.float64)
-    window_n, t_window = 0, time.perf_counter()
-    loader_iter = iter(loader)
-    with contextlib.ExitStack() as stack:
-        if du.is_main_process():  # log lines above the progress bar, not inside it
-            stack.enter_context(logging_redirect_tqdm())
-        bar = stack.enter_context(tqdm(total=args.max_iters, initial=start_iter, desc=args.session,
-                                       dynamic_ncols=True, mininterval=2.0,
-                                       disable=not du.is_main_process()))
-        for it in range(start_iter, end_iter):
-            batch = next(loader_iter)  # infinite sampler: never StopIteration
-            # 1. poly lr of this 0-based step, set before the SGD step (published order)
-            lr = set_poly_lr(optimizer, it, args.max_iters)
-            # 2. forward, losses
-            loss_c, loss_s, loss = compute_losses(model, batch, head_type, args, device, autocast)
-            stats = torch.stack([loss_c.detach(), loss_s.detach(), loss.detach()]).double()
-            if world > 1:  # every rank sees the same (mean) values, so all stop together
-                dist.all_reduce(stats)
-                stats /= world
-            stats = stats.cpu()
-            # 3. a non-finite loss stops the run before it reaches the weights
-            if not torch.isfinite(stats).all():
-                raise TrainingError(
-                    f"non-finite loss at iteration {it} (cls {stats[0]:.4g}, sal "
-                    f"{stats[1]:.4g}); training stopped. Last good checkpoint: "
-                    f"{last_good or 'none written yet'}. Lower --lr, or use --amp off, then --resume")
-            # 4. backward and SGD step
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            window += stats
-            window_n += 1
-            done = it + 1
-            bar.update(1)
-            if done % args.log_every == 0 or done == end_iter or it == start_iter:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t_window
-                mean = (window / window_n).tolist()
-                rec = dict(iter=done, loss_cls=mean[0], loss_sal=mean[1], loss=mean[2], lr=lr,
-                           images_per_s=window_n * args.batch_size / dt,
-                           sec_per_iter=dt / window_n, mem_mb=peak_memory_mb(device))
-                metrics.log(**rec)
-                bar.set_postfix(loss=f"{mean[2]:.4f}", lr=f"{lr:.2e}")
-                logger.info("iter %d/%d loss %.4f (cls %.4f sal %.4f) lr %.3e %.1f img/s "
-                            "mem %.0f MB", done, args.max_iters, mean[2], mean[0], mean[1], lr,
-                            rec["images_per_s"], rec["mem_mb"])
-                window.zero_()
-                window_n, t_window = 0, time.perf_counter()
-            if done % args.ckpt_every == 0 or done == end_iter:
-                save_checkpoint(run_dir / LAST_NAME, model, optimizer, scaler, done, args)
-                last_good = run_dir / LAST_NAME
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    end_iter = min(args.max_iters, start_iter + (args.stop_after or args.max_iters))
+    # Loss statistics stay on the device between log steps: no host sync in the loop.
+    window, window_n, t_window, terms = None, 0, time.perf_counter(), None
+    loader_iter, last_good = iter(loader), None
+    progress = Progress(args.max_iters, f"train {args.session}", initial=start_iter,
+                        enabled=dist.is_main_process())
 
+    # 7. the loop
+    for it in range(start_iter, end_iter):
+        batch = next(loader_iter)  # an endless sampler: never StopIteration
+        lr = set_poly_lr(optimizer, it, args.max_iters)  # poly lr of this 0-based step, before SGD
+        img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        label = batch[-1].to(device, non_blocking=True)
+        sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = net(img)
+        losses = model.losses(out, label, sal, **hparams)  # the head's terms, in fp32
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        terms = terms or list(losses)
+        stats = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
+        window = stats if window is None else window + stats
+        window_n, done = window_n + 1, it + 1
+        progress.update(1)
+        if (done % args.log_every == 0 or done == end_iter or done % args.ckpt_every == 0
+                or it == start_iter):
+            # 8. the only host sync: the mean over the window and the ranks, checked for NaN/inf
+            #    before anything is saved (the published loop checked nothing)
+            mean = (dist.all_reduce_mean(window) / window_n).tolist()
+            if not np.isfinite(mean).all():
+                raise TrainingError(
+                    f"non-finite loss in iterations {done - window_n + 1}-{done} "
+                    f"({dict(zip(['loss'] + terms, mean))}); training stopped. Last good "
+                    f"checkpoint: {last_good or 'none written in this run'}. Lower --lr, or use "
+                    f"--amp off, then --resume")
+            dt = time.perf_counter() - t_window
+            rec = dict(iter=done, loss=mean[0], **{f"loss_{k}": v for k, v in zip(terms, mean[1:])},
+                       lr=lr, images_per_s=window_n * args.batch_size / dt,
+                       sec_per_iter=dt / window_n, mem_mb=peak_memory_mb(device))
+            metrics.log(**rec)
+            progress.set(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
+            logger.info("iter %d/%d loss %.4f (%s) lr %.3e %.1f img/s mem %.0f MB | ETA %s", done,
+                        args.max_iters, mean[0], " ".join(f"{k} {v:.4f}" for k, v in
+                                                          zip(terms, mean[1:])),
+                        lr, rec["images_per_s"], rec["mem_mb"], progress.eta())
+            progress.mark()
+            window, window_n, t_window = None, 0, time.perf_counter()
+        if done % args.ckpt_every == 0 or done == end_iter:
+            save_training_state(run_dir / LAST_NAME, model_state=record_network(
+                model.state_dict(), model), optimizer=optimizer, scaler=scaler, iteration=done,
+                args=args)
+            last_good = run_dir / LAST_NAME
+    progress.close()
+
+    # 9. the end: the published plain state dict, written after checkpoint_last.pth, so its
+    #    presence means "finished"; the network is recorded inside it (network/weights.py)
     if end_iter < args.max_iters:
         logger.info("stopped after --stop-after %d iterations at %d/%d; continue with --resume",
                     args.stop_after, end_iter, args.max_iters)
         return run_dir
-    if start_iter >= args.max_iters:
-        logger.info("the checkpoint is already at iteration %d (--max_iters %d)", start_iter,
-                    args.max_iters)
-    if world > 1:
-        check_ranks_agree(unwrap(model))
-    if du.is_main_process():
-        # Plain state dict, no "module." prefix: published layout, read by infer.py and the
-        # published tools. Written after checkpoint_last.pth, so its presence means "finished".
-        torch_save(unwrap(model).state_dict(), run_dir / FINAL_NAME)
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if dist.get_world_size() > 1:
+        check_ranks_agree(model)
+    if dist.is_main_process():
+        torch_save(record_network(model.state_dict(), model), run_dir / FINAL_NAME)
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                    title=f"{args.session} ({args.network})")
         logger.info("finished: %s", run_dir / FINAL_NAME)
-    du.barrier()
+    dist.barrier()
     return run_dir
 
 
-def cli(argv=None) -> int:
-    parser = argparse.ArgumentParser("EPS / baseline classifier training",
-                                     parents=[get_args_parser()], allow_abbrev=False)
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (TrainingError, RunDirError, DataError, MetadataError, WeightsError) as e:
-        setup_logging()
-        logger.error("%s", e)
-        return 2
-    finally:
-        du.cleanup()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -11,21 +11,21 @@ sum over the 4 MSC outputs of CE(ignore 255) with labels nearest-resized to each
     torchrun --nproc_per_node 2 train_seg.py ... --batch-size 10 --iter-size 1   # 5 per GPU
 
 --batch-size is the GLOBAL batch of one forward pass (split over torchrun processes, as in
-train.py); the effective batch is batch-size x iter-size whatever the number of processes.
+train.py); the effective batch is batch-size x iter-size whatever the number of processes. The
+data order is the seeded, resumable one of train.py (utils/sampler.py), so a killed run resumed
+with --resume ends bitwise equal to an uninterrupted one.
 
 Run directory (--run-dir): args.json, env.json, log.txt, metrics.jsonl, checkpoint_last.pth (full
 state for --resume, rewritten every --ckpt-every iterations), checkpoint_<it>.pth every
 --save-every iterations (published 5,000) and checkpoint_final.pth (plain state dict with
 "base." keys, the deeplab-pytorch layout; its presence means "finished"). An existing run is
-never overwritten: pass --resume to continue it.
+never overwritten: pass --resume to continue it (and --extend to train a finished one further).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
 import random
 import sys
 import time
@@ -35,22 +35,26 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 from data.datasets import DataError, SegDataset
-from data.metadata import MetadataError
 from data.registry import DATASETS, dataset_root_of, get_dataset
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
-from network.deeplab import (MSC_SCALES, SEG_ARCHS, SegWeightsError, build_deeplab,
-                             load_init_weights)
+from network.deeplab import MSC_SCALES, SEG_ARCHS, build_deeplab, load_init_weights
 from utils import dist
+from utils.checkpoint import (changed_settings, load_training_state, restore_training_state,
+                              save_training_state)
+from utils.cli import run_cli
+from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
+                          resolve_device)
+from utils.errors import UserError
 from utils.io import torch_save
 from utils.optim import build_optimizer, poly_lr
-from utils.run import (JsonlLogger, RunDirError, resolve_resume, setup_logging, trim_metrics,
+from utils.progress import Progress
+from utils.run import (JsonlLogger, check_writable, close_file_log, resolve_resume, setup_logging,
                        write_run_info)
+from utils.sampler import seeded_loader
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("train_seg")
 
 # deeplab-pytorch configs/voc12.yaml SOLVER values.
 LR, MOMENTUM, WEIGHT_DECAY, POLY_POWER, LR_DECAY_EVERY = 2.5e-4, 0.9, 5e-4, 0.9, 10
@@ -58,7 +62,7 @@ MAX_ITERS, BATCH_SIZE, ITER_SIZE, SAVE_EVERY, AVERAGE_LOSS = 20000, 5, 2, 5000, 
 FINAL_NAME, LAST_NAME = "checkpoint_final.pth", "checkpoint_last.pth"
 
 
-class TrainSegError(RuntimeError):
+class TrainSegError(UserError):
     """A problem with the run set-up; the message says what to change."""
 
 
@@ -80,9 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="drop ids whose image or mask is missing instead of stopping (default off)")
-    d.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
-                   default=min(4, os.cpu_count() or 1),
-                   help="DataLoader workers per process (results do not depend on it)")
+    d.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=4,
+                   help="DataLoader workers per process (results do not depend on it; published 0)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", type=str, default="deeplabv2_resnet101", choices=sorted(SEG_ARCHS),
                    help="deeplabv2_resnet101 (paper) or deeplabv2_small (tiny CPU demo/test net)")
@@ -125,6 +128,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", type=str, nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue a run: without a value, <run-dir>/checkpoint_last.pth (fresh "
                         "start if there is none); or a path to a checkpoint_last-style file")
+    r.add_argument("--extend", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --resume on a FINISHED run and a larger --max-iters: train it "
+                        "further (the finished checkpoint_final.pth is kept as "
+                        "checkpoint_final_iter<N>.pth)")
     r.add_argument("--stop-after", "--stop_after", dest="stop_after", type=int, default=None,
                    help="stop with a checkpoint after this many iterations of this invocation "
                         "(time-limited job slots); --resume continues")
@@ -143,10 +150,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0,
                    help="seed for python/numpy/torch (the published code sets none)")
     r.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available")
-    r.add_argument("--cudnn-benchmark", "--cudnn_benchmark", dest="cudnn_benchmark",
-                   action=argparse.BooleanOptionalAction, default=True,
-                   help="cudnn.benchmark (published: on)")
+                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
+                        "reason when it does not")
+    add_numerics_args(r, cudnn_benchmark=True, published="on (deeplab-pytorch main.py)")
+    dist.add_dist_args(r)
     return p
 
 
@@ -172,8 +179,9 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def seg_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor,
-             ignore_index: int = IGNORE_LABEL) -> Tuple[torch.Tensor, List[float]]:
+             ignore_index: int = IGNORE_LABEL) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum over the MSC outputs of CE(ignore_index), labels resized to each output's size.
+    Returns (total, the detached terms as one tensor on the device: no host sync).
 
     The mean is over valid pixels (as nn.CrossEntropyLoss); a crop with no valid pixel adds 0
     instead of NaN (upstream would produce NaN and poison the weights)."""
@@ -183,8 +191,8 @@ def seg_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor,
         n_valid = (lab != ignore_index).sum().clamp(min=1)
         ce = F.cross_entropy(logit.float(), lab, ignore_index=ignore_index, reduction="sum") / n_valid
         total = total + ce
-        terms.append(float(ce.detach()))
-    return total, terms
+        terms.append(ce.detach())
+    return total, torch.stack(terms)
 
 
 def check_labels(labels: torch.Tensor, ids: Sequence[str], n_classes: int, ignore: int,
@@ -201,191 +209,183 @@ def check_labels(labels: torch.Tensor, ids: Sequence[str], n_classes: int, ignor
 
 # --------------------------------------------------------------------------------------------
 
-def _jsonable_args(args) -> Dict:
-    return json.loads(json.dumps(vars(args), default=str))
-
-
-def build_model(args, n_classes: int):
+def build_model(args, n_classes: int, init: bool):
     model = build_deeplab(args.arch, n_classes, msc_scales=args.msc_scales)
-    init = args.init
-    if init is None and args.arch == "deeplabv2_resnet101":
+    if args.init is None and args.arch == "deeplabv2_resnet101":
         raise TrainSegError(
             "DeepLab-v2 ResNet-101 needs initial weights: --init deeplabv1_resnet101-coco.pth "
-            "(the paper's COCO init, see README) or a torchvision resnet101 .pth; --init none "
-            "trains from scratch (not a paper setting)")
-    if init is not None and init.lower() != "none":
-        load_init_weights(model, init, args.init_kind)
+            "(the paper's COCO init, README 'Downloads') or a torchvision resnet101 .pth; --init "
+            "none trains from scratch (not a paper setting)")
+    if not init:
+        return model
+    if args.init is not None and args.init.lower() != "none":
+        load_init_weights(model, args.init, args.init_kind)
     else:
         logger.warning("no --init: %s starts from random weights", args.arch)
     return model
 
 
-def infinite_batches(loader, sampler, epoch: int):
-    """Yield (epoch, batch) forever, re-shuffling each epoch (the published loop restarts the
-    iterator on StopIteration)."""
-    while True:
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
-
-
-def save_resume(path, model, optimizer, scaler, it: int, epoch: int, args) -> None:
-    torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "iter": it, "epoch": epoch,
-                "args": _jsonable_args(args)}, path)
-
-
-def check_args(args) -> None:
+def check_args(args, world: int) -> None:
     for name in ("iter_size", "batch_size", "max_iters", "lr_decay_every", "crop_size",
                  "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             raise TrainSegError(f"--{name.replace('_', '-')} must be >= 1")
     if args.stop_after is not None and args.stop_after < 1:
         raise TrainSegError("--stop-after must be >= 1")
-    if args.lr <= 0 or args.weight_decay < 0 or args.momentum < 0:
+    if args.num_workers < 0 or args.save_every < 0:
+        raise TrainSegError("--num-workers and --save-every must be >= 0")
+    if not (args.lr > 0 and args.weight_decay >= 0 and args.momentum >= 0):
         raise TrainSegError("--lr must be > 0, --weight-decay and --momentum >= 0")
+    if args.batch_size % world:
+        raise TrainSegError(
+            f"--batch-size {args.batch_size} (global, per forward pass) is not divisible by the "
+            f"{world} processes; keep the effective batch --batch-size x --iter-size "
+            f"(published 5 x 2 = 10) with values that divide, e.g. --batch-size 10 --iter-size 1 "
+            f"on 2 or 5 processes (the pipeline scripts choose them for you)")
 
 
 def main(args) -> Dict:
     """Train; returns {"run_dir", "final" (None when stopped early), "losses": per-iteration}."""
-    check_args(args)
-    device = dist.init_distributed(args.device)
-    if args.device == "cuda" and device.type != "cuda":
-        raise TrainSegError("--device cuda but CUDA is not available")
+    # 1. device, settings, data, checkpoint: every check before anything is written
+    device = resolve_device(args.device, dist.get_local_rank())
+    numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
+                                  amp=args.amp)
+    dist.init_distributed(device, args.dist_timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if args.batch_size % world:
-        raise TrainSegError(f"--batch-size {args.batch_size} (global) is not divisible by the "
-                            f"{world} processes; e.g. --batch-size {world * 5} --iter-size 1")
+    check_args(args, world)
+    check_shared_memory(args.num_workers)
     run_dir = args.run_dir
-    resume = resolve_resume(args.run_dir, args.resume, FINAL_NAME, LAST_NAME)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "log.txt")
-    write_run_info(run_dir, args)
-    seed = args.seed + rank
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.amp == "fp16" and device.type != "cuda":
-        raise TrainSegError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-
-    # Data: the transform draws from the global `random`, which DataLoader seeds per worker.
+    resume = resolve_resume(run_dir, args.resume, FINAL_NAME, LAST_NAME)
+    check_writable(run_dir, "--run-dir")
+    ckpt = (load_training_state(resume, {"arch": args.arch, "dataset": args.dataset},
+                                "train_seg.py") if resume else None)
+    start_iter = int(ckpt["iter"]) if ckpt else 0
+    if (run_dir / FINAL_NAME).exists() and ckpt is not None:
+        if start_iter >= args.max_iters:
+            logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
+            return {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "losses": []}
+        if not args.extend:
+            raise TrainSegError(f"{run_dir} finished at iteration {start_iter}; to train it "
+                                f"further to --max-iters {args.max_iters} pass --extend (the "
+                                f"finished {FINAL_NAME} is kept), or choose another --run-dir")
     info = get_dataset(args.dataset, args.metadata_dir, dataset_root_of(args.data_root))
     n_classes = info.num_classes + 1
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
-    logger.info("%s, transform %s", dataset, dataset.transform)
-    sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed) if world > 1
-               else RandomSampler(dataset))
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        drop_last=False, persistent_workers=args.num_workers > 0)
-    logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: 5 x 2)",
-                args.batch_size * args.iter_size, args.batch_size, args.iter_size,
-                args.batch_size // world)
+    # One sampler step = one micro-batch of --batch-size images (global); an optimizer step
+    # takes --iter-size of them, so iteration k starts at micro-batch k * iter_size.
+    loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
+                           start_batch=start_iter * args.iter_size, rank=rank, world_size=world,
+                           num_workers=args.num_workers, pin_memory=pin_memory(device),
+                           flag="--batch-size")
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    model = build_model(args, n_classes, init=ckpt is None).to(device)
 
-    model = (build_model(args, n_classes) if resume is None
-             else build_deeplab(args.arch, n_classes, msc_scales=args.msc_scales))
-    model.to(device)
+    # 2. run directory
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
+            (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_final_iter{start_iter}.pth")
+    dist.barrier()
+    setup_logging(run_dir / "log.txt")
+    try:
+        write_run_info(run_dir, args, numerics=numerics)
+        logger.info("%s, transform %s", dataset, dataset.transform)
+        logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: "
+                    "5 x 2)", args.batch_size * args.iter_size, args.batch_size, args.iter_size,
+                    args.batch_size // world)
+        result = train(args, model, loader, ckpt, run_dir, device, n_classes, resume)
+    finally:
+        close_file_log(run_dir / "log.txt")
+    if result["final"] is not None and args.eval_list:
+        result["eval"] = evaluate_after_training(args, result["final"])
+    return result
+
+
+def train(args, model, loader, ckpt, run_dir: Path, device, n_classes: int, resume=None) -> Dict:
+    # 3. optimizer and restore
     optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.weight_decay,
                                 momentum=args.momentum)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    start_iter, epoch = 0, 0
-    if resume is not None:
-        try:
-            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except Exception as e:  # noqa: BLE001 - any unusable file gets the same message
-            raise TrainSegError(f"cannot resume from {resume} ({type(e).__name__}: {e}); it is "
-                                f"not a train_seg.py {LAST_NAME} of this --arch/--dataset") from None
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter, epoch = int(ckpt["iter"]), int(ckpt["epoch"])
-        changed = {k: (ckpt["args"].get(k), str(getattr(args, k))) for k in
-                   ("arch", "lr", "max_iters", "batch_size", "iter_size", "mask_dir", "init")
-                   if str(ckpt.get("args", {}).get(k)) != str(getattr(args, k))}
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_iter = 0
+    if ckpt:
+        start_iter = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
+                                            seed=args.seed)
+        changed = changed_settings(ckpt, args, ("lr", "max_iters", "batch_size", "iter_size",
+                                                "mask_dir", "init"))
         if changed:
             logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume, start_iter)
     jsonl = JsonlLogger(run_dir / "metrics.jsonl")
-    if dist.is_main_process():
-        if resume is not None:
-            trim_metrics(run_dir / "metrics.jsonl", start_iter)
-        elif (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()  # from a run that died before its first checkpoint
+    jsonl.trim(start_iter)
     model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = dist.wrap_ddp(model, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    end_iter = args.max_iters if args.stop_after is None else min(args.max_iters,
-                                                                  start_iter + args.stop_after)
-    batches = infinite_batches(loader, sampler, epoch)
+    end_iter = min(args.max_iters, start_iter + (args.stop_after or args.max_iters))
+    batches = iter(loader)
     n_terms = len(args.msc_scales) + 2
-    window, history, t0 = torch.zeros(n_terms + 1, dtype=torch.float64), [], time.perf_counter()
-    window_n = 0
-    bar = tqdm(total=args.max_iters, initial=start_iter, desc="train_seg", dynamic_ncols=True,
-               disable=not dist.is_main_process(), mininterval=2.0)
+    # Loss statistics stay on the device between log steps: no host sync per micro-batch.
+    window = torch.zeros(n_terms + 1, dtype=torch.float64, device=device)
+    history, window_n, t0 = [], 0, time.perf_counter()
+    progress = Progress(args.max_iters, "train_seg", initial=start_iter,
+                        enabled=dist.is_main_process())
+
     for it in range(start_iter, end_iter):
-        # 1. lr for this iteration (constant within blocks of lr_decay_every iterations)
+        # 4. lr for this iteration (constant within blocks of lr_decay_every iterations)
         for g in optimizer.param_groups:
             g["lr"] = step_poly_lr(it, g["base_lr"], args.max_iters, args.poly_power,
                                    args.lr_decay_every)
         optimizer.zero_grad(set_to_none=True)
-        # 2. iter_size forward/backward passes; DDP syncs gradients on the last one only
-        stats = torch.zeros(n_terms + 1, dtype=torch.float64)
+        # 5. iter_size forward/backward passes; DDP syncs gradients on the last one only
+        stats = torch.zeros(n_terms + 1, dtype=torch.float64, device=device)
         for micro in range(args.iter_size):
-            epoch, (ids, images, labels) = next(batches)
+            ids, images, labels = next(batches)
             check_labels(labels, ids, n_classes, args.ignore_label, args.mask_dir)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             last_micro = micro == args.iter_size - 1
-            with (contextlib.nullcontext() if world == 1 or last_micro else ddp.no_sync()):
+            with (contextlib.nullcontext() if net is model or last_micro else net.no_sync()):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = ddp(images)
+                    outputs = net(images)
                 loss, terms = seg_loss(outputs, labels, args.ignore_label)
                 # published: the sum of the 4 CE terms divided by ITER_SIZE, then backward
                 scaler.scale(loss / args.iter_size).backward()
-            stats += torch.tensor([float(loss.detach())] + terms, dtype=torch.float64) / args.iter_size
-        if world > 1:  # every rank sees the same mean, so all stop together
-            torch.distributed.all_reduce(stats)
-            stats /= world
-        # 3. a non-finite loss stops the run before it reaches the weights
-        if not torch.isfinite(stats).all():
-            bar.close()
-            raise TrainSegError(f"non-finite loss at iteration {it + 1}; lower --lr or use "
-                                f"--amp off, then --resume")
-        # 4. one optimizer step per iteration
+            stats += torch.cat([loss.detach()[None], terms]).double() / args.iter_size
+        # 6. one optimizer step per iteration
         scaler.step(optimizer)
         scaler.update()
         window += stats
         window_n += 1
-        history.append(float(stats[0]))
+        history.append(stats[0])
         done = it + 1
-        bar.update(1)
-        if done % args.log_every == 0 or done == end_iter:
-            mean = (window / window_n).tolist()
+        progress.update(1)
+        if done % args.log_every == 0 or done == end_iter or done % args.ckpt_every == 0:
+            # 7. the host sync: the window's mean over the ranks, checked before any save
+            mean = (dist.all_reduce_mean(window) / window_n).tolist()
+            if not np.isfinite(mean).all():
+                raise TrainSegError(f"non-finite loss in iterations {done - window_n + 1}-{done}; "
+                                    f"lower --lr or use --amp off, then --resume")
             dt = time.perf_counter() - t0
-            jsonl.log(iter=done, loss=mean[0], loss_terms=mean[1:],
-                      lr=optimizer.param_groups[0]["lr"], epoch=epoch,
+            lr = optimizer.param_groups[0]["lr"]
+            jsonl.log(iter=done, loss=mean[0], loss_terms=mean[1:], lr=lr,
                       images_per_s=window_n * args.batch_size * args.iter_size / dt,
                       sec_per_iter=dt / window_n)
-            bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            progress.set(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
             window.zero_()
             window_n, t0 = 0, time.perf_counter()
-        if dist.is_main_process():
-            if args.save_every and done % args.save_every == 0 and done != args.max_iters:
+        if args.save_every and done % args.save_every == 0 and done != args.max_iters:
+            if dist.is_main_process():
                 torch_save(model.state_dict(), run_dir / f"checkpoint_{done}.pth")
-            if done % args.ckpt_every == 0 or done == end_iter:
-                save_resume(run_dir / LAST_NAME, model, optimizer, scaler, done, epoch, args)
-    bar.close()
+        if done % args.ckpt_every == 0 or done == end_iter:
+            save_training_state(run_dir / LAST_NAME, model_state=model.state_dict(),
+                                optimizer=optimizer, scaler=scaler, iteration=done, args=args)
+    progress.close()
+    losses = torch.stack(history).tolist() if history else []
     if end_iter < args.max_iters:
         logger.info("stopped after --stop-after %d iterations at %d/%d; continue with --resume",
                     args.stop_after, end_iter, args.max_iters)
-        dist.barrier()
-        return {"run_dir": run_dir, "final": None, "losses": history}
+        return {"run_dir": run_dir, "final": None, "losses": losses}
     final_path = run_dir / FINAL_NAME
     if dist.is_main_process():
         # Plain state dict with "base." keys: the deeplab-pytorch checkpoint_final.pth layout.
@@ -393,10 +393,7 @@ def main(args) -> Dict:
         torch_save(model.state_dict(), final_path)
         logger.info("finished: %s", final_path)
     dist.barrier()
-    result = {"run_dir": run_dir, "final": final_path, "losses": history}
-    if args.eval_list:
-        result["eval"] = evaluate_after_training(args, final_path)
-    return result
+    return {"run_dir": run_dir, "final": final_path, "losses": losses}
 
 
 def evaluate_after_training(args, final_path: Path) -> Dict:
@@ -414,12 +411,4 @@ def evaluate_after_training(args, final_path: Path) -> Dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("train_seg.py", parents=[get_args_parser()],
-                                     description=__doc__.split("\n")[0])
-    try:
-        main(parser.parse_args())
-    except (TrainSegError, RunDirError, DataError, MetadataError, SegWeightsError) as e:
-        logger.error("%s", e)  # also lands in <run-dir>/log.txt once logging is set up
-        sys.exit(2)
-    finally:
-        dist.cleanup()
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -31,6 +31,7 @@ from data.metadata import MetadataError
 from data.registry import DatasetInfo, dataset_root_of
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
                              multiscale_arrays)
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 _SHOW = 5
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file is missing, unreadable or inconsistent; the message names the file and the fix."""
 
 

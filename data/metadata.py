@@ -18,9 +18,10 @@ from typing import Dict, Iterable, List, Mapping, Sequence
 import numpy as np
 
 from utils.io import atomic_write_text  # noqa: F401  (re-exported for the metadata writers)
+from utils.errors import UserError
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError):
     """A metadata file is missing or malformed; the message names the file and the fix."""
 
 

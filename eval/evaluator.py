@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable, Iterable, List, Sequence, Tuple
@@ -20,6 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.metrics import compute_scores, confusion_matrix
+from utils.errors import UserError
+from utils.progress import is_terminal
+from utils.workers import mp_pool
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 _LABEL_MODES = ("P", "L", "I", "I;16", "I;16L", "I;16B")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad evaluation input; the message names the file and the fix."""
 
 
@@ -115,7 +117,9 @@ def run_chunked(fn: Callable, items: Sequence, workers: int, desc: str,
     # About 8 chunks per worker balances the load; at most 32 items so the bar moves.
     size = max(1, min(32, math.ceil(len(items) / (max(1, workers) * 8))))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False)
+    # A bar only on a terminal: in a log file it is carriage-return noise (utils/progress.py).
+    bar = tqdm(total=len(items), desc=desc, unit="img", leave=False,
+               disable=not progress or not is_terminal())
     try:
         if workers <= 1:
             for c in chunks:
@@ -123,7 +127,7 @@ def run_chunked(fn: Callable, items: Sequence, workers: int, desc: str,
                 bar.update(done)
                 yield result
         else:
-            with multiprocessing.get_context().Pool(min(workers, len(chunks))) as pool:
+            with mp_pool(min(workers, len(chunks))) as pool:
                 for result, done in pool.imap_unordered(fn, chunks):
                     bar.update(done)
                     yield result

@@ -2,9 +2,10 @@
 
 ``from network import NETWORKS, build_network, normalize_network_name`` works as usual; the
 registry is imported on first use (PEP 562) so that ``import network.losses`` stays light and
-``python -m network.resnet38_eps`` runs its smoke check without importing itself twice.
+``python -m network.resnet38d`` runs its smoke check without importing itself twice.
 """
-_REGISTRY_NAMES = ("NETWORKS", "build_network", "normalize_network_name")
+_REGISTRY_NAMES = ("NETWORKS", "BACKBONES", "HEADS", "build_network", "normalize_network_name",
+                   "network_parts", "get_head", "register_head", "register_backbone")
 
 
 def __getattr__(name):

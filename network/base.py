@@ -7,9 +7,9 @@
 
 A backbone subclasses :class:`Backbone` and implements ``forward_as_dict`` (returning the
 ``conv4`` / ``conv5`` / ``conv6`` taps). A head (``network/heads.py``) subclasses it as well, and
-a concrete network combines the two, e.g. ``class ResNet38Eps(EpsHead, ResNet38d)``, so the
-state_dict keys are the published flat names (``conv1a.weight``, ..., ``fc8.weight``) with no
-``backbone.`` prefix.
+the registry (``network/registry.py``) composes the two into one class, e.g. resnet38_eps =
+``EpsHead`` + ``ResNet38d``, so the state_dict keys are the published flat names
+(``conv1a.weight``, ..., ``fc8.weight``) with no ``backbone.`` prefix.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class Backbone(nn.Module):
     # Whether build_network() should freeze BN when the caller does not say: True for backbones
     # meant to start from ImageNet weights (published behaviour), False for from-scratch ones.
     default_freeze_bn: bool = True
-    # Whether the backbone is meant to start from ImageNet weights (build_network warns if not).
+    # Whether the backbone is meant to start from ImageNet weights (train.py asks for --weights).
     expects_pretrained: bool = True
 
     def __init__(self, *, freeze_bn: bool = True, checkpointing: bool = False):
@@ -64,6 +64,17 @@ class Backbone(nn.Module):
         # Plain lists, as published: they hold references, not registered sub-modules.
         self.not_training: List[nn.Module] = []
         self.from_scratch_layers: List[nn.Module] = []
+
+    # ----------------------------------------------------------------------------- options
+    def options(self) -> Dict[str, int]:
+        """Build options that change the layout (recorded in checkpoints; none for the ResNets)."""
+        return {}
+
+    @classmethod
+    def options_from_state_dict(cls, sd) -> Dict[str, int]:
+        """The build options a checkpoint of this backbone was made with, from its shapes, for
+        checkpoints that carry no record (see network/weights.py). None of the ResNets has any."""
+        return {}
 
     # ----------------------------------------------------------------------------- features
     def forward_as_dict(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def build_deeplab(arch: str, n_classes: int, *, msc_scales: Sequence[float] = MS
 # ---------------------------------------------------------------------------------------------
 # Weights: initialisation (COCO DeepLab or torchvision ImageNet) and trained checkpoints.
 
-class SegWeightsError(ValueError):
+class SegWeightsError(UserError):
     """A weight file does not fit the DeepLab model; the message names the file and the fix."""
 
 

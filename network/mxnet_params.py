@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ STYPE_NAMES = {0: "dense", 1: "row_sparse", 2: "csr"}
 NUM_AUX = {0: 0, 1: 1, 2: 2}
 
 
-class MXNetParamsError(ValueError):
+class MXNetParamsError(UserError):
     """A file that is not a readable MXNet NDArray list (the message names the file and why)."""
 
 

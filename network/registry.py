@@ -1,40 +1,94 @@
-"""The network registry: an explicit dict from name to class, and the one builder.
+"""The network registry: networks are a backbone x a head, composed here.
 
-| name          | backbone                         | head (fc8 rows)        | frozen by default               |
-|---------------|----------------------------------|------------------------|---------------------------------|
-| resnet38_cls  | ResNet-38d (psa), OS 8           | baseline CAM (C)       | all BN; conv1a, b2, b2_1, b2_2  |
-| resnet38_eps  | ResNet-38d (psa), OS 8           | EPS, bg last (C + 1)   | all BN; conv1a, b2, b2_1, b2_2  |
-| resnet101_cls | torchvision ResNet-101, dilated  | baseline CAM (C)       | all BN; conv1, bn1, layer1      |
-| resnet101_eps | torchvision ResNet-101, dilated  | EPS, bg last (C + 1)   | all BN; conv1, bn1, layer1      |
-| small_cls     | small conv-BN-ReLU (CPU demo)    | baseline CAM (C)       | nothing (BN trains)             |
-| small_eps     | small conv-BN-ReLU (CPU demo)    | EPS, bg last (C + 1)   | nothing (BN trains)             |
+| backbone  | trunk                            | frozen by default (with ImageNet weights)  |
+|-----------|----------------------------------|--------------------------------------------|
+| resnet38  | ResNet-38d (psa), OS 8           | all BN; conv1a, b2, b2_1, b2_2             |
+| resnet101 | torchvision ResNet-101, dilated  | all BN; conv1, bn1, layer1                 |
+| small     | small conv-BN-ReLU (CPU demo)    | nothing (trained from scratch, BN trains)  |
 
+| head | method                                   | fc8 rows | network/heads.py |
+|------|------------------------------------------|----------|------------------|
+| cls  | baseline CAM classifier                  | C        | ``ClsHead``      |
+| eps  | EPS (saliency as pseudo-pixel supervision) | C + 1 (background last) | ``EpsHead`` |
+
+Every combination is a network named ``<backbone>_<head>`` (``resnet38_eps`` is the paper's).
+A new backbone is one file and one line in ``BACKBONES``; a new method is one file (head + loss)
+and one line in ``HEADS`` (or ``register_head`` from outside the package; docs/extending.md).
 ``num_classes`` is always C, the number of foreground classes (20 VOC, 80 COCO).
+
+The composed class lists the head first and the backbone second, so the head's modules are
+registered after the trunk's and the state-dict keys are the published flat names
+(``conv1a.weight`` ... ``fc8.weight``) with no prefix.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 from torch import nn
 
 from network.base import Backbone
-from network.resnet38_cls import ResNet38Cls
-from network.resnet38_eps import ResNet38Eps
-from network.resnet101 import ResNet101Cls, ResNet101Eps
-from network.small import SmallCls, SmallEps
+from network.heads import ClsHead, EpsHead, Head
+from network.resnet38d import ResNet38d
+from network.resnet101 import ResNet101
+from network.small import SmallNet
 
-NETWORKS: Dict[str, Type[Backbone]] = {
-    "resnet38_cls": ResNet38Cls,
-    "resnet38_eps": ResNet38Eps,
-    "resnet101_cls": ResNet101Cls,
-    "resnet101_eps": ResNet101Eps,
-    "small_cls": SmallCls,
-    "small_eps": SmallEps,
+BACKBONES: Dict[str, Type[Backbone]] = {
+    "resnet38": ResNet38d,
+    "resnet101": ResNet101,
+    "small": SmallNet,
 }
+
+HEADS: Dict[str, Type[Head]] = {
+    "cls": ClsHead,
+    "eps": EpsHead,
+}
+
+# name -> composed class; kept in step with BACKBONES x HEADS by _compose_all().
+NETWORKS: Dict[str, Type[nn.Module]] = {}
+
+
+def _compose(backbone: str, head: str) -> Type[nn.Module]:
+    b, h = BACKBONES[backbone], HEADS[head]
+    name = f"{backbone}_{head}"
+    cls = type(f"{b.__name__}_{h.__name__}", (h, b), {
+        "__module__": __name__, "__doc__": f"{name}: {h.__name__} on {b.__name__} (registry)",
+        "network_name": name, "backbone_name": backbone})
+    globals()[cls.__name__] = cls  # importable by name, so the class pickles like a written one
+    return cls
+
+
+def _compose_all() -> None:
+    for b in BACKBONES:
+        for h in HEADS:
+            if f"{b}_{h}" not in NETWORKS:
+                NETWORKS[f"{b}_{h}"] = _compose(b, h)
+
+
+_compose_all()
+
+
+def register_backbone(name: str, cls: Type[Backbone]) -> None:
+    """Add a backbone (e.g. from a fork's own file); every head is composed with it."""
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise TypeError(f"{cls!r} is not a network.base.Backbone subclass")
+    if "_" in name or name in BACKBONES:
+        raise ValueError(f"backbone name {name!r} is taken or contains '_'")
+    BACKBONES[name] = cls
+    _compose_all()
+
+
+def register_head(cls: Type[Head]) -> None:
+    """Add a method (a Head subclass with a unique ``name``); it is composed with every backbone."""
+    if not (isinstance(cls, type) and issubclass(cls, Head)):
+        raise TypeError(f"{cls!r} is not a network.heads.Head subclass")
+    if not cls.name or "_" in cls.name or cls.name in HEADS:
+        raise ValueError(f"head name {cls.name!r} is empty, taken or contains '_'")
+    HEADS[cls.name] = cls
+    _compose_all()
 
 
 def normalize_network_name(name: str) -> str:
-    """Accept the published module-path spelling: "network.resnet38_eps" → "resnet38_eps"."""
+    """Accept the published module-path spelling: "network.resnet38_eps" -> "resnet38_eps"."""
     key = name.strip()
     if key.startswith("network."):
         key = key[len("network."):]
@@ -44,23 +98,52 @@ def normalize_network_name(name: str) -> str:
     return key
 
 
+def network_parts(name: str) -> Tuple[Type[Backbone], Type[Head]]:
+    """(backbone class, head class) of a registered network name."""
+    cls = NETWORKS[normalize_network_name(name)]
+    return BACKBONES[cls.backbone_name], HEADS[cls.name]
+
+
+def get_head(head: Union[str, Type[Head], nn.Module]) -> Type[Head]:
+    """The head class of a head name ("eps"), a network name, a head class or a model (also an
+    inference-only wrapper that carries ``head``)."""
+    if isinstance(head, type) and issubclass(head, Head):
+        return head
+    if isinstance(head, nn.Module):
+        found = getattr(head, "head", None)
+        if isinstance(found, type) and issubclass(found, Head):
+            return found
+        for cls in type(head).__mro__:
+            if cls in HEADS.values():
+                return cls
+        raise ValueError(f"{type(head).__name__} has no registered head")
+    if isinstance(head, str):
+        if head in HEADS:
+            return HEADS[head]
+        try:
+            return network_parts(head)[1]
+        except KeyError:
+            pass
+    raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+
+
 def build_network(name: str, num_classes: int, *, freeze_bn: Optional[bool] = None,
-                  checkpointing: bool = False, pretrained=None, **kwargs) -> nn.Module:
+                  checkpointing: bool = False, pretrained=None, **options) -> nn.Module:
     """Build a registered network for ``num_classes`` foreground classes.
 
-    freeze_bn: None = the network's default: True for the ResNets (published: BN in eval mode with
-        fixed affine parameters, early layers frozen), False for the small nets (trained from
-        scratch). False trains every BN and freezes nothing.
+    freeze_bn: None = the backbone's default: True for the ResNets (published: BN in eval mode
+        with fixed affine parameters, early layers frozen), False for the small nets (trained
+        from scratch). False trains every BN and freezes nothing.
     checkpointing: activation checkpointing of the trunk, one block at a time (less memory, about
         one extra forward pass of time; identical results).
     pretrained: ImageNet weights to initialise the trunk (MXNet .params for ResNet-38, or a .pth);
-        fc8 stays new (asserted). For full checkpoints use network.weights.load_weights.
-    kwargs: backbone options (small nets: width, blocks, output_stride).
+        fc8 stays new (asserted). For full checkpoints use network.weights.load_network.
+    options: backbone build options (small nets: width, blocks, output_stride).
     """
     cls = NETWORKS[normalize_network_name(name)]
     if freeze_bn is None:
         freeze_bn = cls.default_freeze_bn
-    model = cls(num_classes, freeze_bn=freeze_bn, checkpointing=checkpointing, **kwargs)
+    model = cls(num_classes, freeze_bn=freeze_bn, checkpointing=checkpointing, **options)
     if pretrained:
         from network.weights import load_pretrained
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from network.base import Backbone
-from network.heads import ClsHead, EpsHead
 
 
 class ResNet101(Backbone):
@@ -50,28 +49,16 @@ class ResNet101(Backbone):
         return {"conv4": conv4, "conv5": conv5, "conv6": conv6}
 
 
-class ResNet101Cls(ClsHead, ResNet101):
-    """Baseline CAM classifier on ResNet-101: logits (N, C), ReLU CAMs (N, C, H/8, W/8)."""
-
-    def __init__(self, num_classes: int, *, freeze_bn: bool = True, checkpointing: bool = False):
-        super().__init__(num_classes, freeze_bn=freeze_bn, checkpointing=checkpointing)
-
-
-class ResNet101Eps(EpsHead, ResNet101):
-    """EPS classifier on ResNet-101: (pred (N, C+1), cam (N, C+1, H/8, W/8)), background last."""
-
-    def __init__(self, num_classes: int, *, freeze_bn: bool = True, checkpointing: bool = False):
-        super().__init__(num_classes, freeze_bn=freeze_bn, checkpointing=checkpointing)
-
-
 if __name__ == "__main__":
+    from network.registry import build_network
+
     x = torch.randn(2, 3, 64, 64)
-    cls_net = ResNet101Cls(20)
+    cls_net = build_network("resnet101_cls", 20)
     logits = cls_net(x)
     assert logits.shape == (2, 20) and torch.isfinite(logits).all()
     logits.sum().backward()
     assert cls_net.conv1.weight.grad is None and cls_net.layer2[0].conv1.weight.grad is not None
-    eps_net = ResNet101Eps(20)
+    eps_net = build_network("resnet101_eps", 20)
     pred, cam = eps_net(x)
     assert pred.shape == (2, 21) and cam.shape == (2, 21, 8, 8) and torch.isfinite(cam).all()
     (pred.sum() + cam.mean()).backward()

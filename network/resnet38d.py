@@ -194,7 +194,9 @@ def convert_mxnet_to_torch(params: Mapping[str, np.ndarray]) -> Dict[str, torch.
 
 
 if __name__ == "__main__":
-    # Smoke check: trunk output stride 8 and tap channels.
+    # Smoke check (deeplab-pytorch style): trunk taps, both heads' shapes, freezing, backward.
+    from network.registry import build_network
+
     net = ResNet38d().eval()
     with torch.no_grad():
         feats = net.forward_as_dict(torch.randn(1, 3, 64, 64))
@@ -203,4 +205,17 @@ if __name__ == "__main__":
     assert feats["conv6"].shape == (1, 4096, 8, 8), feats["conv6"].shape
     keys = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
     assert len(keys) == 191, len(keys)
-    print("resnet38d OK:", {k: tuple(v.shape) for k, v in feats.items()})
+    x = torch.randn(2, 3, 64, 64)
+    cls_net = build_network("resnet38_cls", 20)
+    logits = cls_net(x)
+    assert logits.shape == (2, 20) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert cls_net.fc8.weight.grad is not None and cls_net.conv1a.weight.grad is None  # frozen
+    eps_net = build_network("resnet38_eps", 20)
+    pred, cam = eps_net(x)
+    assert pred.shape == (2, 21) and cam.shape == (2, 21, 8, 8)
+    torch.testing.assert_close(pred, cam.mean(dim=(2, 3)))
+    (pred.sum() + cam.mean()).backward()
+    assert eps_net.fc8.weight.grad is not None and eps_net.b2.conv_branch2a.weight.grad is None
+    print("resnet38d OK:", {k: tuple(v.shape) for k, v in feats.items()}, tuple(logits.shape),
+          tuple(cam.shape))

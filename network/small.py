@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from network.base import Backbone
-from network.heads import ClsHead, EpsHead
 
 
 class ConvBNReLU(nn.Sequential):
@@ -65,6 +64,19 @@ class SmallNet(Backbone):
         self.stage3 = _stage(4 * width, 8 * width, blocks)
         self.stage4 = ConvBNReLU(8 * width, 8 * width)
 
+    def options(self) -> Dict[str, int]:
+        return dict(width=self.width, blocks=self.blocks, output_stride=self.output_stride)
+
+    @classmethod
+    def options_from_state_dict(cls, sd) -> Dict[str, int]:
+        """width and blocks from the shapes; output_stride leaves no trace in the weights, so an
+        unrecorded checkpoint is taken to be the default 8."""
+        stem = sd.get("stem.conv.weight")
+        if stem is None or stem.dim() != 4:
+            return {}
+        units = {k.split(".")[1] for k in sd if k.startswith("stage1.")}
+        return dict(width=int(stem.shape[0]), blocks=max(0, len(units) - 1))
+
     def forward_as_dict(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._run(self.stem, x)
         x = self._run(self.stage1, x)
@@ -78,32 +90,16 @@ class SmallNet(Backbone):
                 f"output_stride={self.output_stride}")
 
 
-class SmallCls(ClsHead, SmallNet):
-    """Baseline CAM classifier on the small backbone."""
-
-    def __init__(self, num_classes: int, *, width: int = 16, blocks: int = 1, output_stride: int = 8,
-                 freeze_bn: bool = False, checkpointing: bool = False):
-        super().__init__(num_classes, width=width, blocks=blocks, output_stride=output_stride,
-                         freeze_bn=freeze_bn, checkpointing=checkpointing)
-
-
-class SmallEps(EpsHead, SmallNet):
-    """EPS classifier on the small backbone (C+1 outputs, background last)."""
-
-    def __init__(self, num_classes: int, *, width: int = 16, blocks: int = 1, output_stride: int = 8,
-                 freeze_bn: bool = False, checkpointing: bool = False):
-        super().__init__(num_classes, width=width, blocks=blocks, output_stride=output_stride,
-                         freeze_bn=freeze_bn, checkpointing=checkpointing)
-
-
 if __name__ == "__main__":
+    from network.registry import build_network
+
     x = torch.randn(4, 3, 96, 96)
-    net = SmallEps(20)
+    net = build_network("small_eps", 20)
     pred, cam = net(x)
     assert pred.shape == (4, 21) and cam.shape == (4, 21, 12, 12) and torch.isfinite(cam).all()
     (pred.sum() + cam.mean()).backward()
     assert all(p.grad is not None for p in net.parameters())  # from scratch: everything trains
-    logits = SmallCls(20, width=8, output_stride=4)(x)
+    logits = build_network("small_cls", 20, width=8, output_stride=4)(x)
     assert logits.shape == (4, 20)
     print("small OK:", tuple(pred.shape), tuple(cam.shape),
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")

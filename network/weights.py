@@ -2,14 +2,19 @@
 
 * :func:`load_state_dict_file` reads a PyTorch file safely (``weights_only=True``), strips the
   DataParallel ``module.`` prefix and unwraps project checkpoints ``{"model": state_dict, ...}``.
-* :func:`describe_checkpoint` says what a state_dict is (arch, cls/eps head, class count), so
-  errors can name the right network and entry points can infer it.
+* :func:`record_network` / :func:`network_record`: the network name, class count and build
+  options that train.py records inside every state dict it writes.
+* :func:`identify_checkpoint` says which registered network a state dict is: from its record,
+  else by shape (every backbone x head built on the meta device and compared), with the
+  dataset's class count and the network the user names. :func:`load_network` identifies, builds
+  and loads strictly: the one way entry points read a trained classifier.
 * :func:`load_weights` loads a full network strictly (fc8 included).
 * :func:`load_pretrained` loads ImageNet weights (MXNet ``.params`` or ``.pth``) into the trunk
   and asserts that exactly the head (fc8) is left at its initialisation.
 
-The published code loads with ``strict=False`` without looking at the result (reference.md 1.6);
-here every load is checked, so a wrong prefix or file can never silently train from scratch.
+The published code loads with ``strict=False`` without looking at the result (EPS
+module/model.py ``get_model``); here every load is checked, so a wrong prefix or file can never
+silently train from scratch, and a checkpoint never runs as another head.
 """
 from __future__ import annotations
 
@@ -18,39 +23,51 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from network import mxnet_params
-from network.registry import build_network, normalize_network_name
+from network.heads import HEAD_PREFIX
+from network.registry import (BACKBONES, NETWORKS, build_network, network_parts,
+                              normalize_network_name)
 from network.resnet38d import MXNET_CLASSIFIER_PREFIX, convert_mxnet_to_torch
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
 PathOrStateDict = Union[str, Path, Mapping[str, torch.Tensor]]
 
-# Class counts of the datasets the registry knows (foreground only): an fc8 with C rows is a
-# baseline classifier for C classes, one with C+1 rows an EPS classifier.
-KNOWN_NUM_CLASSES = (20, 80)
 # ImageNet classifiers to drop from pretrained files (torchvision fc; ademxapp linear1000).
 IMAGENET_CLASSIFIER_KEYS = ("fc.weight", "fc.bias", MXNET_CLASSIFIER_PREFIX + ".weight",
                             MXNET_CLASSIFIER_PREFIX + ".bias")
-HEAD_PREFIX = "fc8."
+# Key of the network record in the root entry of a state dict's _metadata (record_network).
+RECORD_KEY = "network_record"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot be read or does not fit the network (the message says why)."""
+
+
+class MissingWeightsFile(WeightsError, FileNotFoundError):
+    """A weights path that does not exist (also a FileNotFoundError for callers that expect one)."""
 
 
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
 def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    # DataParallel / DDP checkpoints prefix every key with "module."
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
+    """DataParallel / DDP checkpoints prefix every key with "module."; the per-module _metadata
+    (which carries the network record) is renamed with the keys."""
+    out = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict(
+            ("" if k == "module" else k[len("module."):] if k.startswith("module.") else k, v)
+            for k, v in meta.items())
+    return out
 
 
 def _unwrap(obj, source: str) -> StateDict:
@@ -74,7 +91,8 @@ def load_state_dict_file(path) -> StateDict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
+        raise MissingWeightsFile(f"{path}: no such weights file; check the path (README "
+                                 f"'Downloads' lists where each weights file comes from)")
     if path.suffix == ".params":
         raise WeightsError(f"{path}: an MXNet .params file; pass it as ImageNet initialisation "
                            "(load_pretrained / --weights) or convert it with tools/convert_resnet38.py")
@@ -102,69 +120,196 @@ def _as_state_dict(source: PathOrStateDict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------
-# describing
+# the network record: which network a checkpoint holds, stored inside the state dict
 # ------------------------------------------------------------------------------------------------
-def _infer_arch(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    if "conv1a.weight" in sd and any(k.startswith("b7.") for k in sd):
-        return "resnet38"
-    if "layer4.0.conv1.weight" in sd:
-        n3 = len({k.split(".")[1] for k in sd if k.startswith("layer3.")})
-        return {23: "resnet101", 6: "resnet50", 36: "resnet152"}.get(n3, f"resnet ({n3} blocks in layer3)")
-    if "stem.conv.weight" in sd:
-        return "small"
-    return None
+def record_network(sd: StateDict, model: nn.Module) -> StateDict:
+    """Attach the network's name, class count and build options to ``sd`` (returned).
+
+    The record lives in the state dict's ``_metadata`` (the per-module dict PyTorch already
+    saves for version numbers), so the file stays a plain state dict: the published infer.py
+    loads it as it is, ``torch.load(weights_only=True)`` keeps the record, and a checkpoint
+    whose fc8 rows fit two heads (C+1 rows: cls for C+1 classes or eps for C) is identified
+    exactly."""
+    meta = getattr(sd, "_metadata", None)
+    if meta is None:
+        sd = OrderedDict(sd)
+        meta = sd._metadata = OrderedDict()
+    root = dict(meta.get("", {}))
+    root[RECORD_KEY] = dict(network=model.network_name, num_classes=int(model.num_classes),
+                            options={k: int(v) for k, v in model.options().items()})
+    meta[""] = root
+    return sd
 
 
-def describe_checkpoint(sd: Mapping[str, torch.Tensor], num_classes: Optional[int] = None) -> dict:
-    """What a state_dict is: {"arch", "head_type", "num_classes", "fc8_outputs", "network",
-    "summary"}. The head type comes from the number of fc8 rows: C for a baseline (cls)
-    classifier, C+1 for EPS, with C = ``num_classes`` when the row count fits it, else one of the
-    known datasets' counts (20 VOC, 80 COCO); if neither decides, head_type is None.
-    ``network`` is the registry name when known.
-
-    Example summary: "fc8 has 21 outputs: an EPS checkpoint for 20 classes; use resnet38_eps".
-    """
-    arch = _infer_arch(sd)
-    fc8 = sd.get("fc8.weight")
-    head_type, classes, outputs = None, None, None
-    if fc8 is None:
-        if any(k in sd for k in IMAGENET_CLASSIFIER_KEYS):
-            summary = "an ImageNet classification checkpoint (no fc8)"
-        else:
-            summary = "a trunk without a classifier head (no fc8), e.g. converted ImageNet weights"
-    else:
-        outputs = int(fc8.shape[0])
-        if num_classes is not None and outputs in (num_classes, num_classes + 1):
-            head_type = "cls" if outputs == num_classes else "eps"
-        elif outputs in KNOWN_NUM_CLASSES:
-            head_type = "cls"
-        elif outputs - 1 in KNOWN_NUM_CLASSES:
-            head_type = "eps"
-        if head_type == "cls":
-            classes = outputs
-            summary = f"fc8 has {outputs} outputs: a baseline (cls) checkpoint for {classes} classes"
-        elif head_type == "eps":
-            classes = outputs - 1
-            summary = f"fc8 has {outputs} outputs: an EPS checkpoint for {classes} classes"
-        else:
-            summary = (f"fc8 has {outputs} outputs: a cls checkpoint for {outputs} classes or an EPS "
-                       f"checkpoint for {outputs - 1} classes")
-    network = f"{arch}_{head_type}" if arch in ("resnet38", "resnet101", "small") and head_type else None
-    if network:
-        summary += f"; use {network}"
-    return dict(arch=arch, head_type=head_type, num_classes=classes, fc8_outputs=outputs,
-                network=network, summary=summary)
+def network_record(sd: Mapping[str, torch.Tensor]) -> Optional[dict]:
+    """The record written by :func:`record_network`, or None (released and foreign files)."""
+    rec = getattr(sd, "_metadata", {}).get("", {}).get(RECORD_KEY)
+    return rec if isinstance(rec, dict) and isinstance(rec.get("network"), str) else None
 
 
-def _model_name(model: nn.Module) -> str:
-    arch = getattr(model, "arch", type(model).__name__)
-    head = getattr(model, "head_type", None)
-    return f"{arch}_{head}" if head else arch
+# ------------------------------------------------------------------------------------------------
+# identifying a checkpoint by its shapes
+# ------------------------------------------------------------------------------------------------
+class Candidate(NamedTuple):
+    """A registered network that a state dict fits key for key and shape for shape."""
+    network: str
+    num_classes: int
+    options: Dict[str, int]
+
+    def __str__(self):
+        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        return f"{self.network} for {self.num_classes} classes{opts}"
+
+
+def _reference(name: str, num_classes: int, options: Mapping[str, int]) -> Dict[str, tuple]:
+    """Key -> shape of a registered network, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = build_network(name, num_classes, **options)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def fits(sd: Mapping[str, torch.Tensor], name: str, num_classes: int,
+         options: Optional[Mapping[str, int]] = None) -> bool:
+    """Whether ``sd`` loads strictly into the network (num_batches_tracked may be absent)."""
+    try:
+        ref = _reference(name, num_classes, options or {})
+    except (TypeError, ValueError):
+        return False
+    for k, shape in ref.items():
+        if k in sd:
+            if tuple(sd[k].shape) != shape:
+                return False
+        elif not k.endswith("num_batches_tracked"):
+            return False
+    return all(k in ref for k in sd)
+
+
+def checkpoint_candidates(sd: Mapping[str, torch.Tensor]) -> List[Candidate]:
+    """Every (network, C, options) that ``sd`` fits, trying each registered backbone x head
+    with the class count the head reads from its own parameters and the options the backbone
+    reads from its own. By shape only: no key names are interpreted here."""
+    out = []
+    for name in sorted(NETWORKS):
+        backbone, head = network_parts(name)
+        c = head.num_classes_from_state_dict(sd)
+        if c is None:
+            continue
+        options = backbone.options_from_state_dict(sd)
+        if fits(sd, name, c, options):
+            out.append(Candidate(name, c, dict(options)))
+    return out
+
+
+def trunk_matches(sd: Mapping[str, torch.Tensor]) -> List[str]:
+    """Backbones whose whole trunk is in ``sd`` with the right shapes (head keys ignored)."""
+    out = []
+    for name, cls in sorted(BACKBONES.items()):
+        options = cls.options_from_state_dict(sd)
+        try:
+            with torch.device("meta"):
+                ref = cls(**options).state_dict()
+        except (TypeError, ValueError):
+            continue
+        if all(k in sd and tuple(sd[k].shape) == tuple(v.shape)
+               for k, v in ref.items() if not k.endswith("num_batches_tracked")):
+            out.append(name)
+    return out
+
+
+def describe_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
+    """One phrase saying what a state dict is, for messages, e.g. "a recorded resnet38_eps
+    checkpoint for 20 classes" or "fits resnet38_cls for 21 classes or resnet38_eps for 20
+    classes (fc8 has 21 rows)"."""
+    rec = network_record(sd)
+    if rec is not None:
+        return f"a {rec['network']} checkpoint for {rec['num_classes']} classes (recorded in the file)"
+    cands = checkpoint_candidates(sd)
+    rows = sd.get(HEAD_PREFIX + "weight")
+    rows = f" (fc8 has {int(rows.shape[0])} rows)" if rows is not None and rows.dim() else ""
+    if cands:
+        return "fits " + " or ".join(str(c) for c in cands) + rows
+    trunks = trunk_matches(sd)
+    if trunks and not any(k.startswith(HEAD_PREFIX) for k in sd):
+        return f"a {' or '.join(trunks)} trunk without a classifier head (ImageNet weights?)"
+    if trunks:
+        return f"a {' or '.join(trunks)} trunk with a head that fits no registered head{rows}"
+    return f"fits no registered network ({len(sd)} tensors, e.g. {_short(list(sd), 3)})"
+
+
+def identify_checkpoint(sd: Mapping[str, torch.Tensor], num_classes: int,
+                        network: Optional[str] = None, *, source: str = "<state_dict>",
+                        ambiguous_ok: bool = True) -> Candidate:
+    """Which registered network ``sd`` is, for a dataset with ``num_classes`` classes.
+
+    1. A record written by train.py (:func:`record_network`) decides exactly; a --network or a
+       class count that contradicts it is an error.
+    2. Otherwise the shapes decide, with the dataset's class count and the network the user
+       names (``network``): exactly one fitting candidate is required. A file without a record
+       whose shapes also fit another head for another class count (C+1 fc8 rows: cls for C+1
+       or eps for C) is an error when ``ambiguous_ok`` is False (the caller passes False for
+       datasets whose class count is the user's own), unless ``network`` names it.
+    Raises WeightsError with the fix; never falls back to another head."""
+    want = normalize_network_name(network) if network else None
+    rec = network_record(sd)
+    if rec is not None:
+        name, c, options = rec["network"], int(rec["num_classes"]), dict(rec.get("options", {}))
+        if name not in NETWORKS:
+            raise WeightsError(f"{source}: holds a {name} network, which is not registered here "
+                               f"(a fork's method? register it first); known: {sorted(NETWORKS)}")
+        if want and want != name:
+            raise WeightsError(f"{source}: is a {name} checkpoint (recorded in the file), not "
+                               f"{want}; drop --network or pass the right checkpoint")
+        if c != num_classes:
+            raise WeightsError(f"{source}: is a {name} checkpoint for {c} classes (recorded in "
+                               f"the file), but the dataset has {num_classes}; pass the dataset "
+                               f"it was trained on (--dataset / --metadata-dir)")
+        if not fits(sd, name, c, options):
+            raise WeightsError(f"{source}: its tensors do not match its own record ({name} for "
+                               f"{c} classes); the file was edited or is damaged")
+        return Candidate(name, c, options)
+    cands = [x for x in checkpoint_candidates(sd) if want is None or x.network == want]
+    mine = [x for x in cands if x.num_classes == num_classes]
+    if len(mine) == 1:
+        others = [x for x in checkpoint_candidates(sd) if x.num_classes != num_classes]
+        if others and want is None:
+            if not ambiguous_ok:
+                raise WeightsError(
+                    f"{source}: has no network record and its shapes fit {mine[0]} or "
+                    f"{' or '.join(map(str, others))}; pass --network to say which (train.py "
+                    f"records it in the checkpoints it writes)")
+            logger.info("%s: no network record; identified by its shapes as %s (the dataset's "
+                        "class count)", source, mine[0])
+        return mine[0]
+    if len(mine) > 1:
+        raise WeightsError(f"{source}: fits several networks for {num_classes} classes "
+                           f"({', '.join(map(str, mine))}); pass --network")
+    what = describe_checkpoint(sd)
+    if want:
+        raise WeightsError(f"{source}: does not fit {want} for {num_classes} classes (the file "
+                           f"{what}); drop --network to identify it, or pass the matching "
+                           f"checkpoint or dataset")
+    if cands:
+        raise WeightsError(f"{source}: {what}, but the dataset has {num_classes} classes; pass "
+                           f"the dataset it was trained on or a checkpoint trained on this one")
+    raise WeightsError(f"{source}: {what}; pass a trained classifier (train.py's "
+                       f"checkpoint_cls.pth or a released one)")
+
+
+def load_network(source: PathOrStateDict, num_classes: int, network: Optional[str] = None,
+                 *, ambiguous_ok: bool = True, **build_kwargs) -> Tuple[nn.Module, Candidate]:
+    """Identify a full checkpoint (:func:`identify_checkpoint`), build that network and load it
+    strictly. The one way train.py, infer.py and the released-checkpoint script read one."""
+    sd, src = _as_state_dict(source)
+    found = identify_checkpoint(sd, num_classes, network, source=src, ambiguous_ok=ambiguous_ok)
+    model = build_network(found.network, found.num_classes, **{**found.options, **build_kwargs})
+    load_weights(model, sd, source=src)
+    return model, found
 
 
 def _model_summary(model: nn.Module) -> str:
+    name = getattr(model, "network_name", type(model).__name__)
     c = getattr(model, "num_classes", None)
-    return f"{_model_name(model)} ({c} classes)" if c is not None else _model_name(model)
+    return f"{name} ({c} classes)" if c is not None else name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,82 +341,57 @@ def _short(items, n: int = 6) -> str:
 
 def _mismatch_message(source: str, model: nn.Module, sd, missing, unexpected, mismatched,
                       what: str) -> str:
-    desc = describe_checkpoint(sd, getattr(model, "num_classes", None))
-    lines = [f"{source}: does not fit {_model_summary(model)} ({what}). The file: {desc['summary']}."]
-    if desc["arch"] and getattr(model, "arch", None) and desc["arch"] != model.arch:
-        lines.append(f"It is a {desc['arch']} checkpoint, the network is {model.arch}.")
+    lines = [f"{source}: does not fit {_model_summary(model)} ({what}). The file: "
+             f"{describe_checkpoint(sd)}."]
+    c = getattr(model, "num_classes", None)
+    if c is not None:
+        right = [x for x in checkpoint_candidates(sd) if x.num_classes == c]
+        if right:
+            lines.append(f"For {c} classes use {' or '.join(x.network for x in right)}.")
     if mismatched:
-        lines.append("Shape mismatches (key, file, network): " + _short(mismatched, 4))
+        lines.append("Shape mismatches (key, file, network): " + _short(mismatched, 4) + ".")
     if missing:
-        lines.append("Missing from the file: " + _short(missing))
+        lines.append("Missing from the file: " + _short(missing) + ".")
     if unexpected:
-        lines.append("Not in the network: " + _short(unexpected))
-    return "\n".join(lines)
+        lines.append("Not in the network: " + _short(unexpected) + ".")
+    return " ".join(lines)
 
 
-def load_weights(model: nn.Module, source: PathOrStateDict, *, strict: bool = True) -> dict:
+def load_weights(model: nn.Module, weights: PathOrStateDict, *, strict: bool = True,
+                 source: Optional[str] = None) -> dict:
     """Load a full network (trunk and fc8) from a checkpoint path or a state_dict.
 
     Strict by default: every key and shape must match (num_batches_tracked may be absent). On a
-    mismatch, WeightsError names what the checkpoint is and which network to use instead. With
-    strict=False the missing/unexpected keys are logged and returned, never silently ignored.
-    Returns {"missing": [...], "unexpected": [...], "description": describe_checkpoint(...)}.
-    """
-    sd, name = _as_state_dict(source)
-    sd = _fill_num_batches_tracked(model, sd)
+    mismatch, WeightsError says what the file is and which network fits it. With strict=False the
+    missing/unexpected keys are logged and returned, never silently ignored.
+    Returns {"missing": [...], "unexpected": [...]}."""
+    raw, name = _as_state_dict(weights)
+    name = source or name
+    sd = _fill_num_batches_tracked(model, raw)
     missing, unexpected, mismatched = _compare(model, sd)
     if mismatched or (strict and (missing or unexpected)):
-        raise WeightsError(_mismatch_message(name, model, sd, missing, unexpected, mismatched,
+        raise WeightsError(_mismatch_message(name, model, raw, missing, unexpected, mismatched,
                                              "strict loading"))
     model.load_state_dict(sd, strict=strict)
     if missing or unexpected:
         logger.warning("%s: non-strict load into %s; missing %s; unexpected %s", name,
                        _model_summary(model), _short(missing), _short(unexpected))
-    desc = describe_checkpoint(sd)
-    logger.info("loaded %s into %s (%s)", name, _model_summary(model), desc["summary"])
-    return dict(missing=missing, unexpected=unexpected, description=desc)
+    logger.info("loaded %s into %s", name, _model_summary(model))
+    return dict(missing=missing, unexpected=unexpected)
 
 
-def small_net_kwargs(sd: StateDict) -> Dict[str, int]:
-    """Build options (width, blocks) of a small-net state dict, read from its shapes; empty for
-    other networks. output_stride is not stored in weights (the small nets default to 8)."""
-    if "stem.conv.weight" not in sd:
-        return {}
-    units = {k.split(".")[1] for k in sd if k.startswith("stage1.")}
-    return dict(width=int(sd["stem.conv.weight"].shape[0]), blocks=max(0, len(units) - 1))
-
-
-def build_network_from_checkpoint(source: PathOrStateDict, name: Optional[str] = None,
-                                  num_classes: Optional[int] = None, **kwargs):
-    """Build the registry network that fits a full checkpoint and load it strictly.
-
-    ``name`` / ``num_classes`` override what the checkpoint says (a mismatch then raises the usual
-    WeightsError naming the right network). For the small nets width and blocks are read from the
-    weights; output_stride is not stored in weights, so pass it in kwargs when it is not 8.
-    Returns (model, describe_checkpoint(...)).
-    """
-    sd, src = _as_state_dict(source)
-    desc = describe_checkpoint(sd, num_classes)
-    if name is None:
-        if desc["network"] is None:
-            raise WeightsError(f"{src}: cannot tell which network this is ({desc['summary']}); "
-                               "pass the network name and the number of classes")
-        name = desc["network"]
-    name = normalize_network_name(name)
-    if num_classes is None:
-        if desc["num_classes"] is None:
-            raise WeightsError(f"{src}: cannot tell the number of classes ({desc['summary']}); pass it")
-        num_classes = desc["num_classes"]
-    if name.startswith("small"):
-        kwargs = {**small_net_kwargs(sd), **kwargs}
-    model = build_network(name, num_classes, **kwargs)
-    load_weights(model, sd if isinstance(source, Mapping) else source)
-    return model, desc
+def head_keys(model: nn.Module) -> List[str]:
+    """The state-dict keys of a network that its head adds to the trunk (fc8 for both published
+    heads): what an ImageNet initialisation leaves new."""
+    with torch.device("meta"):
+        trunk = BACKBONES[model.backbone_name](**model.options()).state_dict()
+    return [k for k in model.state_dict() if k not in trunk]
 
 
 def read_pretrained(path) -> StateDict:
-    """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed per
-    reference.md 2.2) or a PyTorch file, with any ImageNet classifier removed."""
+    """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed as
+    psa's resnet38d.convert_mxnet_to_torch does) or a PyTorch file, with any ImageNet classifier
+    removed."""
     path = Path(path)
     if path.suffix == ".params":
         sd = convert_mxnet_to_torch(mxnet_params.load_params(path))
@@ -285,26 +405,49 @@ def read_pretrained(path) -> StateDict:
     return sd
 
 
-def load_pretrained(model: nn.Module, path) -> dict:
-    """Initialise the trunk from ImageNet weights (``.params`` or ``.pth``); fc8 keeps its xavier
-    init. Asserts that the keys left out are exactly the head's (fc8) and that the file has
-    nothing the network lacks: a non-strict load whose result is checked, never a silent one.
+def load_pretrained(model: nn.Module, path, sd: Optional[StateDict] = None) -> dict:
+    """Initialise the trunk from ImageNet weights (``.params`` or ``.pth``); the head keeps its
+    initialisation (xavier fc8). Asserts that the keys left out are exactly the head's and that
+    the file has nothing the network lacks: a non-strict load whose result is checked, never a
+    silent one (the published module/model.py loads with strict=False and never looks).
+    ``sd``: the file already read by :func:`read_pretrained`.
     Returns {"missing": [...head keys...], "loaded": number of tensors loaded}."""
     path = Path(path)
-    sd = read_pretrained(path)
-    if any(k.startswith(HEAD_PREFIX) for k in sd):
-        raise WeightsError(f"{path}: has a trained head ({describe_checkpoint(sd)['summary']}), so it is "
-                           "not an ImageNet initialisation; load full checkpoints with load_weights "
-                           "(e.g. infer.py --weights or train.py --resume)")
-    sd = _fill_num_batches_tracked(model, sd)
+    sd = read_pretrained(path) if sd is None else sd
+    head = head_keys(model)
+    if any(k in head for k in sd):
+        raise WeightsError(f"{path}: has a trained head ({describe_checkpoint(sd)}), so it is "
+                           "not an ImageNet initialisation; pass it to infer.py --weights, or to "
+                           "train.py --weights to fine-tune a trained classifier")
+    raw, sd = sd, _fill_num_batches_tracked(model, sd)
     missing, unexpected, mismatched = _compare(model, sd)
-    head = [k for k in model.state_dict() if k.startswith(HEAD_PREFIX)]
     if mismatched or unexpected or set(missing) != set(head):
-        raise WeightsError(_mismatch_message(str(path), model, sd, [k for k in missing if k not in head],
+        raise WeightsError(_mismatch_message(str(path), model, raw, [k for k in missing if k not in head],
                                              unexpected, mismatched, "ImageNet initialisation leaves "
-                                             "exactly the head fc8 new"))
+                                             "exactly the head new"))
     result = model.load_state_dict(sd, strict=False)
     # The same check on PyTorch's own report (guards against _compare and PyTorch disagreeing).
     assert set(result.missing_keys) == set(head) and not result.unexpected_keys, result
     logger.info("ImageNet init from %s: %d tensors loaded, new: %s", path, len(sd), head)
     return dict(missing=list(result.missing_keys), loaded=len(sd))
+
+
+def load_initial_weights(model: nn.Module, path) -> str:
+    """train.py --weights: ImageNet weights for the trunk (the published start; the head stays
+    new), or a trained checkpoint of this very network and class count (fine-tuning, loaded
+    strictly). Returns "imagenet" or "checkpoint"."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--weights {path}: file not found; download the ImageNet weights "
+                           f"(README 'Downloads') or pass --weights none to train from scratch")
+    sd = read_pretrained(path)
+    if not any(k in set(head_keys(model)) for k in sd):
+        load_pretrained(model, path, sd)
+        return "imagenet"
+    if not fits(sd, model.network_name, model.num_classes, model.options()):
+        raise WeightsError(
+            f"--weights {path}: {describe_checkpoint(sd)}; but {model.network_name} for the "
+            f"dataset's {model.num_classes} classes needs other shapes. Pass the ImageNet weights "
+            f"(README 'Downloads'), or a checkpoint trained for this network and dataset")
+    load_weights(model, sd, source=str(path))
+    return "checkpoint"

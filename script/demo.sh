@@ -108,7 +108,7 @@ chain() {
     else
       "$PYTHON" "$REPO/evaluate.py" "${META[@]}" --datalist train \
         --gt_dir "$DEMO_DATA/SegmentationClassAug" --pred_dir "$run/result/png" \
-        --save_path "$run/result/train_miou.txt" --num-workers 0 --progress false
+        --save_path "$run/result/train_miou.txt" --num-workers 0 --no-progress
     fi
     note "$name: pseudo-mask mIoU $(miou_of "$run/result/train_miou.txt") (train)"
   fi

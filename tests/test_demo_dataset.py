@@ -141,7 +141,7 @@ def test_refuses_to_overwrite(tmp_path, root):
     args = parser.parse_args(["--out", str(out), "--num-train", "3", "--num-val", "1", "--size", "48"])
     demo.main(args)
     first = (out / "JPEGImages" / "train_00000.jpg").read_bytes()
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(demo.DemoDataError, match="--overwrite"):
         demo.main(args)
     demo.main(parser.parse_args(["--out", str(out), "--num-train", "2", "--num-val", "1", "--size", "48",
                                  "--seed", "5", "--overwrite"]))

@@ -1,4 +1,4 @@
-"""network/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph,
+"""network/cpu/fuse.py: the inference-only fused network (conv-BN folding + frozen TorchScript graph,
 or the Winograd / pre-packed eager graph) computes the same CAMs as the eager network, at sizes
 the trace never saw, leaves the original model untouched and refuses to train."""
 import copy
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from network import build_network
-from network.fuse import (FusedNetwork, PackedConv2d, fold_conv_bn, fuse_for_inference,
+from network.cpu.fuse import (FusedNetwork, PackedConv2d, fold_conv_bn, fuse_for_inference,
                           optimise_cpu_graph)
-from network.winograd import WinogradConv2d
+from network.cpu.winograd import WinogradConv2d
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +157,8 @@ def test_optimise_cpu_graph_counts():
 def test_without_onednn_ops_the_graph_still_matches(monkeypatch):
     """A torch without the private oneDNN ops: no pre-packed convs, Winograd products through
     torch.mm; same CAMs."""
-    import network.onednn
-    monkeypatch.setattr(network.onednn, "available", lambda: False)
+    import network.cpu.onednn
+    monkeypatch.setattr(network.cpu.onednn, "available", lambda: False)
     model = make("small_eps")
     fused = fuse_for_inference(model, winograd=True, min_winograd_channels=0)
     assert "0 pre-packed" in fused.description

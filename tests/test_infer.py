@@ -13,8 +13,13 @@ from PIL import Image
 
 import infer
 from data.datasets import DataError, InferDataset
+from network.weights import WeightsError
 from data.registry import get_dataset
-import network.fuse
+import network.cpu.fuse
+from network.inference import SpeedOptions, prepare_for_inference
+from network.weights import record_network
+from utils import dist
+from utils.cli import run_cli
 from network import build_network
 from utils import cam as camlib
 from utils.io import load_npz
@@ -55,7 +60,9 @@ def make_checkpoint(path: Path, name: str, num_classes: int = C, seed: int = 0) 
     # Mostly positive class weights: ReLU CAMs of a random net are otherwise often all zero.
     with torch.no_grad():
         model.fc8.weight.normal_(0.05, 0.1) if name.endswith("cls") else model.fc8.weight.normal_(0, 1.0)
-    torch.save(model.state_dict(), path)
+    # Recorded as train.py records it (network/weights.py): a custom dataset's class count is the
+    # user's own, so an unrecorded checkpoint would need --network.
+    torch.save(record_network(model.state_dict(), model), path)
     return path
 
 
@@ -106,15 +113,16 @@ def straightforward(model, img_pil, label, scales=(0.5, 1.0, 1.5, 2.0)):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head", ["cls", "eps"])
 def test_fast_and_reference_paths_match_straightforward(env, head, monkeypatch):
-    monkeypatch.setattr(network.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
+    monkeypatch.setattr(network.cpu.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
     info = get_dataset("custom", env["root"])
     model = build_network(f"small_{head}", C)
     model.load_state_dict(torch.load(env[head], weights_only=True))
     model.eval()
     ds = InferDataset(info, env["root"], IDS)
     dev = torch.device("cpu")
-    fused_model = infer.prepare_model(model, True, False, fuse=True)   # frozen graph (--no-winograd)
-    wino_model = infer.prepare_model(model, True, False, fuse=True, winograd=True)  # the CPU default
+    prep = lambda **kw: prepare_for_inference(model, dev, SpeedOptions(**kw))  # noqa: E731
+    fused_model = prep(winograd=False)   # frozen graph (--no-winograd)
+    wino_model = prep()                   # the CPU default
     assert "5 convs as Winograd" in wino_model.description
     for idx, img_id in enumerate(IDS):
         item = ds[idx]
@@ -123,13 +131,11 @@ def test_fast_and_reference_paths_match_straightforward(env, head, monkeypatch):
         keys_s, cams_s, pred_s = straightforward(model, pil, label.numpy())
         images, size = item["images"], item["size"]
         with torch.inference_mode():
-            ref = infer.cams_reference(infer.prepare_model(model, False, False), images, label, size, dev)
-            fast = infer.cams_fast(infer.prepare_model(model, True, True), images, label, size, dev)
-            single = infer.cams_fast(model, images, label, size, dev, batch_views=False)
-            fused = infer.cams_fast(fused_model, images, label, size, dev, channels_last=False,
-                                    batch_views=False)
-            wino = infer.cams_fast(wino_model, images, label, size, dev, channels_last=False,
-                                   batch_views=False)
+            ref = infer.cams_reference(prep(fast=False), images, label, size)
+            fast = infer.cams_fast(prep(fuse=False, batch_views=True), images, label, size)
+            single = infer.cams_fast(prep(fuse=False, channels_last=False), images, label, size)
+            fused = infer.cams_fast(fused_model, images, label, size)
+            wino = infer.cams_fast(wino_model, images, label, size)
         for keys, cams, _ in (ref, fast, single, fused, wino):
             assert keys.tolist() == keys_s == LABELS[img_id]
             assert cams.shape == (len(keys_s), SIZES[img_id][1], SIZES[img_id][0])
@@ -161,19 +167,20 @@ def test_cli_end_to_end_outputs(env, head, tmp_path):
         assert set(np.unique(mask)) <= {0} | {k + 1 for k in LABELS[i]}
         # the PNG is the npz thresholded at 0.20 (contract shared with evaluate.py)
         assert np.array_equal(mask, camlib.pseudo_mask(z["keys"], z["cams"], thr=0.2).numpy())
-    assert sorted(p.name for p in (out / "vis").iterdir()) == ["img_a.png", "img_b.png"]
+    assert sorted(p.name for p in (out / "vis").glob("*.png")) == ["img_a.png", "img_b.png"]
     assert Image.open(out / "vis" / "img_b.png").mode == "RGB"
     run_info = json.loads((out / "png" / "args.json").read_text())
     assert run_info["thr"] == 0.2
-    assert not [p for p in out.rglob(".*")]   # no temporary files left behind
+    # no temporary files left behind (each folder records its settings in SETTINGS_FILE)
+    assert not [p for p in out.rglob(".*") if p.name != infer.SETTINGS_FILE]
 
 
 def test_no_fast_gives_identical_pngs(env, tmp_path, monkeypatch):
     a, b, c, e = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "e"
-    monkeypatch.setattr(network.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
+    monkeypatch.setattr(network.cpu.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16
     calls = []
-    real_fuse = infer.fuse_for_inference
-    monkeypatch.setattr(infer, "fuse_for_inference",
+    real_fuse = network.cpu.fuse.fuse_for_inference
+    monkeypatch.setattr(network.cpu.fuse, "fuse_for_inference",
                         lambda m, **kw: calls.append(kw) or real_fuse(m, **kw))
     run(env, env["eps"], "--png-dir", a / "png", "--cam-dir", a / "cam")   # default: fast + Winograd (CPU)
     assert calls == [{"winograd": True}]
@@ -204,7 +211,7 @@ def test_threshold_and_bg_from_eps(env, tmp_path):
         assert z["bg"].min() >= 0 and z["bg"].max() <= 1
         want = camlib.pseudo_mask(z["keys"], z["cams"], bg=z["bg"]).numpy()
         assert np.array_equal(np.array(Image.open(bg / "png" / f"{i}.png")), want)
-    with pytest.raises(infer.InferError, match="eps checkpoint"):
+    with pytest.raises(infer.InferError, match="background map"):
         run(env, env["cls"], "--png-dir", tmp_path / "x", "--bg-from-eps")
 
 
@@ -244,7 +251,7 @@ def test_outputs_are_atomic(env, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez_compressed", real)
     names = sorted(p.name for p in (out / "cam").iterdir() if p.suffix == ".npz")
     assert "img_a.npz" in names and "img_b.npz" not in names   # the failed write left nothing
-    assert not [p for p in (out / "cam").iterdir() if p.name.startswith(".")]
+    assert not [p for p in (out / "cam").iterdir() if p.name.startswith(".") and p.name != infer.SETTINGS_FILE]
     run(env, env["cls"], "--cam-dir", out / "cam", "--png-dir", out / "png")   # resume completes
     assert len(list((out / "cam").glob("*.npz"))) == len(IDS)
 
@@ -254,14 +261,14 @@ def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
     seen = {}
     real_make = infer.make_cams
 
-    def spy(model, dataset, *a, **k):
-        seen[infer.get_rank()] = list(dataset.ids)
-        return real_make(model, dataset, *a, **k)
+    def spy(model, items, *a, **k):
+        seen[dist.get_rank()] = list(items.dataset.ids)
+        return real_make(model, items, *a, **k)
 
     monkeypatch.setattr(infer, "make_cams", spy)
-    monkeypatch.setattr(infer, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     for rank in (0, 1):
-        monkeypatch.setattr(infer, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
         run(env, env["cls"], "--png-dir", out)
     assert seen == {0: ["img_a", "img_c"], 1: ["img_b", "img_d"]}
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
@@ -283,13 +290,28 @@ def test_crf_outputs(env, tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 def test_checkpoint_with_other_class_count_is_refused(env, tmp_path):
     ckpt = make_checkpoint(tmp_path / "c5.pth", "small_cls", num_classes=5)
-    with pytest.raises(infer.InferError, match="dataset 'custom' has 3 classes"):
+    with pytest.raises(WeightsError, match="small_cls checkpoint for 5 classes .*the dataset has 3"):
         run(env, ckpt, "--png-dir", tmp_path / "png")
     voc = make_checkpoint(tmp_path / "voc.pth", "small_eps", num_classes=20)
-    with pytest.raises(infer.InferError, match="eps checkpoint for 20 classes"):
+    with pytest.raises(WeightsError, match="small_eps checkpoint for 20 classes"):
         run(env, voc, "--png-dir", tmp_path / "png")
-    with pytest.raises(infer.InferError, match="does not match"):
+    with pytest.raises(WeightsError, match="is a small_cls checkpoint .*, not small_eps"):
         run(env, env["cls"], "--png-dir", tmp_path / "png", "--network", "small_eps")
+    assert not (tmp_path / "png").exists()  # refused before any output folder was made
+
+
+def test_unrecorded_checkpoint_on_a_custom_dataset_needs_network(env, tmp_path):
+    # An EPS checkpoint for 2 classes (3 fc8 rows) also fits a cls head for the dataset's 3
+    # classes: without train.py's record it is not run as either head silently.
+    torch.manual_seed(0)
+    model = build_network("small_eps", 2)
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(WeightsError, match="pass --network"):
+        run(env, tmp_path / "plain.pth", "--png-dir", tmp_path / "png")
+    with pytest.raises(WeightsError, match="does not fit small_eps for 3 classes"):
+        run(env, tmp_path / "plain.pth", "--png-dir", tmp_path / "png", "--network", "small_eps")
+    run(env, tmp_path / "plain.pth", "--png-dir", tmp_path / "png", "--network", "small_cls")
+    assert len(list((tmp_path / "png").glob("*.png"))) == len(IDS)
 
 
 def test_missing_and_unreadable_images(env, tmp_path):
@@ -306,22 +328,12 @@ def test_missing_and_unreadable_images(env, tmp_path):
 
 
 def test_cli_returns_error_code_with_message(env, tmp_path, caplog):
-    rc = infer.cli(["--dataset", "custom", "--img_root", str(env["root"]), "--weights",
-                    str(tmp_path / "nope.pth"), "--png-dir", str(tmp_path / "png"), "--num-workers", "0"])
+    rc = run_cli(infer.get_args_parser, infer.main, argv=[
+        "--dataset", "custom", "--img_root", str(env["root"]), "--weights",
+        str(tmp_path / "nope.pth"), "--png-dir", str(tmp_path / "png"), "--num-workers", "0"])
     assert rc == 2 and "nope.pth" in caplog.text
     with pytest.raises(infer.InferError, match="nothing to write"):
         run(env, env["cls"])
-
-
-def test_resolve_network_from_published_checkpoint_layout():
-    # The released checkpoint_cls.pth is a plain ResNet-38 state dict; only the shapes matter here.
-    sd = {"conv1a.weight": torch.zeros(64, 3, 3, 3), "b7.conv_branch2a.weight": torch.zeros(1),
-          "fc8.weight": torch.zeros(21, 4096, 1, 1)}
-    assert infer.resolve_network(sd, Path("checkpoint_cls.pth"), None, 20, "voc12")[0] == "resnet38_eps"
-    sd["fc8.weight"] = torch.zeros(20, 4096, 1, 1)
-    assert infer.resolve_network(sd, Path("checkpoint_cls.pth"), "network.resnet38_cls", 20, "voc12")[0] == "resnet38_cls"
-    with pytest.raises(infer.InferError, match="80 classes"):
-        infer.resolve_network(sd, Path("checkpoint_cls.pth"), None, 80, "coco")
 
 
 @pytest.mark.timeout(300)

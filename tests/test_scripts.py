@@ -29,7 +29,7 @@ SCRIPT_VARS = (
 TINY = dict(
     PYTHON=sys.executable, NGPUS="1", DEVICE="cpu", NUM_WORKERS="0", WEIGHTS="none",
     MAX_ITERS="2", BATCH="4", CROP="32", RESIZE="32 48", VIS_NUM="2",
-    INFER_ARGS="--scales 1.0 --writer-threads 1", EVAL_ARGS="--num-workers 0 --progress false",
+    INFER_ARGS="--scales 1.0 --writer-threads 1", EVAL_ARGS="--num-workers 0 --no-progress",
     SEG_ARCH="deeplabv2_small", SEG_INIT="none", SEG_ITERS="2", SEG_BATCH="2",
     SEG_ITER_SIZE="1", SEG_CROP="32", SEG_CRF="0", SEG_CRF_WORKERS="0",
     OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")

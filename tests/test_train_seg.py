@@ -124,9 +124,15 @@ def test_cli_train_resume_infer_crf_evaluate(data, tmp_path, capsys):
     # a finished run is never overwritten silently
     with pytest.raises(RunDirError, match="finished run"):
         train_seg.main(parse(train_seg.get_args_parser, train_argv(data, run)))
-    # --resume with a longer schedule continues from checkpoint_last (iteration 4)
+    # extending a finished run must be explicit ...
+    with pytest.raises(train_seg.TrainSegError, match="pass --extend"):
+        train_seg.main(parse(train_seg.get_args_parser, train_argv(
+            data, run, max_iters=6, extra=["--resume"])))
+    # ... --resume --extend with a longer schedule continues from checkpoint_last (iteration 4)
+    # and keeps the finished weights
     more = train_seg.main(parse(train_seg.get_args_parser, train_argv(
-        data, run, max_iters=6, extra=["--resume", "--eval-list", "val"])))
+        data, run, max_iters=6, extra=["--resume", "--extend", "--eval-list", "val"])))
+    assert (run / "checkpoint_final_iter4.pth").is_file()
     assert len(more["losses"]) == 2
     # ... and, with --eval-list, predicts and scores val in the same command
     assert 0.0 <= more["eval"]["miou"] <= 1.0 and (run / "pred_val_eval.json").is_file()
@@ -168,6 +174,23 @@ def test_cli_train_resume_infer_crf_evaluate(data, tmp_path, capsys):
         infer_seg.main(parse(infer_seg.get_args_parser, [
             "--dataset", "custom", "--data_root", data, "--weights", run / "checkpoint_last.pth",
             "--out-dir", pred, "--num-workers", 0]))
+
+
+def test_resume_matches_uninterrupted_run(data, tmp_path):
+    """Killed after 2 of 5 iterations (--stop-after leaves what a kill leaves: the last
+    checkpoint) and resumed: the final weights equal an uninterrupted run's bit for bit. The
+    data order (utils/sampler.py) and the trained-BN statistics are part of the state."""
+    full = train_seg.main(parse(train_seg.get_args_parser, train_argv(
+        data, tmp_path / "full", max_iters=5)))
+    part = tmp_path / "part"
+    train_seg.main(parse(train_seg.get_args_parser, train_argv(
+        data, part, max_iters=5, extra=["--stop-after", "2"])))
+    rest = train_seg.main(parse(train_seg.get_args_parser, train_argv(
+        data, part, max_iters=5, extra=["--resume"])))
+    a = torch.load(full["final"], weights_only=True)
+    b = torch.load(rest["final"], weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["losses"][2:] == rest["losses"]
 
 
 def test_bad_mask_value_names_the_file(tmp_path):

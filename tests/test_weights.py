@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from network import build_network
-from network.weights import (WeightsError, describe_checkpoint, load_pretrained, load_state_dict_file,
-                             load_weights)
+from network.weights import (WeightsError, describe_checkpoint, identify_checkpoint,
+                             load_network, load_pretrained, load_state_dict_file, load_weights,
+                             network_record, record_network)
 sys.path.insert(0, str(Path(__file__).parent))  # also under --import-mode=importlib
 from test_network_layout import published_layout  # noqa: E402  (the reference-text layout)
 
@@ -78,28 +79,63 @@ def test_corrupt_truncated_and_unsafe_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# describing
+# identifying: the network record, else the shapes
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rows,head,classes",
                          [(21, "eps", 20), (20, "cls", 20), (81, "eps", 80), (80, "cls", 80)])
-def test_describe_published_checkpoints(rows, head, classes):
-    d = describe_checkpoint(published_state_dict(rows))
-    assert (d["arch"], d["head_type"], d["num_classes"], d["network"]) == (
-        "resnet38", head, classes, f"resnet38_{head}")
-    if rows == 21:
-        assert d["summary"] == "fc8 has 21 outputs: an EPS checkpoint for 20 classes; use resnet38_eps"
+def test_identify_published_checkpoints_by_shape(rows, head, classes):
+    sd = published_state_dict(rows)
+    found = identify_checkpoint(sd, classes)
+    assert (found.network, found.num_classes) == (f"resnet38_{head}", classes)
+    # The same fc8 rows also fit the other head for another class count: both are listed.
+    other = {"eps": "cls", "cls": "eps"}[head]
+    alt = classes + 1 if head == "eps" else classes - 1
+    assert describe_checkpoint(sd) == (
+        " or ".join(sorted([f"resnet38_{head} for {classes} classes",
+                            f"resnet38_{other} for {alt} classes"], key=lambda t: "cls" not in t))
+        .join(["fits ", f" (fc8 has {rows} rows)"]))
+    with pytest.raises(WeightsError, match="but the dataset has 7 classes"):
+        identify_checkpoint(sd, 7)
+    assert identify_checkpoint(sd, classes, f"network.resnet38_{head}").network == f"resnet38_{head}"
+    with pytest.raises(WeightsError, match=f"does not fit resnet38_{other} for {classes} classes"):
+        identify_checkpoint(sd, classes, f"resnet38_{other}")
 
 
-def test_describe_other_checkpoints():
-    assert describe_checkpoint(meta("resnet101_cls", 20).state_dict())["network"] == "resnet101_cls"
-    assert describe_checkpoint(meta("small_eps", 20).state_dict())["network"] == "small_eps"
-    custom = describe_checkpoint(meta("small_eps", 5).state_dict(), num_classes=5)
-    assert (custom["head_type"], custom["num_classes"]) == ("eps", 5)
-    ambiguous = describe_checkpoint(meta("small_eps", 5).state_dict())
-    assert ambiguous["head_type"] is None and "6 outputs" in ambiguous["summary"]
+def test_identify_other_checkpoints():
+    assert identify_checkpoint(meta("resnet101_cls", 20).state_dict(), 20).network == "resnet101_cls"
+    found = identify_checkpoint(small_sd("small_eps", 5, ), 5)
+    assert (found.network, found.options) == ("small_eps", {"width": 16, "blocks": 1})
     trunk = {k: v for k, v in published_state_dict(21).items() if not k.startswith("fc8")}
-    d = describe_checkpoint(trunk)
-    assert d["head_type"] is None and d["arch"] == "resnet38" and "without a classifier" in d["summary"]
+    assert "resnet38 trunk without a classifier head" in describe_checkpoint(trunk)
+    assert "fits no registered network" in describe_checkpoint({"x.weight": torch.zeros(3)})
+    # An ambiguous unrecorded file is refused where the class count is the user's own.
+    with pytest.raises(WeightsError, match="pass --network"):
+        identify_checkpoint(small_sd("small_eps", 5), 5, ambiguous_ok=False)
+
+
+def test_network_record_decides_exactly(tmp_path):
+    model = build_network("small_eps", 5, width=8, blocks=2, output_stride=4)
+    path = tmp_path / "checkpoint_cls.pth"
+    torch.save(record_network(model.state_dict(), model), path)
+    sd = load_state_dict_file(path)
+    assert network_record(sd) == {"network": "small_eps", "num_classes": 5,
+                                  "options": {"width": 8, "blocks": 2, "output_stride": 4}}
+    found = identify_checkpoint(sd, 5, ambiguous_ok=False)
+    assert found.options["output_stride"] == 4  # not readable from the shapes, only the record
+    # The record contradicts another class count or network: an error, never the other head.
+    with pytest.raises(WeightsError, match="small_eps checkpoint for 5 classes .*dataset has 6"):
+        identify_checkpoint(sd, 6)
+    with pytest.raises(WeightsError, match="not small_cls"):
+        identify_checkpoint(sd, 5, "small_cls")
+    # ... and survives the DataParallel prefix and a {"model": ...} wrapper.
+    wrapped = record_network(model.state_dict(), model)
+    dp = type(wrapped)(("module." + k, v) for k, v in wrapped.items())
+    dp._metadata = type(wrapped._metadata)(("module." + k if k else "module", v)
+                                           for k, v in wrapped._metadata.items())
+    torch.save({"model": dp}, tmp_path / "dp.pth")
+    assert network_record(load_state_dict_file(tmp_path / "dp.pth"))["network"] == "small_eps"
+    loaded, _ = load_network(path, 5)
+    assert loaded.output_stride == 4 and torch.equal(loaded.fc8.weight, model.fc8.weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,12 +152,12 @@ def test_published_layouts_load_strictly(name, num_classes, rows, prefix, counte
 def test_wrong_head_error_names_the_right_network():
     with pytest.raises(WeightsError) as e:
         load_weights(meta("resnet38_cls", 20), published_state_dict(21))
-    assert "fc8 has 21 outputs: an EPS checkpoint for 20 classes; use resnet38_eps" in str(e.value)
-    with pytest.raises(WeightsError, match="a baseline .cls. checkpoint for 20 classes; use resnet38_cls"):
+    assert "For 20 classes use resnet38_eps." in str(e.value)
+    with pytest.raises(WeightsError, match="For 20 classes use resnet38_cls"):
         load_weights(meta("resnet38_eps", 20), published_state_dict(20))
-    with pytest.raises(WeightsError, match="EPS checkpoint for 80 classes; use resnet38_eps"):
+    with pytest.raises(WeightsError, match="resnet38_eps for 80 classes"):
         load_weights(meta("resnet38_eps", 20), published_state_dict(81))
-    with pytest.raises(WeightsError, match="resnet38 checkpoint, the network is small"):
+    with pytest.raises(WeightsError, match="does not fit small_eps .* fits resnet38_cls"):
         load_weights(meta("small_eps", 20), published_state_dict(21))
 
 
@@ -160,7 +196,7 @@ def test_load_pretrained_leaves_exactly_fc8(tmp_path):
     with pytest.raises(WeightsError, match="trained head"):
         load_pretrained(build_network("small_eps", 7), tmp_path / "full.pth")
     torch.save({k: v for k, v in trunk.items() if not k.startswith("stage4")}, tmp_path / "short.pth")
-    with pytest.raises(WeightsError, match="exactly the head fc8.*\n.*Missing from the file: stage4"):
+    with pytest.raises(WeightsError, match="exactly the head new.*Missing from the file: stage4"):
         load_pretrained(build_network("small_eps", 7), tmp_path / "short.pth")
     torch.save({**trunk, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
     with pytest.raises(WeightsError, match="Not in the network: extra.weight"):
@@ -185,18 +221,16 @@ def test_resnet101_from_torchvision_imagenet_file(tmp_path):
     assert model.layer4[0].conv2.dilation == (2, 2) and model.layer4[1].conv2.dilation == (4, 4)
 
 
-def test_build_network_from_checkpoint(tmp_path):
-    from network.weights import build_network_from_checkpoint
-
+def test_load_network_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     trained = build_network("small_eps", 20, width=8, blocks=2)
     path = tmp_path / "checkpoint_cls.pth"
-    torch.save({"model": trained.state_dict(), "iter": 1}, path)
-    model, desc = build_network_from_checkpoint(path)
-    assert (desc["network"], model.num_classes, model.width, model.blocks) == ("small_eps", 20, 8, 2)
+    torch.save({"model": trained.state_dict(), "iter": 1}, path)  # unrecorded: by shape
+    model, found = load_network(path, 20)
+    assert (found.network, model.num_classes, model.width, model.blocks) == ("small_eps", 20, 8, 2)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
     custom = build_network("small_cls", 4)
-    model, _ = build_network_from_checkpoint(custom.state_dict(), num_classes=4)
+    model, _ = load_network(custom.state_dict(), 4, "small_cls")
     assert model.head_type == "cls" and model.num_classes == 4
-    with pytest.raises(WeightsError, match="pass the network name"):
-        build_network_from_checkpoint(custom.state_dict())
+    with pytest.raises(WeightsError, match="pass --network"):
+        load_network(custom.state_dict(), 4, ambiguous_ok=False)

@@ -1,4 +1,4 @@
-"""network/winograd.py: Winograd F(2x2, 3x3) equals the direct convolution (exactly up to float64
+"""network/cpu/winograd.py: Winograd F(2x2, 3x3) equals the direct convolution (exactly up to float64
 rounding with the torch.mm products; within fp32 rounding with the oneDNN ones) for every shape
 infer.py can feed it: odd sizes, maps smaller than a tile, dilations 1/2/4, batches, bias, ReLU,
 either memory format, and buffers reused across sizes."""
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from network import winograd as wg
-from network.winograd import WinogradConv2d, is_eligible, transform_weight
+from network.cpu import winograd as wg
+from network.cpu.winograd import WinogradConv2d, is_eligible, transform_weight
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from tools.benchmarks import SECTIONS  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def markdown_table(rows) -> str:
@@ -74,4 +75,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    sys.exit(run_cli(get_args_parser, main, __doc__))

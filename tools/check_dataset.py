@@ -209,4 +209,4 @@ def main(args) -> CheckReport:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if run_cli(get_args_parser, main, (MetadataError,), __doc__).passed else 1)
+    sys.exit(run_cli(get_args_parser, main, __doc__, exit_code=lambda r: 0 if r.passed else 1))

@@ -24,11 +24,12 @@ import numpy as np  # noqa: E402
 from data.metadata import MetadataError, write_image_labels  # noqa: E402
 from data.registry import DATASETS, get_dataset  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """The npy file is not a label dict; the message names the file and the fix."""
 
 
@@ -105,4 +106,4 @@ def main(args) -> Dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    run_cli(get_args_parser, main, (ConvertError, MetadataError), __doc__)
+    sys.exit(run_cli(get_args_parser, main, __doc__))

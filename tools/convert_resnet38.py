@@ -21,13 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from network import mxnet_params  # noqa: E402
 from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
 from utils.io import torch_save  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 NUM_TRUNK_TENSORS = 191  # 44 conv weights + 37 BN x 4 (reference.md 1.12, without fc8 and counters)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     pass
 
 
@@ -92,5 +94,4 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    sys.exit(run_cli(get_args_parser, main, __doc__))

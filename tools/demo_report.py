@@ -34,6 +34,8 @@ from eval import EvalError, evaluate_folders, read_label_png  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 from tools.make_demo_dataset import count_context_errors, read_context_names  # noqa: E402
 from utils.vis import blend, captioned, colorize_mask, tile  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ CONTEXT_DIR = "ContextMasks"    # <id>.png: 0 = none, else the value of a contex
 CONTEXT_FILE = "context.txt"    # "<value> <context name> <class name>" lines, '#' comments
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Bad report input; the message names the file and the fix."""
 
 
@@ -216,10 +218,4 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser("demo report", parents=[get_args_parser()],
-                                     description=__doc__.split("\n")[0])
-    try:
-        main(parser.parse_args())
-    except (ReportError, EvalError, MetadataError) as e:
-        sys.exit(f"demo_report.py: error: {e}")
+    sys.exit(run_cli(get_args_parser, main, __doc__))

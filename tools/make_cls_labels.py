@@ -33,13 +33,14 @@ import numpy as np  # noqa: E402
 from data.metadata import MetadataError, write_id_list, write_image_labels  # noqa: E402
 from data.registry import DATASETS, get_dataset  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 COCO_KEY_FORMAT = "COCO_{split}_{id:012d}"
 
 
-class LabelToolError(ValueError):
+class LabelToolError(UserError):
     """Bad annotation input; the message names the file and the fix."""
 
 
@@ -232,4 +233,4 @@ def main(args) -> Dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    run_cli(get_args_parser, main, (LabelToolError, MetadataError), __doc__)
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -182,4 +182,4 @@ def main(args) -> Tuple[int, int]:
 
 
 if __name__ == "__main__":
-    run_cli(get_args_parser, main, (LabelToolError, MetadataError), __doc__)
+    sys.exit(run_cli(get_args_parser, main, __doc__))

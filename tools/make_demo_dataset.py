@@ -45,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from data.metadata import (atomic_write_text, write_class_names, write_id_list,  # noqa: E402
                            write_image_labels)
+from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.io import save_label_png  # noqa: E402
+from utils.progress import Progress  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +519,9 @@ def write_dataset(out: Path, num_train: int, num_val: int, seed: int,
         splits = {"train": [image_id("train", i) for i in range(num_train)],
                   "val": [image_id("val", i) for i in range(num_val)]}
         jobs = [(split, i, img_id) for split, ids in splits.items() for i, img_id in enumerate(ids)]
-        for split, i, img_id in tqdm(jobs, desc="demo dataset", disable=not progress):
+        bar = Progress(len(jobs), "demo dataset", enabled=progress, unit="img")
+        for split, i, img_id in jobs:
+            bar.update(1)
             smp = generate_sample(sample_rng(seed, split, i), settings)
             (tmp / "JPEGImages" / f"{img_id}.jpg").write_bytes(_jpeg_bytes(smp.image, settings.jpeg_quality))
             save_label_png(tmp / "SegmentationClassAug" / f"{img_id}.png", smp.gt)
@@ -529,6 +533,7 @@ def write_dataset(out: Path, num_train: int, num_val: int, seed: int,
         write_image_labels(tmp / "image_labels.txt",
                            {k: np.isin(np.arange(n), v).astype(np.float32) for k, v in labels.items()},
                            header="demo dataset: <id> <0-based class indices present>")
+        bar.close()
         write_id_list(tmp / "train.txt", splits["train"])
         write_id_list(tmp / "train_aug.txt", splits["train"])  # the published scripts read train_aug
         write_id_list(tmp / "val.txt", splits["val"])
@@ -619,11 +624,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+class DemoDataError(UserError):
+    """A bad setting or an existing dataset; the message says what to do."""
+
+
 def main(args) -> Path:
     if args.size < 32:
-        raise SystemExit(f"--size {args.size} is too small: use at least 32 pixels")
+        raise DemoDataError(f"--size {args.size} is too small: use at least 32 pixels")
     if args.num_train < 1 or args.num_val < 0:
-        raise SystemExit("--num-train must be >= 1 and --num-val >= 0")
+        raise DemoDataError("--num-train must be >= 1 and --num-val >= 0")
     settings = Settings(size=args.size, classes=tuple(args.classes), ignore_border=args.ignore_border,
                         miss_prob=args.miss_prob, false_pos_prob=args.false_pos_prob,
                         jpeg_quality=args.jpeg_quality)
@@ -631,12 +640,10 @@ def main(args) -> Path:
         out = write_dataset(args.out, args.num_train, args.num_val, args.seed, settings,
                             overwrite=args.overwrite)
     except FileExistsError as e:
-        raise SystemExit(str(e)) from None
+        raise DemoDataError(str(e)) from None
     logger.info("wrote %d train + %d val images to %s", args.num_train, args.num_val, out)
     return out
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    main(parser.parse_args())
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -3,9 +3,9 @@
 Two ways to combine the 8 views (4 scales x {image, horizontal flip}) of one image:
 
 * the *reference* path follows the published code literally, one view at a time:
-  per view, cls: ReLU CAM -> bilinear upsample to (H, W) -> x label -> un-flip;
-  eps: softmax over the C+1 maps at feature resolution -> upsample -> keep the C class maps
-  -> x label -> un-flip; then sum over the views.
+  per view, the head's non-linearity (``cam_probs``; cls: none, the CAM is already ReLU'd;
+  eps: softmax over the C+1 maps at feature resolution) -> bilinear upsample to (H, W) -> keep
+  the C class maps -> x label -> un-flip; then sum over the views.
 * the *fast* path computes the same numbers with less work. Everything after the per-view
   ReLU/softmax is linear, and bilinear resizing (align_corners=False) commutes with a horizontal
   flip, so for each flip pair
@@ -28,16 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-HEAD_TYPES = ("cls", "eps")
-# Published constants (reference.md 1.10).
+from network.registry import get_head
+
+# Published constants (EPS infer.py).
 NORM_EPS = 1e-5          # added to the per-class max in the normalisation
 LABEL_EPS = 1e-5         # a class is "present" (kept in the CAM dict) when label > 1e-5
 DEFAULT_THR = 0.20       # constant background score of the published pseudo-masks
-
-
-def _check_head(head_type: str) -> None:
-    if head_type not in HEAD_TYPES:
-        raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
 
 
 def present_classes(label: torch.Tensor) -> torch.Tensor:
@@ -53,24 +49,25 @@ def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return out.reshape(*lead, *out.shape[-2:])
 
 
-def view_probs(raw: torch.Tensor, head_type: str) -> torch.Tensor:
-    """The per-view non-linearity applied before resizing: none for cls (forward_cam already
-    returns ReLU'd CAMs), softmax over the C+1 channels (dim -3) for eps."""
-    _check_head(head_type)
-    return raw if head_type == "cls" else torch.softmax(raw, dim=-3)
+def view_probs(raw: torch.Tensor, head) -> torch.Tensor:
+    """The per-view non-linearity applied before resizing, as the head defines it
+    (``Head.cam_probs``: none for cls, whose forward_cam is already ReLU'd; softmax over the C+1
+    channels for eps). ``head``: a head name, a head class or a model."""
+    return get_head(head).cam_probs(raw)
 
 
 # --------------------------------------------------------------------------------------------
 # Reference path: one view at a time, literally as published.
 # --------------------------------------------------------------------------------------------
 def published_view_cam(raw: torch.Tensor, size: Sequence[int], label: torch.Tensor,
-                       head_type: str, flipped: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                       head, flipped: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One view's contribution. ``raw`` is forward_cam of that view, (C,h,w) for cls or (C+1,h,w)
     for eps (background last). Returns (fg (C,H,W), bg (H,W) or None), both un-flipped."""
+    head = get_head(head)
     num_classes = label.numel()
-    up = upsample(view_probs(raw, head_type)[None], size)[0]
+    up = upsample(view_probs(raw, head)[None], size)[0]
     fg = up[:num_classes] * label.to(up.dtype)[:, None, None]
-    bg = up[num_classes] if head_type == "eps" else None
+    bg = up[num_classes] if head.has_background else None
     if flipped:
         fg = fg.flip(-1)
         bg = bg.flip(-1) if bg is not None else None
@@ -78,13 +75,13 @@ def published_view_cam(raw: torch.Tensor, size: Sequence[int], label: torch.Tens
 
 
 def combine_views_reference(views: Iterable[Tuple[torch.Tensor, bool]], size: Sequence[int],
-                            label: torch.Tensor, head_type: str
+                            label: torch.Tensor, head
                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
     """Sum of the per-view CAMs over all views. Returns (sum_fg (C,H,W), sum_bg (H,W) or None,
     number of views)."""
     sum_fg, sum_bg, n = None, None, 0
     for raw, flipped in views:
-        fg, bg = published_view_cam(raw, size, label, head_type, flipped)
+        fg, bg = published_view_cam(raw, size, label, head, flipped)
         sum_fg = fg if sum_fg is None else sum_fg + fg
         if bg is not None:
             sum_bg = bg if sum_bg is None else sum_bg + bg
@@ -98,18 +95,20 @@ def combine_views_reference(views: Iterable[Tuple[torch.Tensor, bool]], size: Se
 # Fast path: one flip pair per call, summed at feature resolution, present classes only.
 # --------------------------------------------------------------------------------------------
 def combine_flip_pair(raw_pair: torch.Tensor, size: Sequence[int], keys: torch.Tensor,
-                      label: torch.Tensor, head_type: str
+                      label: torch.Tensor, head
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``raw_pair`` = forward_cam of [image, flipped image], shape (2, C', h, w). Returns the
     pair's summed contribution for the present classes only: (fg (K,H,W), bg (H,W) or None)."""
-    probs = view_probs(raw_pair.float(), head_type)
+    head = get_head(head)
+    probs = view_probs(raw_pair.float(), head)
     # Un-flip the second view at feature resolution: flip commutes with the bilinear resize.
     pair = probs[0] + probs[1].flip(-1)
     num_classes = label.numel()
-    chans = keys if head_type == "cls" else torch.cat([keys, keys.new_tensor([num_classes])])
+    # The background map (if the head has one) follows the C class maps.
+    chans = torch.cat([keys, keys.new_tensor([num_classes])]) if head.has_background else keys
     up = upsample(pair.index_select(0, chans.to(pair.device)), size)
     fg = up[:keys.numel()] * label.to(up.device, up.dtype)[keys][:, None, None]
-    bg = up[keys.numel()] if head_type == "eps" else None
+    bg = up[keys.numel()] if head.has_background else None
     return fg, bg
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Optional
 
 from utils.io import atomic_write_text
 from utils.dist import is_main_process
+from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,19 +56,55 @@ def setup_logging(log_file: Optional[Path] = None, level=logging.INFO) -> None:
             root.addHandler(fh)
 
 
-def write_run_info(run_dir, args) -> None:
-    """Write args.json and env.json into run_dir (rank 0 only)."""
+def write_run_info(run_dir, args, **extra) -> None:
+    """Write args.json and env.json into run_dir (rank 0 only). ``extra`` goes into env.json
+    (e.g. numerics=utils.device.configure_numerics(...): device, TF32, cudnn.benchmark, AMP)."""
     if not is_main_process():
         return
     import torch
+
+    from utils.dist import launched_world_size
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "args.json",
                       json.dumps(vars(args), indent=2, sort_keys=True, default=str) + "\n")
     env = dict(git_info(), torch=torch.__version__, python=platform.python_version(),
                host=platform.node(), command=" ".join(sys.argv),
-               started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+               world_size=launched_world_size(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **extra)
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2, default=str) + "\n")
+
+
+def close_file_log(path) -> None:
+    """Stop logging into ``path`` (in-process callers such as tests and pipelines must not keep
+    writing one run's log.txt from the next run)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "baseFilename", None) == str(Path(path).resolve()):
+            root.removeHandler(h)
+            h.close()
+
+
+def check_writable(path, flag: str) -> None:
+    """Refuse, before any compute, an output folder that cannot be created or written."""
+    path = Path(path).resolve()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"{flag} {path}: {existing} is not writable by this user; choose "
+                          f"another {flag} or fix the folder's permissions")
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, the resident set on the CPU."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class JsonlLogger:
@@ -76,6 +114,16 @@ class JsonlLogger:
         self.path = Path(path)
         self.enabled = is_main_process()
 
+    def trim(self, upto: int) -> None:
+        """Keep the records up to iteration ``upto`` (a run resumed from that iteration), none
+        for a fresh start: a killed run may have logged past its last checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        if upto <= 0:
+            self.path.unlink()
+        else:
+            trim_metrics(self.path, upto)
+
     def log(self, **record) -> None:
         if not self.enabled:
             return
@@ -84,7 +132,7 @@ class JsonlLogger:
             f.write(json.dumps(record, default=float) + "\n")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError):
     """A run directory cannot be (re)used as asked; the message says what to do."""
 
 

@@ -7,8 +7,8 @@ ResNet-38, the published one-view-at-a-time loop against infer.py's fast path.
 
 Rows: the reference loop (8 forward passes of batch 1, each view upsampled on its own), then the
 fast path's pieces added one at a time (pair sum at feature resolution + present classes only,
-channels_last, flip pair as one batch, on the CPU the frozen fused network of network/fuse.py and
-then its Winograd graph (network/winograd.py), and on CUDA float16 autocast). Each row reports wall and
+channels_last, flip pair as one batch, on the CPU the frozen fused network of network/cpu/fuse.py and
+then its Winograd graph (network/cpu/winograd.py), and on CUDA float16 autocast). Each row reports wall and
 CPU seconds with the speed-up over the reference for each (on a shared machine the CPU time is
 the trustworthy one: wall time moves with the other jobs' load), the largest CAM difference and
 how many pseudo-mask pixels differ (thr 0.20).
@@ -28,6 +28,7 @@ from PIL import Image
 import infer
 from data.transforms import INFER_SCALES, multiscale_arrays
 from network import build_network
+from network.inference import SpeedOptions, prepare_for_inference
 from utils import cam as camlib
 
 NETWORK = "resnet38_eps"
@@ -63,14 +64,13 @@ def make_runner(model, images, label, size, device, *, fast: bool, channels_last
     """A closure computing one image's CAMs with one variant, warmed up on a small image
     (oneDNN primitive creation / CUDA context off the clock; the fused network's one-off build,
     about 1-2 s of CPU per run, is off the clock too)."""
-    m = infer.prepare_model(model, fast, channels_last, fuse=fuse, winograd=winograd)
+    m = prepare_for_inference(model, device, SpeedOptions(
+        fast=fast, fuse=fuse, winograd=winograd, channels_last=channels_last,
+        batch_views=batch_views, amp=amp))
 
     def once(imgs, sz):
         with torch.inference_mode():
-            if fast:
-                return infer.cams_fast(m, imgs, label, sz, device, channels_last=channels_last,
-                                       amp=amp, batch_views=batch_views)
-            return infer.cams_reference(m, imgs, label, sz, device)
+            return (infer.cams_fast if fast else infer.cams_reference)(m, imgs, label, sz)
 
     small = [torch.nn.functional.interpolate(i[None], scale_factor=0.25)[0] for i in images]
     once(small, tuple(s // 4 for s in size))

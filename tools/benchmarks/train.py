@@ -3,7 +3,7 @@ synthetic batches, for ResNet-38 and the small backbone.
 
 Rows compare a straightforward re-implementation of the published loop (NCHW, fp32, the
 published EPS loss formulation with boolean-mask indexing, PolyOptimizer semantics, a
-``loss.item()`` per step) with train.py's step (``train.compute_losses`` + ``set_poly_lr``) under
+``loss.item()`` per step) with train.py's step (the head's ``losses`` + ``set_poly_lr``) under
 its flags: channels_last (same fp32 math), AMP (bf16 / fp16) and trunk checkpointing.
 ``speedup`` is the published loop's median step time over the row's, measured in the same
 process, interleaved rep by rep to share the machine's noise; on the CPU ``cpu_s`` /
@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the top-level tr
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import train as train_script  # noqa: E402
 from network import build_network  # noqa: E402
 from utils.optim import build_optimizer, set_poly_lr  # noqa: E402
 
@@ -93,8 +92,8 @@ class PublishedLoop:
 
 
 class OurLoop:
-    """train.py's step: compute_losses + poly lr + fused SGD (utils.optim) + gradients set to
-    None instead of zero-filled + GradScaler (a no-op unless fp16)."""
+    """train.py's step: poly lr + the head's losses (network/heads.py) + fused SGD (utils.optim)
+    + gradients set to None instead of zero-filled + GradScaler (a no-op unless fp16)."""
 
     def __init__(self, model, max_iters, device, amp: str, channels_last: bool):
         self.model, self.max_iters, self.it, self.device = model, max_iters, 0, device
@@ -102,12 +101,13 @@ class OurLoop:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.args = argparse.Namespace(channels_last=channels_last, tau=TAU, lam=LAM)
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(self, img, sal, label):
         set_poly_lr(self.opt, self.it, self.max_iters)
-        _, _, loss = train_script.compute_losses(self.model, (None, img, sal, label), "eps",
-                                                 self.args, self.device, self.autocast)
+        with self.autocast:
+            out = self.model(img.contiguous(memory_format=self.fmt))
+        loss = sum(self.model.losses(out, label, sal, tau=TAU, lam=LAM).values())
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)

@@ -21,7 +21,7 @@ How it is laid out here (all plain torch ops, channels-last throughout):
 * the input transform is 8 elementwise ops and the output transform 20, over strided views,
   written into reused workspace buffers (freshly allocated buffers of this size cost a page
   fault per 4 KiB on every call, which alone ate half of the gain);
-* the 16 products are oneDNN matmuls with pre-packed weights (network/onednn.py), about 2.5x
+* the 16 products are oneDNN matmuls with pre-packed weights (network/cpu/onednn.py), about 2.5x
   the throughput of MKL's ``bmm`` on the AMD EPYC this was measured on. Without oneDNN they
   fall back to ``torch.mm``;
 * the conv bias rides on product 5 (component (1, 1)): column 1 of A^T is all ones, so whatever
@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from network import onednn
+from network.cpu import onednn
 
 # Lavin & Gray's F(2x2, 3x3) matrices (interpolation points 0, 1, -1, infinity).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))

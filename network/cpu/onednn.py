@@ -1,6 +1,6 @@
 """The one place that touches PyTorch's private oneDNN ops (``torch.ops.mkldnn``, the CPU kernels
-behind torch.compile's inductor backend), for the CPU inference graph of network/fuse.py and
-network/winograd.py.
+behind torch.compile's inductor backend), for the CPU inference graph of network/cpu/fuse.py and
+network/cpu/winograd.py.
 
 Why not the public ops: on the AMD EPYC these numbers come from, ``torch.mm`` / ``F.linear`` run
 fp32 GEMMs through MKL at ~190 GFLOP/s on 2 threads, oneDNN's matmul at 400-500; and eager

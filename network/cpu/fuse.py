@@ -15,7 +15,7 @@ computes the same CAMs with less memory traffic:
   (checked on a second input size when built), so one trace serves every image size and scale;
 * with ``winograd=True`` (infer.py's CPU default) instead an eager graph rewritten by
   :func:`optimise_cpu_graph`: 3x3 convs with >= 256 input channels as Winograd F(2x2, 3x3)
-  (network/winograd.py: 2.25x fewer multiply-adds, CAMs within ~2e-6), every other conv with
+  (network/cpu/winograd.py: 2.25x fewer multiply-adds, CAMs within ~2e-6), every other conv with
   pre-packed oneDNN weights, ReLUs fused into the convs before them, residual sums and the
   remaining ReLUs in place. On the 2-core development CPU this graph is 1.2-1.4x faster per
   view than the frozen one.
@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from network import onednn
-from network.winograd import WinogradConv2d, is_eligible
+from network.cpu import onednn
+from network.cpu.winograd import WinogradConv2d, is_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _fused_relu(node: fx.Node, modules: dict) -> Optional[fx.Node]:
 
 class PackedConv2d(nn.Module):
     """Inference-only ``nn.Conv2d`` (+ optional fused ReLU) with its weight pre-packed once into
-    oneDNN's blocked layout (network/onednn.py); eager ``F.conv2d`` re-packs it on every call.
+    oneDNN's blocked layout (network/cpu/onednn.py); eager ``F.conv2d`` re-packs it on every call.
     A 1x1 stride-1 conv runs as a oneDNN matmul over the channels-last pixel rows: a packed conv
     weight suits one input size and is re-packed per call at others (measured: b7's 1x1 at 2.5x
     the time on a half-size view), a packed matmul weight suits all. Channels-last output."""
@@ -212,18 +212,23 @@ def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 class FusedNetwork(nn.Module):
-    """What :func:`fuse_for_inference` returns: ``forward_cam`` only, plus the head attributes
-    infer.py reads (``head_type``, ``num_classes``)."""
+    """What :func:`fuse_for_inference` returns: ``forward_cam`` only, plus what the CAM math
+    reads from the network: its ``head`` (the head class: ``cam_probs``, ``has_background``)
+    and ``num_classes``."""
 
-    def __init__(self, graph: nn.Module, head_type: str, num_classes: int, description: str,
+    def __init__(self, graph: nn.Module, head: type, num_classes: int, description: str,
                  channels_last: bool = False):
         super().__init__()
         self.graph = graph
         self.channels_last = channels_last  # the Winograd graph wants NHWC input
-        self.head_type = head_type
+        self.head = head
         self.num_classes = num_classes
         self.description = description
         super().train(False)
+
+    @property
+    def head_type(self) -> str:
+        return self.head.name
 
     def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -284,7 +289,8 @@ def fuse_for_inference(model: nn.Module, *, freeze: bool = True, winograd: bool 
             x = _check_input(device)
             _check_same(gm(x), graph(x))
             desc += ", TorchScript frozen + optimize_for_inference"
-    return FusedNetwork(graph, model.head_type, model.num_classes, desc, channels_last)
+    from network.registry import get_head
+    return FusedNetwork(graph, get_head(model), model.num_classes, desc, channels_last)
 
 
 def _check_input(device: torch.device) -> torch.Tensor:

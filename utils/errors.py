@@ -1,0 +1,12 @@
+"""The one base class of user errors.
+
+A ``UserError`` is something the user can fix: a bad flag, a missing, malformed or mismatched
+file, an output folder that holds another run. Its message is one line that names the file or
+the flag and says what to do; ``utils.cli.run_cli`` prints it without a traceback and exits with
+status 2. Every module raises its own subclass (``DataError``, ``WeightsError``, ...), so a
+caller can still tell them apart. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """A problem with the user's input; the message names the file or flag and the fix."""

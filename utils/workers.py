@@ -1,0 +1,55 @@
+"""Worker processes that never outlive their parent.
+
+A ``kill -9`` of ``infer.py --crf`` used to leave its CRF writers (about 700 MB each) and
+multiprocessing's resource tracker running for minutes: a killed parent runs no clean-up, so its
+children are never told. Here every pool worker asks the kernel to send it SIGKILL when its
+parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so the whole tree goes down together; the
+resource tracker then sees its last client gone and exits too.
+
+Pools are started with ``spawn``, never ``fork``: forking a process that has initialised CUDA or
+NCCL copies their threads' locks in an undefined state (the children can hang).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing as mp
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int = 0) -> None:
+    """Pool initializer: SIGKILL this process when its parent exits (Linux; a no-op elsewhere).
+    ``parent_pid`` closes the race of a parent that died before the call."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent_pid and os.getppid() != parent_pid:  # the parent is already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawned process pool whose workers die with this process."""
+    return ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def mp_pool(workers: int):
+    """A spawned ``multiprocessing.Pool`` (for ``imap_unordered``) whose workers die with this
+    process."""
+    return mp.get_context("spawn").Pool(max(1, workers), initializer=die_with_parent,
+                                         initargs=(os.getpid(),))
+
+
+def executor(workers: int, processes: bool):
+    """Threads (the default: zlib / PNG encoding releases the GIL) or processes (for work that
+    holds the GIL, such as pydensecrf's ~1 s per image)."""
+    return process_pool(workers) if processes else ThreadPoolExecutor(max_workers=max(1, workers))
