@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from network import mxnet_params
+from network.errors import WeightsError
 from network.registry import build_network, normalize_network_name
 from network.resnet38d import MXNET_CLASSIFIER_PREFIX, convert_mxnet_to_torch
 
@@ -39,10 +40,6 @@ KNOWN_NUM_CLASSES = (20, 80)
 IMAGENET_CLASSIFIER_KEYS = ("fc.weight", "fc.bias", MXNET_CLASSIFIER_PREFIX + ".weight",
                             MXNET_CLASSIFIER_PREFIX + ".bias")
 HEAD_PREFIX = "fc8."
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the network (the message says why)."""
 
 
 # ------------------------------------------------------------------------------------------------

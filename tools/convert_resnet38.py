@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from network import mxnet_params  # noqa: E402
 from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.io import torch_save  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -76,13 +77,15 @@ def get_args_parser():
     return p
 
 
+# What the command reports as one "error: ..." line (non-zero exit status) instead of a traceback: a
+# missing, unreadable, truncated or corrupt input, a wrong file, an unwritable output.
+CLI_ERRORS = (OSError, mxnet_params.MXNetParamsError, ConversionError)
+
+
 def main(args) -> str:
     if args.output.exists() and not args.force:
-        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
-    try:
-        sd = convert(args.params)
-    except (FileNotFoundError, mxnet_params.MXNetParamsError, ConversionError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConversionError(f"{args.output} exists; pass --force to overwrite it")
+    sd = convert(args.params)
     torch_save(sd, args.output)
     digest = sha256_of(args.output)
     n_params = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))
@@ -92,5 +95,4 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    run_cli(get_args_parser, main, CLI_ERRORS, __doc__)

@@ -8,7 +8,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Tuple
 
 import numpy as np
 from PIL import Image
@@ -106,3 +106,53 @@ def torch_save(obj, path) -> None:
     import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a file is, from its first bytes (for error messages about files given in the wrong place)
+# ------------------------------------------------------------------------------------------------
+HEAD_BYTES = 64  # enough for every signature below and a readable excerpt
+
+# Torch's legacy (pre-1.6, or _use_new_zipfile_serialization=False) files open with a protocol-2
+# pickle of the magic number 0x1950a86a20f9469cfc6c (torch/serialization.py, MAGIC_NUMBER).
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_SIGNATURES = (  # (leading bytes, kind, what it is)
+    (b"PK\x03\x04", "zip", "a zip archive"),
+    (b"PK\x05\x06", "zip", "an empty zip archive"),
+    (_TORCH_LEGACY_HEAD, "torch-legacy", "a legacy-format PyTorch file"),
+    ((0x112).to_bytes(8, "little"), "mxnet", "an MXNet .params file"),
+    (b"\x93NUMPY", "npy", "a numpy .npy array"),
+    (b"\x89HDF\r\n\x1a\n", "hdf5", "an HDF5 file (e.g. Keras .h5)"),
+    (b"\x1f\x8b", "gzip", "a gzip-compressed file (unpack it first)"),
+    (b"\x89PNG", "image", "a PNG image"),
+    (b"\xff\xd8\xff", "image", "a JPEG image"),
+)
+
+
+def describe_file_start(head: bytes) -> Tuple[str, str]:
+    """(kind, words) for the first bytes of a file, for one-line error messages.
+
+    kind is one of "empty", "zip", "torch-legacy", "mxnet", "npy", "hdf5", "gzip", "image",
+    "pickle", "text" or "binary"; words says what the bytes look like, e.g.
+    "text 'hello world\\n'" or "bytes 3f a2 07 ..." (always printable, never a newline)."""
+    if not head:
+        return "empty", "nothing (0 bytes)"
+    for sig, kind, what in _SIGNATURES:
+        if head.startswith(sig):
+            return kind, f"{head[:len(sig)]!r}, {what}"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle", f"{head[:2]!r}, a Python pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # the cut may fall inside a multi-byte character
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        words = "an HTML page" if text.lstrip()[:1] == "<" else "text"
+        return "text", f"{words} {text[:32]!r}"
+    return "binary", "bytes " + " ".join(f"{b:02x}" for b in head[:8]) + " ..."
+
+
+def read_file_start(path, n: int = HEAD_BYTES) -> bytes:
+    """The first n bytes of a file (fewer if it is shorter)."""
+    with open(path, "rb") as f:
+        return f.read(n)
