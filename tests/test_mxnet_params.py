@@ -370,6 +370,21 @@ def test_convert_tool_end_to_end(full_params, converted):
         main(args)
 
 
+def test_convert_tool_output_is_byte_reproducible(full_params, converted, tmp_path, capsys):
+    """The printed sha256 identifies the weights: converting the same file again, to another name
+    in another folder, gives identical bytes (the archive inside no longer carries the random
+    temporary file name)."""
+    import filecmp
+
+    from tools.convert_resnet38 import get_args_parser, main
+
+    out2 = tmp_path / "again" / "resnet38d_copy.pth"
+    digest2 = main(get_args_parser().parse_args([str(full_params[0]), str(out2)]))
+    assert f"sha256 {digest2}  {out2}" in capsys.readouterr().out
+    assert digest2 == converted[1] and filecmp.cmp(converted[0], out2, shallow=False)
+    assert len(torch.load(out2, mmap=True)) == 191 + 37  # the published code's plain torch.load
+
+
 def test_imagenet_init_from_params_and_from_pth(full_params, converted):
     """Training accepts the .params directly (as published) or the converted .pth; either way
     exactly fc8 is left new, and the trunk holds the file's values."""

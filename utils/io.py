@@ -181,10 +181,16 @@ def load_npz(path) -> dict:
 
 
 def torch_save(obj, path) -> None:
-    """torch.save through a temporary file."""
+    """torch.save through a temporary file; the same object always gives the same bytes.
+
+    torch.save names the zip archive's top folder after the file it is given (the random
+    temporary name here), which made every checkpoint of the same weights differ. Given an open
+    file it uses the fixed name "archive"; the other records (storage keys in order of first use,
+    zip timestamps fixed at 1980, a serialization id derived from the content) are deterministic."""
     import torch
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 # ------------------------------------------------------------------------------------------------
