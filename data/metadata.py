@@ -37,11 +37,20 @@ def _content_lines(path: Path):
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: file not found")
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield lineno, line
+    # Decoded line by line, so an error names the line; bytes.splitlines ends lines at \n, \r\n
+    # and \r, as text mode does. A byte-order mark (editors on Windows add one) is dropped: it
+    # would otherwise become part of the first id, which then matches no image.
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise MetadataError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the file "
+                                "as UTF-8 (plain text, one entry per line)") from None
+        if line and not line.startswith("#"):
+            yield lineno, line
 
 
 def _id_of(line: str) -> str:

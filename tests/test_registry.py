@@ -148,3 +148,20 @@ def test_image_labels_id_on_two_lines(tmp_path, caplog):
     np.testing.assert_array_equal(np.flatnonzero(labels["a"]), [0, 3])
     (rec,) = caplog.records
     assert "2 id(s) repeated" in rec.getMessage() and "a, b" in rec.getMessage()
+
+
+def test_list_encoding(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfx1\nx2\n")  # saved by an editor that adds a byte-order mark
+    assert read_id_list(bom) == ["x1", "x2"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"x1\r\nx2\rx3\n")  # Windows and old Mac line ends
+    assert read_id_list(crlf) == ["x1", "x2", "x3"]
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("x1\nx2\n", encoding="utf-16")
+    with pytest.raises(MetadataError, match=r"utf16.txt:1: not UTF-8 text"):
+        read_id_list(utf16)
+    latin = tmp_path / "image_labels.txt"
+    latin.write_bytes(b"a 0\nb\xe9 1\n")
+    with pytest.raises(MetadataError, match=r"image_labels.txt:2: not UTF-8 text"):
+        read_image_labels(latin, 20)
