@@ -122,8 +122,10 @@ class DatasetInfo:
             f"id list {name_or_path!r} not found (looked in the working directory, "
             f"{PACKAGE_ROOT} and {self.metadata_dir}); pass a path or a split name such as 'train'")
 
-    def read_ids(self, name_or_path) -> List[str]:
-        return read_id_list(self.list_path(name_or_path))
+    def read_ids(self, name_or_path, *, keep_duplicates: bool = False) -> List[str]:
+        """The ids of a list, each once (a repeated id is dropped with a warning; see
+        data.metadata.read_id_list). ``keep_duplicates=True`` is for checkers that report them."""
+        return read_id_list(self.list_path(name_or_path), keep_duplicates=keep_duplicates)
 
     def labels_for(self, img_id: str) -> np.ndarray:
         """Image-level label of one id; a clear error if it is missing or empty."""

@@ -19,10 +19,17 @@ Each record starts with a uint32 that selects its format:
 TShape = int32 ndim + ndim x int64. An empty shape (ndim 0; in V3 an unknown shape, ndim or a
 dim of -1) ends the record: the array is "none" and is returned as an empty float32 array. In V3,
 ndim 0 is a scalar. Sparse arrays (row_sparse, csr) are returned densified.
+
+A file that cannot be read gives one MXNetParamsError line naming the file and the fix. The reader
+tells two faults apart, because a wrong diagnosis sends the user the wrong way: "truncated" (every
+header read so far is plausible, the data ends early: "N of at least M bytes") and "corrupt" (a
+header field that no real file has: more dimensions than MAX_NDIM, a dimension below -1, a record or
+name larger than the whole file, an unknown dtype or storage type).
 """
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import struct
 from collections import Counter
@@ -30,7 +37,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from utils.errors import UserError
+
+from network.errors import WeightsError
+from utils.io import describe_file_start
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +55,15 @@ TYPE_FLAGS = {0: "<f4", 1: "<f8", 2: "<f2", 3: "u1", 4: "<i4", 5: "i1", 6: "<i8"
 BFLOAT16 = 12
 STYPE_NAMES = {0: "dense", 1: "row_sparse", 2: "csr"}
 NUM_AUX = {0: 0, 1: 1, 2: 2}
+# More dimensions than any MXNet array has (mshadow's static shapes stop far below): a larger ndim
+# is a corrupt header, not a large array.
+MAX_NDIM = 32
+FIX = "download or copy it again"
 
 
-class MXNetParamsError(UserError):
-    """A file that is not a readable MXNet NDArray list (the message names the file and why)."""
+class MXNetParamsError(WeightsError):
+    """A file that is not a readable MXNet NDArray list (one line: the file, why, and the fix).
+    A WeightsError (so a ValueError), so callers that report unreadable weights report it too."""
 
 
 class _Reader:
@@ -58,16 +72,23 @@ class _Reader:
     def __init__(self, buf, source: str):
         self.buf, self.pos, self.source = buf, 0, source
         self.size = len(buf)
-        self.what = "header"
+        self.what = "the header"
 
-    def fail(self, msg: str) -> MXNetParamsError:
-        return MXNetParamsError(f"{self.source}: {msg} (at byte {self.pos} of {self.size}, "
-                                f"reading {self.what})")
+    def corrupt(self, msg: str) -> MXNetParamsError:
+        return MXNetParamsError(f"{self.source}: corrupt: {msg} (at byte {self.pos} of {self.size}, "
+                                f"in {self.what}); {FIX}")
 
-    def take(self, n: int) -> int:
-        if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"the file ends early: {n} more bytes needed, {self.size - self.pos} left; "
-                            "it is truncated - download or copy it again")
+    def truncated(self, needed: int) -> MXNetParamsError:
+        return MXNetParamsError(f"{self.source}: truncated: {self.size} of at least {needed} bytes "
+                                f"(the file ends in {self.what}); {FIX}")
+
+    def take(self, n: int, sized: Optional[str] = None) -> int:
+        """Advance by n bytes. ``sized`` names a block whose length came from the file (an array,
+        a name): one larger than the whole file cannot be real, so it is a corrupt header."""
+        if sized is not None and n > self.size:
+            raise self.corrupt(f"{sized} of {n} bytes in a file of {self.size} bytes")
+        if self.pos + n > self.size:
+            raise self.truncated(self.pos + n)
         start = self.pos
         self.pos += n
         return start
@@ -85,23 +106,36 @@ class _Reader:
     def u64(self) -> int:
         return self.unpack("<Q")[0]
 
+    def check_ndim(self, ndim: int) -> None:
+        if ndim > MAX_NDIM:
+            raise self.corrupt(f"a shape with {ndim} dimensions (at most {MAX_NDIM} are plausible)")
+
+    def check_dims(self, shape: Tuple[int, ...]) -> None:
+        # -1 is MXNet's "unknown" (V3); anything below it is no shape at all.
+        bad = [d for d in shape if d < -1]
+        if bad:
+            raise self.corrupt(f"dimension {bad[0]} in shape {shape}")
+
     def tshape(self) -> Optional[Tuple[int, ...]]:
         """nnvm TShape: int32 ndim + ndim x int64. Returns None for ndim -1 (unknown, V3)."""
         ndim = self.i32()
-        if ndim < 0:
+        if ndim == -1:
             return None
-        if ndim > 32:
-            raise self.fail(f"implausible number of dimensions {ndim}")
-        return tuple(self.unpack(f"<{ndim}q")) if ndim else ()
+        if ndim < -1:
+            raise self.corrupt(f"a shape with {ndim} dimensions")
+        self.check_ndim(ndim)
+        shape = tuple(self.unpack(f"<{ndim}q")) if ndim else ()
+        self.check_dims(shape)
+        return shape
 
     def array(self, type_flag: int, shape: Tuple[int, ...]) -> np.ndarray:
         if type_flag not in TYPE_FLAGS:
-            raise self.fail(f"unknown dtype type_flag {type_flag} (known: {sorted(TYPE_FLAGS)})")
+            raise self.corrupt(f"unknown dtype type_flag {type_flag} (known: {sorted(TYPE_FLAGS)})")
         if any(d < 0 for d in shape):
-            raise self.fail(f"negative dimension in shape {shape}")
+            raise self.corrupt(f"negative dimension in shape {shape}")
         dtype = np.dtype(TYPE_FLAGS[type_flag])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        start = self.take(count * dtype.itemsize)
+        count = math.prod(shape)  # Python ints: a corrupt shape must not wrap around in int64
+        start = self.take(count * dtype.itemsize, f"an array of shape {shape} ({dtype.name})")
         # Copy, so the result neither pins the (possibly memory-mapped) file nor is read-only.
         a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).copy()
         if type_flag == BFLOAT16:
@@ -120,7 +154,7 @@ def _read_record(r: _Reader, stats: Counter) -> np.ndarray:
         stats["V3" if v3 else "V2"] += 1
         stype = r.i32()
         if stype not in NUM_AUX:
-            raise r.fail(f"unknown storage type {stype} (0 dense, 1 row_sparse, 2 csr)")
+            raise r.corrupt(f"unknown storage type {stype} (0 dense, 1 row_sparse, 2 csr)")
         nad = NUM_AUX[stype]
         storage_shape = r.tshape() if nad else None
         shape = r.tshape()
@@ -138,16 +172,16 @@ def _read_record(r: _Reader, stats: Counter) -> np.ndarray:
     if magic == NDARRAY_V1_MAGIC:
         stats["V1"] += 1
         ndim = r.u32()
-        if ndim > 32:
-            raise r.fail(f"implausible number of dimensions {ndim}")
+        r.check_ndim(ndim)
         shape = tuple(r.unpack(f"<{ndim}q")) if ndim else ()
+        r.check_dims(shape)
     else:
         # Legacy (pre-2017): the first word is ndim, dims are uint32.
         stats["legacy"] += 1
         ndim = magic
-        if ndim > 32:
-            raise r.fail(f"not an NDArray record: first word 0x{magic:08X} is neither a format magic "
-                         "nor a plausible legacy ndim")
+        if ndim > MAX_NDIM:
+            raise r.corrupt(f"a record starting with 0x{magic:08X}, neither a format magic "
+                            "nor a plausible legacy ndim")
         shape = tuple(r.unpack(f"<{ndim}I")) if ndim else ()
     if len(shape) == 0:
         return _empty()
@@ -160,12 +194,12 @@ def _densify(stype: int, shape, values: np.ndarray, aux: List[np.ndarray], r: _R
     if stype == 1:  # row_sparse: aux[0] = indices of the stored rows
         rows = aux[0].astype(np.int64)
         if values.shape[:1] != rows.shape or (rows.size and (rows.min() < 0 or rows.max() >= shape[0])):
-            raise r.fail("inconsistent row_sparse array")
+            raise r.corrupt("inconsistent row_sparse array")
         dense[rows] = values.reshape((rows.size,) + tuple(shape[1:]))
     else:  # csr: aux[0] = indptr (rows + 1), aux[1] = column indices
         indptr, cols = aux[0].astype(np.int64), aux[1].astype(np.int64)
         if len(shape) != 2 or indptr.size != shape[0] + 1 or cols.size != values.size:
-            raise r.fail("inconsistent csr array")
+            raise r.corrupt("inconsistent csr array")
         row_of = np.repeat(np.arange(shape[0]), np.diff(indptr))
         dense[row_of, cols] = values
     return dense
@@ -175,34 +209,41 @@ def read_ndarray_list(buf, source: str = "<buffer>") -> Tuple[List[np.ndarray], 
     """Parse an NDArray list from a bytes-like buffer. Returns (arrays, names); names is empty
     for an unnamed list. The arrays own their memory."""
     r = _Reader(buf, source)
-    if r.size < 16:
-        raise r.fail("too short to be an MXNet .params file (needs a 16-byte header)")
-    magic, _reserved = r.unpack("<QQ")
-    if magic != LIST_MAGIC:
-        raise MXNetParamsError(f"{source}: not an MXNet NDArray file (first 8 bytes 0x{magic:X}, "
-                               f"expected 0x{LIST_MAGIC:X}); is it a PyTorch .pth or another format?")
-    r.what = "array count"
+    head = bytes(buf[:8])
+    if r.size == 0:
+        raise MXNetParamsError(f"{source}: empty (0 bytes), not an MXNet .params file; {FIX}")
+    if head != LIST_MAGIC.to_bytes(8, "little")[:len(head)]:
+        kind, words = describe_file_start(bytes(buf[:64]))
+        hint = {"zip": "a PyTorch .pth is a zip archive: give the file a .pth name",
+                "torch-legacy": "give the file a .pth name"}.get(kind, FIX)
+        raise MXNetParamsError(f"{source}: not an MXNet .params file (it starts with {words}); {hint}")
+    r.unpack("<QQ")  # magic, reserved
+    r.what = "the array count"
     n = r.u64()
-    if n > (r.size - r.pos) // 4:  # every record needs at least 4 bytes
-        raise r.fail(f"implausible array count {n}; the file is truncated or not an NDArray list")
+    # Every record takes at least 4 bytes: a count the whole file cannot hold is a corrupt header,
+    # one that only the rest of the file cannot hold means the file was cut.
+    if n > r.size // 4:
+        raise r.corrupt(f"an array count of {n}")
+    if n > (r.size - r.pos) // 4:
+        raise r.truncated(r.pos + 4 * n)
     stats: Counter = Counter()
     arrays = []
     for i in range(n):
-        r.what = f"array {i} of {n}"
+        r.what = f"array {i} of {n}"  # 0-based, as in the file
         arrays.append(_read_record(r, stats))
-    r.what = "name count"
+    r.what = "the name count"
     k = r.u64()
     if k not in (0, n):
-        raise r.fail(f"{k} names for {n} arrays")
+        raise r.corrupt(f"{k} names for {n} arrays")
     names = []
     for i in range(k):
         r.what = f"name {i} of {k}"
         length = r.u64()
-        start = r.take(length)
+        start = r.take(length, "a name")
         try:
             names.append(bytes(buf[start:start + length]).decode("utf-8"))
         except UnicodeDecodeError:
-            raise r.fail("a name is not valid text") from None
+            raise r.corrupt("a name that is not valid text") from None
     if r.pos != r.size:
         logger.warning("%s: %d trailing bytes after the NDArray list ignored", source, r.size - r.pos)
     logger.debug("%s: %d arrays, record formats %s", source, n, dict(stats))
@@ -222,8 +263,8 @@ def load_params(path, *, keep_prefix: bool = False) -> Dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such MXNet .params file")
     with open(path, "rb") as f:
-        if path.stat().st_size == 0:
-            raise MXNetParamsError(f"{path}: the file is empty; download or copy it again")
+        if path.stat().st_size == 0:  # mmap refuses empty files
+            raise MXNetParamsError(f"{path}: empty (0 bytes), not an MXNet .params file; {FIX}")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             arrays, names = read_ndarray_list(mm, str(path))
     if not names:
@@ -244,5 +285,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="List the arrays of an MXNet .params file.")
     parser.add_argument("params", type=Path, help="an MXNet .params file")
     a = parser.parse_args()
-    for key, value in load_params(a.params, keep_prefix=True).items():
+    try:
+        arrays = load_params(a.params, keep_prefix=True)
+    except (OSError, MXNetParamsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for key, value in arrays.items():
         print(f"{key:50s} {str(value.dtype):8s} {tuple(value.shape)}")

@@ -98,6 +98,21 @@ def test_invalid_prediction_counted_or_dropped(tmp_path):
     assert dropped["invalid_predictions"].startswith("dropped")
 
 
+def test_duplicate_id_in_the_list_is_counted_once(tmp_path, caplog):
+    datalist, gt, pred = make_voc_case(tmp_path)
+    once = evaluate.main(parse("--datalist", datalist, "--gt_dir", gt, "--pred_dir", pred,
+                               "--save_path", tmp_path / "once.txt", "--num-workers", "0"))
+    twice_list = tmp_path / "twice.txt"
+    twice_list.write_text(f"{IDS[0]}\n{IDS[1]}\n{IDS[0]}\n")
+    with caplog.at_level("WARNING", logger="data.metadata"):
+        twice = evaluate.main(parse("--datalist", twice_list, "--gt_dir", gt, "--pred_dir", pred,
+                                    "--save_path", tmp_path / "twice.txt.out", "--num-workers", "0"))
+    assert any("1 duplicate id line(s) dropped" in r.getMessage() for r in caplog.records)
+    assert twice["num_images"] == once["num_images"] == 2 and twice["num_ids"] == 2
+    assert twice["miou"] == once["miou"] == pytest.approx((12 / 13 + 11 / 12 + 1) / 3, rel=1e-12)
+    assert twice["confusion"] == once["confusion"]
+
+
 def test_size_mismatch_and_missing_files(tmp_path):
     datalist, gt, pred = make_voc_case(tmp_path)
     save_label_png(pred / f"{IDS[1]}.png", np.zeros((4, 5), np.uint8))

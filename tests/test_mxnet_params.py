@@ -171,7 +171,8 @@ def test_truncated_file_gives_clear_error(tmp_path):
 def test_foreign_and_broken_files(tmp_path):
     torch_file = tmp_path / "model.params"
     torch.save({"a": torch.zeros(2)}, torch_file)
-    with pytest.raises(MXNetParamsError, match="not an MXNet NDArray file"):
+    with pytest.raises(MXNetParamsError, match=r"not an MXNet \.params file \(it starts with "
+                                                r"b'PK\\x03\\x04', a zip archive\).*give the file a \.pth name"):
         load_params(torch_file)
     unnamed = tmp_path / "unnamed.params"
     unnamed.write_bytes(ndarray_file([rec_legacy(sample(0))]))
@@ -184,6 +185,84 @@ def test_foreign_and_broken_files(tmp_path):
         read_ndarray_list(ndarray_file([rec_legacy(sample(0))], ["a", "b"]))
     with pytest.raises(FileNotFoundError):
         load_params(tmp_path / "missing.params")
+
+
+def _one_line_error(path, match):
+    with pytest.raises(MXNetParamsError) as e:
+        load_params(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: ") and msg.endswith("download or copy it again"), msg
+    assert __import__("re").search(match, msg), msg
+    return msg
+
+
+def test_corrupt_header_is_not_called_truncated(tmp_path):
+    """A header field no real file has says "corrupt"; a plausible header whose data is cut says
+    "truncated: N of at least M bytes"."""
+    good = ndarray_file([rec_v2(sample(0)), rec_v2(sample(0, (3,)))], ["arg:a", "arg:b"])
+    first_dim = 16 + 8 + 4 + 4 + 4  # list header, count, V2 magic, stype, ndim
+    cases = {
+        # a flipped high byte of the first dimension: 43 GB of data claimed by a 206-byte file
+        "bigdim": good[:first_dim + 3] + b"\x6c" + good[first_dim + 4:],
+        # ndim 2**24 + 4
+        "ndim": good[:first_dim - 1] + b"\x01" + good[first_dim:],
+        # dimension -5 (only -1, "unknown", exists)
+        "negdim": good[:first_dim] + struct.pack("<q", -5) + good[first_dim + 8:],
+        # an array count no file of this size can hold
+        "count": good[:16] + struct.pack("<Q", 10 ** 12) + good[24:],
+        # a name length beyond the file
+        "name": good[:-13] + struct.pack("<Q", 1 << 40) + good[-5:],
+        # a legacy record whose first word is no magic and no small ndim
+        "legacy": ndarray_file([struct.pack("<I", 0x01020304) + b"\0" * 40], ["arg:a"]),
+        "stype": good[:16 + 8 + 4] + struct.pack("<i", 7) + good[16 + 8 + 8:],
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.params"
+        path.write_bytes(data)
+        msg = _one_line_error(path, r": corrupt: ")
+        assert "truncated" not in msg, msg
+    assert "43486543920 bytes in a file of 206 bytes" in _one_line_error(tmp_path / "bigdim.params", "")
+    # Truncated: the header is fine, the data ends early.
+    (tmp_path / "cut.params").write_bytes(good[:100])  # inside the data of array 0
+    _one_line_error(tmp_path / "cut.params", r": truncated: 100 of at least 128 bytes \(the file ends in array 0 of 2\)")
+
+
+def test_empty_text_and_random_files(tmp_path):
+    (tmp_path / "empty.params").write_bytes(b"")
+    _one_line_error(tmp_path / "empty.params", r": empty \(0 bytes\), not an MXNet \.params file")
+    (tmp_path / "page.params").write_text("<!DOCTYPE html>\n<html><body>Not Found</body></html>\n")
+    _one_line_error(tmp_path / "page.params", r"not an MXNet \.params file \(it starts with an HTML page "
+                                              r"'<!DOCTYPE html>\\n<html>")
+    (tmp_path / "text.params").write_text("hello\n")
+    _one_line_error(tmp_path / "text.params", r"it starts with text 'hello\\n'")
+    (tmp_path / "random.params").write_bytes(b"\xde\xad\xbe\xef" + np.random.default_rng(0).bytes(996))
+    _one_line_error(tmp_path / "random.params", r"it starts with bytes de ad be ef ")
+
+
+def test_unreadable_params_reach_the_user_as_one_line(tmp_path):
+    """load_pretrained (train.py --weights x.params) raises a WeightsError, which the entry points
+    report as one line; the converter prints one "error:" line and a non-zero status."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from network import build_network
+    from network.weights import WeightsError, load_pretrained
+
+    path = tmp_path / "ilsvrc.params"
+    path.write_bytes(ndarray_file([rec_legacy(sample(0))], ["arg:conv1a_weight"])[:50])
+    model = build_network("small_cls", 2)
+    with pytest.raises(WeightsError, match=r"ilsvrc\.params: truncated: 50 of at least"):
+        load_pretrained(model, path)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(__import__("os").environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    for data in (b"", b"hello\n", path.read_bytes()):
+        path.write_bytes(data)
+        r = subprocess.run([sys.executable, str(repo / "tools" / "convert_resnet38.py"), str(path),
+                            str(tmp_path / "out.pth")], env=env, capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"convert_resnet38.py: error: {path}: "), r.stderr
+        assert not (tmp_path / "out.pth").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +355,7 @@ def converted(full_params, tmp_path_factory):
 
 
 def test_convert_tool_end_to_end(full_params, converted):
-    from tools.convert_resnet38 import main
+    from tools.convert_resnet38 import ConversionError, main
 
     out, digest, args = converted
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
@@ -287,8 +366,23 @@ def test_convert_tool_end_to_end(full_params, converted):
         if key is not None:
             assert sd[key].dtype == torch.float32
             assert float(sd[key].flatten()[0]) == value and float(sd[key].flatten()[-1]) == value, key
-    with pytest.raises(SystemExit, match="exists"):  # never silently overwrite
+    with pytest.raises(ConversionError, match="exists; pass --force"):  # never silently overwrite
         main(args)
+
+
+def test_convert_tool_output_is_byte_reproducible(full_params, converted, tmp_path, capsys):
+    """The printed sha256 identifies the weights: converting the same file again, to another name
+    in another folder, gives identical bytes (the archive inside no longer carries the random
+    temporary file name)."""
+    import filecmp
+
+    from tools.convert_resnet38 import get_args_parser, main
+
+    out2 = tmp_path / "again" / "resnet38d_copy.pth"
+    digest2 = main(get_args_parser().parse_args([str(full_params[0]), str(out2)]))
+    assert f"sha256 {digest2}  {out2}" in capsys.readouterr().out
+    assert digest2 == converted[1] and filecmp.cmp(converted[0], out2, shallow=False)
+    assert len(torch.load(out2, mmap=True)) == 191 + 37  # the published code's plain torch.load
 
 
 def test_imagenet_init_from_params_and_from_pth(full_params, converted):

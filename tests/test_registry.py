@@ -105,3 +105,63 @@ def test_empty_label_is_an_error(tmp_path):
 def test_every_registry_entry_has_training_defaults():
     for name, spec in DATASETS.items():
         assert {"crop_size", "batch_size", "max_iters", "tau", "lam"} <= set(spec.train_defaults)
+
+
+def test_duplicate_ids_are_dropped_with_a_warning(tmp_path, caplog):
+    p = tmp_path / "train.txt"
+    p.write_text("b\na\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\nc\na\na\n")
+    with caplog.at_level("WARNING", logger="data.metadata"):
+        assert read_id_list(p) == ["b", "a", "c"]  # first occurrences, in file order
+    (rec,) = caplog.records
+    assert rec.levelname == "WARNING"
+    msg = rec.getMessage()
+    assert str(p) in msg and "3 duplicate id line(s) dropped" in msg and "repeated ids: b, a" in msg
+    assert read_id_list(p, keep_duplicates=True) == ["b", "a", "b", "c", "a", "a"]
+    caplog.clear()
+    p.write_text("x\ny\n")
+    with caplog.at_level("WARNING", logger="data.metadata"):
+        assert read_id_list(p) == ["x", "y"]
+    assert not caplog.records
+
+
+def test_registry_lists_never_repeat_an_id(tmp_path):
+    write_class_names(tmp_path / "labels.txt", ["background", "a"])
+    (tmp_path / "train.txt").write_text("x1\nx2\nx1\n")
+    info = get_dataset("custom", metadata_dir=tmp_path)
+    assert info.read_ids("train") == ["x1", "x2"]
+    assert info.read_ids("train", keep_duplicates=True) == ["x1", "x2", "x1"]
+
+
+def test_image_labels_id_on_two_lines(tmp_path, caplog):
+    p = tmp_path / "image_labels.txt"
+    p.write_text("# header\na 0 3\nb 1\na 2\n")
+    with pytest.raises(MetadataError) as e:
+        read_image_labels(p, 20)
+    msg = str(e.value)
+    assert str(p) in msg and "'a'" in msg and "line 2 and line 4" in msg and "[0 3] vs [2]" in msg
+    assert "\n" not in msg
+    # The same classes again (in another order): kept once, with one warning.
+    p.write_text("a 0 3\nb 1\na 3 0\nb 1\n")
+    with caplog.at_level("WARNING", logger="data.metadata"):
+        labels = read_image_labels(p, 20)
+    assert list(labels) == ["a", "b"]
+    np.testing.assert_array_equal(np.flatnonzero(labels["a"]), [0, 3])
+    (rec,) = caplog.records
+    assert "2 id(s) repeated" in rec.getMessage() and "a, b" in rec.getMessage()
+
+
+def test_list_encoding(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfx1\nx2\n")  # saved by an editor that adds a byte-order mark
+    assert read_id_list(bom) == ["x1", "x2"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"x1\r\nx2\rx3\n")  # Windows and old Mac line ends
+    assert read_id_list(crlf) == ["x1", "x2", "x3"]
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("x1\nx2\n", encoding="utf-16")
+    with pytest.raises(MetadataError, match=r"utf16.txt:1: not UTF-8 text"):
+        read_id_list(utf16)
+    latin = tmp_path / "image_labels.txt"
+    latin.write_bytes(b"a 0\nb\xe9 1\n")
+    with pytest.raises(MetadataError, match=r"image_labels.txt:2: not UTF-8 text"):
+        read_image_labels(latin, 20)

@@ -64,7 +64,7 @@ def test_corrupt_truncated_and_unsafe_files(tmp_path):
             load_state_dict_file(path)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": small_sd(), "args": Namespace(lr=0.1)}, unsafe)  # a pickled object
-    with pytest.raises(WeightsError, match="other than tensors"):
+    with pytest.raises(WeightsError, match="not a plain weights file: it holds Python objects other than tensors"):
         load_state_dict_file(unsafe)
     not_sd = tmp_path / "list.pth"
     torch.save([1, 2, 3], not_sd)
@@ -76,6 +76,75 @@ def test_corrupt_truncated_and_unsafe_files(tmp_path):
     params.write_bytes(b"\0" * 32)
     with pytest.raises(WeightsError, match="convert_resnet38"):
         load_state_dict_file(params)
+
+
+def _weights_error(path) -> str:
+    with pytest.raises(WeightsError) as e:
+        load_state_dict_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+    assert "weights_only" not in msg and "will likely succeed" not in msg, msg  # never torch's advice
+    return msg
+
+
+def test_unreadable_files_give_one_line_each(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(small_sd(), good)
+    data = good.read_bytes()
+    legacy = tmp_path / "legacy.pth"
+    torch.save(small_sd(), legacy, _use_new_zipfile_serialization=False)
+    files = {
+        "empty.pth": b"",
+        "cut_zip.pth": data[:len(data) // 2],
+        "cut_zip_early.pth": data[:100],
+        "cut_legacy.pth": legacy.read_bytes()[:300],
+        "random.pth": b"\xde\xad\xbe\xef" + __import__("os").urandom(2000),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        msg = _weights_error(tmp_path / name)
+        assert msg.endswith("corrupt or truncated - download or copy it again") or \
+            ("corrupt or truncated PyTorch file" in msg and msg.endswith("download or copy it again")), msg
+    assert "empty (0 bytes)" in _weights_error(tmp_path / "empty.pth")
+    assert "it starts with bytes de ad be ef" in _weights_error(tmp_path / "random.pth")
+
+
+def test_text_and_other_formats_are_named(tmp_path):
+    """A text file once crashed with "KeyError: 101": torch's legacy loader read 'e' as a pickle
+    opcode. Now: what the file starts with, and the fix."""
+    import numpy as np
+
+    text = tmp_path / "weights.pth"
+    text.write_text("epoch 5 loss 0.3\n")
+    msg = _weights_error(text)
+    assert "not a PyTorch weights file (it starts with text 'epoch 5 loss 0.3\\n')" in msg
+    assert "pass the .pth written by torch.save" in msg
+    html = tmp_path / "page.pth"
+    html.write_text("<html><body>404</body></html>")
+    assert "(it starts with an HTML page '<html>" in _weights_error(html)
+    npz = tmp_path / "arrays.pth"
+    with open(npz, "wb") as f:
+        np.savez(f, a=np.zeros(3))
+    assert "a zip archive without data.pkl" in _weights_error(npz)
+    npy = tmp_path / "array.pth"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    assert "a numpy .npy array" in _weights_error(npy)
+    mx = tmp_path / "imagenet.pth"
+    mx.write_bytes((0x112).to_bytes(8, "little") + bytes(40))
+    assert "an MXNet .params file under another name" in _weights_error(mx)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickled_objects_are_refused_for_safety(tmp_path, legacy):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": small_sd(), "args": Namespace(lr=0.1)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    msg = _weights_error(path)
+    assert "not a plain weights file" in msg and "(argparse.Namespace)" in msg
+    assert "refused for safety (no code from a weights file is run)" in msg
+    assert "torch.save(model.state_dict(), PATH)" in msg
+    assert "corrupt" not in msg and "truncated" not in msg
 
 
 # ------------------------------------------------------------------------------------------------

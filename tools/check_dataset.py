@@ -199,7 +199,7 @@ def get_args_parser():
 def main(args) -> CheckReport:
     info = get_dataset(args.dataset, metadata_dir=args.metadata_dir, data_root=args.data_root)
     list_name = args.list or info.train_defaults.get("train_list", "train")
-    ids = info.read_ids(list_name)
+    ids = info.read_ids(list_name, keep_duplicates=True)  # the check reports repeats itself
     report = check_dataset(info, args.data_root, ids, saliency_root=args.saliency_root,
                            gt=args.gt or args.gt_dir is not None, gt_dir=args.gt_dir,
                            labels=args.labels, decode=args.decode, workers=args.workers,

@@ -20,13 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from network import mxnet_params  # noqa: E402
 from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.io import torch_save  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.run import check_writable  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-NUM_TRUNK_TENSORS = 191  # 44 conv weights + 37 BN x 4 (reference.md 1.12, without fc8 and counters)
+NUM_TRUNK_TENSORS = 191  # 44 conv weights + 37 BN x 4 (docs/networks.md: without fc8 and counters)
 
 
 class ConversionError(UserError):
@@ -74,17 +76,21 @@ def get_args_parser():
     p.add_argument("params", type=Path,
                    help="ImageNet MXNet weights, e.g. ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
     p.add_argument("output", type=Path, help="output .pth (a plain trunk state_dict, 228 entries)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                   help="overwrite an existing output file")
     return p
 
 
 def main(args) -> str:
+    # Every input problem is one line before the 420 MB read (an unreadable, truncated or corrupt
+    # .params file is a WeightsError from the reader; a wrong file a ConversionError).
+    if not args.params.is_file():
+        raise ConversionError(f"{args.params}: file not found; download the ImageNet ResNet-38 "
+                              f"weights (README 'Downloads')")
     if args.output.exists() and not args.force:
-        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
-    try:
-        sd = convert(args.params)
-    except (FileNotFoundError, mxnet_params.MXNetParamsError, ConversionError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConversionError(f"{args.output} exists; pass --force to overwrite it")
+    check_writable(args.output.parent, "output")
+    sd = convert(args.params)
     torch_save(sd, args.output)
     digest = sha256_of(args.output)
     n_params = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))

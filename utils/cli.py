@@ -8,8 +8,8 @@ Each script defines ``get_args_parser()`` (a reusable parent parser, ``add_help=
 
 :func:`run_cli` parses the flags (abbreviations off: ``--max_iter`` must not silently mean
 ``--max_iters``), sets up logging, runs ``main`` and turns a :class:`~utils.errors.UserError`
-into one line on stderr (and in the run's log file) with exit status 2 instead of a traceback;
-Ctrl-C exits with 130. A distributed process group is always torn down. Booleans are
+into one line on stderr, ``<prog>: error: <message>`` (also written to the run's log file when
+one is open), with exit status 2 instead of a traceback; Ctrl-C exits with 130. A distributed process group is always torn down. Booleans are
 ``argparse.BooleanOptionalAction`` flags (``--overwrite`` / ``--no-overwrite``) everywhere.
 """
 from __future__ import annotations
@@ -30,6 +30,19 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def report_error(prog: str, message: str) -> None:
+    """``<prog>: error: <message>`` on stderr, and into the log file of the run when one is open.
+    Under torchrun, an error before the process group exists is the same on every rank (printed
+    by rank 0); after it, each rank prints its own, prefixed with its rank."""
+    from utils import dist
+    if dist.get_world_size() > 1:
+        print(f"{prog}: error: [rank {dist.get_rank()}] {message}", file=sys.stderr, flush=True)
+    elif dist.is_main_process():
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    # console=False: the log file gets it, the console already has it (utils/run.py)
+    logging.getLogger(prog).error("%s", message, extra={"console": False})
+
+
 def build_parser(get_args_parser: Callable[[], argparse.ArgumentParser],
                  doc: Optional[str] = None) -> argparse.ArgumentParser:
     parent = get_args_parser()
@@ -46,16 +59,16 @@ def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callab
     from utils import dist
     from utils.run import setup_logging
 
-    args = build_parser(get_args_parser, doc).parse_args(argv)
+    parser = build_parser(get_args_parser, doc)
+    args = parser.parse_args(argv)
     setup_logging()
     try:
         result = main(args)
     except UserError as e:
-        rank = f"[rank {dist.get_rank()}] " if dist.get_world_size() > 1 else ""
-        logger.error("%s%s", rank, one_line(e))
+        report_error(parser.prog, one_line(e))
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted")
+        report_error(parser.prog, "interrupted")
         return 130
     finally:
         dist.cleanup()

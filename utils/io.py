@@ -1,14 +1,18 @@
 """Atomic file output: every writer goes through a temporary file in the target folder and an
 ``os.replace``, so a crash or kill never leaves a half-written PNG, npz or checkpoint behind, and
-a resumed job can trust that an existing output file is complete."""
+a resumed job can trust that an existing output file is complete. A kill -9 can leave the hidden
+temporary file itself; :func:`remove_stale_temps` removes those (and nothing else)."""
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
-import tempfile
+import re
+import secrets
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -22,6 +26,46 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+logger = logging.getLogger(__name__)
+
+# Temporary names: ".<stem>.<token>.tmp<suffix>" next to the target, e.g.
+# ".checkpoint_last.k3x9_a0q.tmp.pth". The suffix is kept so libraries that dispatch on it still
+# work; the leading dot hides the file. The token uses the alphabet and length of tempfile.mkstemp,
+# which made these names before, so remove_stale_temps also recognises files left by older runs.
+TEMP_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+TEMP_TOKEN_LEN = 8
+TEMP_MARK = ".tmp"
+TEMP_NAME_RE = re.compile(r"\.(?P<stem>.*)\.[" + re.escape(TEMP_TOKEN_ALPHABET) + r"]{"
+                          + str(TEMP_TOKEN_LEN) + r"}" + re.escape(TEMP_MARK) + r"(?P<suffix>\.[^.]+)?")
+# A temporary file younger than this may belong to a writer that is still running (another
+# process writing into the same folder), so the cleaner leaves it alone. Live writes refresh the
+# file's mtime as they go; ten minutes without a write is an interrupted one.
+STALE_AFTER_S = 600.0
+
+
+def temp_name(path, token: str) -> str:
+    """The temporary file name atomic_path uses for ``path`` (a name, without the folder)."""
+    path = Path(path)
+    return f".{path.stem}.{token}{TEMP_MARK}{path.suffix}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one that atomic_path creates (see temp_name)."""
+    return TEMP_NAME_RE.fullmatch(name) is not None
+
+
+def _create_temp(path: Path) -> Path:
+    """Create an empty, private (0600) temporary file next to ``path``; never reuses a name."""
+    for _ in range(100):
+        token = "".join(secrets.choice(TEMP_TOKEN_ALPHABET) for _ in range(TEMP_TOKEN_LEN))
+        tmp = path.parent / temp_name(path, token)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
 
 
 @contextlib.contextmanager
@@ -30,16 +74,51 @@ def atomic_path(path) -> Iterator[Path]:
     succeeds. The temporary name keeps the suffix so libraries that dispatch on it still work."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        yield Path(tmp)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        yield tmp
+        # The temporary file is created 0600; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temps(folder, recursive: bool = False, *,
+                       min_age_s: float = STALE_AFTER_S) -> List[Path]:
+    """Remove the temporary files that atomic_path left in ``folder`` (and, if recursive, below
+    it) when a run was killed before it could rename or delete them. Only names of atomic_path's
+    pattern (see temp_name) that are regular files not modified for ``min_age_s`` seconds are
+    removed: a user's own dotfiles, links and writes still in progress stay. Returns the removed
+    paths; a missing folder removes nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed: List[Path] = []
+    walk = os.walk(folder) if recursive else [(str(folder), None, None)]
+    for dirpath, _, _ in walk:
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError:  # a folder we may not list is none of ours
+            continue
+        for entry in entries:
+            if not is_temp_name(entry.name):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:  # removed meanwhile (e.g. by its own writer)
+                continue
+            removed.append(Path(entry.path))
+    if removed:
+        logger.info("removed %d stale temporary file(s) left by an interrupted run under %s "
+                    "(e.g. %s)", len(removed), folder, removed[0].name)
+    return removed
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -102,7 +181,63 @@ def load_npz(path) -> dict:
 
 
 def torch_save(obj, path) -> None:
-    """torch.save through a temporary file."""
+    """torch.save through a temporary file; the same object always gives the same bytes.
+
+    torch.save names the zip archive's top folder after the file it is given (the random
+    temporary name here), which made every checkpoint of the same weights differ. Given an open
+    file it uses the fixed name "archive"; the other records (storage keys in order of first use,
+    zip timestamps fixed at 1980, a serialization id derived from the content) are deterministic."""
     import torch
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a file is, from its first bytes (for error messages about files given in the wrong place)
+# ------------------------------------------------------------------------------------------------
+HEAD_BYTES = 64  # enough for every signature below and a readable excerpt
+
+# Torch's legacy (pre-1.6, or _use_new_zipfile_serialization=False) files open with a protocol-2
+# pickle of the magic number 0x1950a86a20f9469cfc6c (torch/serialization.py, MAGIC_NUMBER).
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_SIGNATURES = (  # (leading bytes, kind, what it is)
+    (b"PK\x03\x04", "zip", "a zip archive"),
+    (b"PK\x05\x06", "zip", "an empty zip archive"),
+    (_TORCH_LEGACY_HEAD, "torch-legacy", "a legacy-format PyTorch file"),
+    ((0x112).to_bytes(8, "little"), "mxnet", "an MXNet .params file"),
+    (b"\x93NUMPY", "npy", "a numpy .npy array"),
+    (b"\x89HDF\r\n\x1a\n", "hdf5", "an HDF5 file (e.g. Keras .h5)"),
+    (b"\x1f\x8b", "gzip", "a gzip-compressed file (unpack it first)"),
+    (b"\x89PNG", "image", "a PNG image"),
+    (b"\xff\xd8\xff", "image", "a JPEG image"),
+)
+
+
+def describe_file_start(head: bytes) -> Tuple[str, str]:
+    """(kind, words) for the first bytes of a file, for one-line error messages.
+
+    kind is one of "empty", "zip", "torch-legacy", "mxnet", "npy", "hdf5", "gzip", "image",
+    "pickle", "text" or "binary"; words says what the bytes look like, e.g.
+    "text 'hello world\\n'" or "bytes 3f a2 07 ..." (always printable, never a newline)."""
+    if not head:
+        return "empty", "nothing (0 bytes)"
+    for sig, kind, what in _SIGNATURES:
+        if head.startswith(sig):
+            return kind, f"{head[:len(sig)]!r}, {what}"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle", f"{head[:2]!r}, a Python pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # the cut may fall inside a multi-byte character
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        words = "an HTML page" if text.lstrip()[:1] == "<" else "text"
+        return "text", f"{words} {text[:32]!r}"
+    return "binary", "bytes " + " ".join(f"{b:02x}" for b in head[:8]) + " ..."
+
+
+def read_file_start(path, n: int = HEAD_BYTES) -> bytes:
+    """The first n bytes of a file (fewer if it is shorter)."""
+    with open(path, "rb") as f:
+        return f.read(n)

@@ -45,6 +45,7 @@ def setup_logging(log_file: Optional[Path] = None, level=logging.INFO) -> None:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
         h.setLevel(level if main else logging.WARNING)
+        h.addFilter(lambda record: getattr(record, "console", True))  # see utils.cli.report_error
         h._eps_console = True
         root.addHandler(h)
     if log_file is not None and main:
