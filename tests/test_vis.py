@@ -208,3 +208,28 @@ def test_save_cam_overview_writes_rgb_png(tmp_path):
     vis.save_cam_overview(tmp_path / "a.png", image, mask, keys, cams, NAMES, bg=bg, title="a")
     assert Image.open(tmp_path / "a.png").mode == "RGB"
 
+
+# --------------------------------------------------------------------------------------------
+# the demo comparison figure
+# --------------------------------------------------------------------------------------------
+def test_comparison_figure_has_a_legend(tmp_path):
+    from data.registry import get_dataset
+    from tools.demo_report import comparison_figure
+    from tools.make_demo_dataset import Settings, write_dataset
+    root = write_dataset(tmp_path / "data", 8, 1, seed=0, settings=Settings(size=32),
+                         progress=False)
+    info = get_dataset("custom", None, root)
+    ids = info.read_ids("train")
+    fig = comparison_figure(root, ids, info, {"GT again": root / "SegmentationClassAug"}, 2,
+                            [1, 2], context_names={1: "railroad", 2: "water"})
+    assert fig is not None and fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[2] == 3
+    from tools.demo_report import choose_figure_ids
+    rows = choose_figure_ids(root, ids, 2, [1, 2])
+    assert [ctx for _, ctx in rows] and all(ctx for _, ctx in rows)   # rows hold context pixels
+    shown = np.unique(np.concatenate([np.asarray(Image.open(info.gt_path(root, i))).ravel()
+                                      for i, _ in rows]))
+    pal = voc_palette()
+    for v in shown:      # every class of the shown rows has a swatch, and so has 255
+        if v != 0:
+            assert has_block(fig, pal[v]), v
+    assert 255 in shown
