@@ -112,8 +112,8 @@ def choose_figure_ids(data_root: Path, ids: Sequence[str], num: int,
     by_value: Dict[int, List[str]] = {}
     held: Dict[str, List[int]] = {}
     for img_id in ids:
-        present = [int(v) for v in np.unique(read_label_png(data_root / CONTEXT_DIR / f"{img_id}.png"))
-                   if v in values]
+        context = read_label_png(data_root / CONTEXT_DIR / f"{img_id}.png")
+        present = [int(v) for v in np.unique(context) if v in values]
         held[img_id] = present
         for v in present:
             if len(by_value.setdefault(v, [])) < num:
@@ -147,6 +147,8 @@ def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[s
         masks = [read_label_png(folder / f"{img_id}.png") for folder in methods.values()]
         seen += [np.unique(gt)] + [np.unique(m) for m in masks]
         rows.append((img_id, ctx, image, [gt, *masks]))
+    # Images of different sizes are centred in equal cells, so the columns line up under their
+    # headers (the demo's are all the same size).
     box_hw = (0, 0)
     sizes = []
     for _, _, image, _ in rows:
@@ -154,9 +156,6 @@ def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[s
         hw = (h * scale, w * scale) if scale else vis.display_size(h, w)
         sizes.append(hw)
         box_hw = (max(box_hw[0], hw[0]), max(box_hw[1], hw[1]))
-    # Images of different sizes are centred in equal cells, so the columns line up under their
-    # headers (the demo's are all the same size).
-
     pad = 4
     width = len(columns) * (box_hw[1] + pad) - pad
     parts = [vis.tile([vis.text_strip(c, box_hw[1], bold=True, align="center", bg=vis.WHITE)
@@ -171,8 +170,8 @@ def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[s
             cells.append(vis.blend(img_s, vis.colorize_mask(m_s), 0.6, where=m_s > 0))
         names = [context_names.get(v, str(v)) if context_names else str(v) for v in ctx]
         title = f"{img_id}  (context: {', '.join(names)})" if names else img_id
-        parts.append(vis.stack([vis.text_strip(title, width, bg=vis.CAPTION_BG),
-                                vis.tile([vis.pad_to(c, box_hw) for c in cells], columns=len(cells), pad=pad)],
+        row = vis.tile([vis.pad_to(c, box_hw) for c in cells], columns=len(cells), pad=pad)
+        parts.append(vis.stack([vis.text_strip(title, width, bg=vis.CAPTION_BG), row],
                                axis=0, pad=2, align="start"))
     entries = vis.legend_entries(np.concatenate(seen), info.class_names)
     parts.append(vis.legend(width, entries, title="mask colours:"))

@@ -359,8 +359,9 @@ def cam_overview(image: np.ndarray, mask: np.ndarray, keys: Sequence[int], cams:
                                f"{name}, max {float(np.nanmax(m)) if m.size else 0.0:.2f}"))
     grid = tile_rows(tiles, max_columns=columns)
     width = grid.shape[1]
-    entries = legend_entries(mask, class_names)
-    parts = [grid, legend(width, entries, title="pseudo-mask:", colour_bar=heat_note(bg is not None))]
+    key = legend(width, legend_entries(mask, class_names), title="pseudo-mask:",
+                 colour_bar=heat_note(bg is not None))
+    parts = [grid, key]
     if title:
         parts.insert(0, text_strip(title, width, size=CAPTION_SIZE + 2, bold=True, bg=WHITE))
     return with_margin(stack(parts, axis=0, pad=6, align="start"))
