@@ -33,7 +33,7 @@ from data.registry import get_dataset  # noqa: E402
 from eval import EvalError, evaluate_folders, read_label_png  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 from tools.make_demo_dataset import count_context_errors, read_context_names  # noqa: E402
-from utils.vis import blend, captioned, colorize_mask, tile  # noqa: E402
+from utils import vis  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -107,15 +107,19 @@ def score_method(info, data_root: Path, ids: Sequence[str], pred_dir: Path,
     return dict(scores=scores, hits=hits)
 
 
-def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[str, Path],
-                      num: int, values: Sequence[int], scale: int = 2) -> Optional[np.ndarray]:
-    """Rows: ``num`` ids with context pixels, taking each context value in turn (railroad, water,
-    railroad, ...); columns: image, GT, one mask per method."""
+def choose_figure_ids(data_root: Path, ids: Sequence[str], num: int,
+                      values: Sequence[int]) -> List[Tuple[str, List[int]]]:
+    """``num`` ids with context pixels, taking each context value in turn (railroad, water,
+    railroad, ...), each with the context values it holds."""
     by_value: Dict[int, List[str]] = {}
+    held: Dict[str, List[int]] = {}
     for img_id in ids:
-        for v in np.unique(read_label_png(data_root / CONTEXT_DIR / f"{img_id}.png")):
-            if v in values and len(by_value.setdefault(int(v), [])) < num:
-                by_value[int(v)].append(img_id)
+        context = read_label_png(data_root / CONTEXT_DIR / f"{img_id}.png")
+        present = [int(v) for v in np.unique(context) if v in values]
+        held[img_id] = present
+        for v in present:
+            if len(by_value.setdefault(v, [])) < num:
+                by_value[v].append(img_id)
         if len(by_value) == len(values) and all(len(x) >= num for x in by_value.values()):
             break
     chosen: List[str] = []
@@ -123,22 +127,57 @@ def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[s
         for v in sorted(by_value):
             if k < len(by_value[v]) and by_value[v][k] not in chosen and len(chosen) < num:
                 chosen.append(by_value[v][k])
-    tiles = []
+    return [(i, held[i]) for i in chosen]
 
-    def up(a):
-        return np.asarray(Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale),
-                                                    Image.NEAREST))
 
-    for img_id in chosen:
+def comparison_figure(data_root: Path, ids: Sequence[str], info, methods: Dict[str, Path],
+                      num: int, values: Sequence[int], scale: Optional[int] = None,
+                      context_names: Optional[Dict[int, str]] = None) -> Optional[np.ndarray]:
+    """Rows: ``num`` ids with context pixels (see choose_figure_ids), each titled with its id and
+    context; columns, under a header: image, ground truth, one mask per method; a legend of the
+    mask colours at the bottom. ``scale`` enlarges the images by that factor (default: to
+    vis.display_size, about 200 px); ``context_names`` maps context values to names for the
+    row titles."""
+    chosen = choose_figure_ids(data_root, ids, num, values)
+    if not chosen:
+        return None
+    columns = ["image", "ground truth", *methods]
+    rows, seen = [], []
+    for img_id, ctx in chosen:
         image = np.asarray(Image.open(info.image_path(data_root, img_id)).convert("RGB"))
         gt = read_label_png(info.gt_path(data_root, img_id))
-        gt_vis = np.where(gt == 255, 0, gt).astype(np.uint8)
-        tiles.append(captioned(up(image), img_id))
-        tiles.append(captioned(up(blend(image, colorize_mask(gt_vis), 0.6, where=gt_vis > 0)), "GT"))
-        for name, folder in methods.items():
-            m = read_label_png(folder / f"{img_id}.png")
-            tiles.append(captioned(up(blend(image, colorize_mask(m), 0.6, where=m > 0)), name))
-    return tile(tiles, columns=2 + len(methods)) if tiles else None
+        masks = [read_label_png(folder / f"{img_id}.png") for folder in methods.values()]
+        seen += [np.unique(gt)] + [np.unique(m) for m in masks]
+        rows.append((img_id, ctx, image, [gt, *masks]))
+    # Images of different sizes are centred in equal cells, so the columns line up under their
+    # headers (the demo's are all the same size).
+    box_hw = (0, 0)
+    sizes = []
+    for _, _, image, _ in rows:
+        h, w = image.shape[:2]
+        hw = (h * scale, w * scale) if scale else vis.display_size(h, w)
+        sizes.append(hw)
+        box_hw = (max(box_hw[0], hw[0]), max(box_hw[1], hw[1]))
+    pad = 4
+    width = len(columns) * (box_hw[1] + pad) - pad
+    parts = [vis.tile([vis.text_strip(c, box_hw[1], bold=True, align="center", bg=vis.WHITE)
+                       for c in columns], columns=len(columns), pad=pad)]
+    for (img_id, ctx, image, labels), hw in zip(rows, sizes):
+        img_s = vis.resize_rgb(image, hw)
+        cells = [img_s]
+        for m in labels:
+            # The ground truth's 255 ring is drawn in its VOC colour: the legend names it, and
+            # it shows that those pixels are not scored.
+            m_s = vis.resize_labels(m, hw)
+            cells.append(vis.blend(img_s, vis.colorize_mask(m_s), 0.6, where=m_s > 0))
+        names = [context_names.get(v, str(v)) if context_names else str(v) for v in ctx]
+        title = f"{img_id}  (context: {', '.join(names)})" if names else img_id
+        row = vis.tile([vis.pad_to(c, box_hw) for c in cells], columns=len(cells), pad=pad)
+        parts.append(vis.stack([vis.text_strip(title, width, bg=vis.CAPTION_BG), row],
+                               axis=0, pad=2, align="start"))
+    entries = vis.legend_entries(np.concatenate(seen), info.class_names)
+    parts.append(vis.legend(width, entries, title="mask colours:"))
+    return vis.with_margin(vis.stack(parts, axis=0, pad=8, align="start"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -207,7 +246,8 @@ def main(args) -> str:
     if args.out is not None:
         atomic_write_text(args.out, text)
     if args.figure is not None:
-        grid = comparison_figure(data_root, ids, info, methods, args.figure_num, list(contexts))
+        grid = comparison_figure(data_root, ids, info, methods, args.figure_num, list(contexts),
+                                 context_names={v: ctx for v, (ctx, _) in contexts.items()})
         if grid is None:
             logger.warning("no image of %s has context pixels: no figure", args.list)
         else:
