@@ -27,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from data.errors import DataError  # the entry points import it from here
 from data.metadata import MetadataError
 from data.registry import DatasetInfo, dataset_root_of
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 # How many offending files an error message lists before "... and N more".
 _SHOW = 5
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or inconsistent; the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
