@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from data.errors import DataError  # the entry points import it from here
 from data.metadata import MetadataError
+from data.pixels import image_to_8bit, saliency_to_8bit
 from data.registry import DatasetInfo, dataset_root_of
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
                              multiscale_arrays)
@@ -65,16 +66,20 @@ def _open(path: Path, what: str, fix: str) -> Image.Image:
 
 
 def load_rgb(path) -> Image.Image:
-    """An image as PIL RGB (published: ``Image.open(p).convert("RGB")``)."""
-    return _open(Path(path), "image", "check --data_root (the folder with JPEGImages/ or the "
-                                      "COCO split folders)").convert("RGB")
+    """An image as PIL RGB (published: ``Image.open(p).convert("RGB")``), read at its real bit
+    depth: 16-bit grayscale as round(v / 257), other non-8-bit files refused (data/pixels.py)."""
+    img = _open(Path(path), "image", "check --data_root (the folder with JPEGImages/ or the "
+                                     "COCO split folders)")
+    return image_to_8bit(img, path).convert("RGB")
 
 
 def load_saliency(path, image_size, image_path=None) -> Image.Image:
-    """A saliency PNG (any mode; the transform converts it to RGB as published). Its size must
-    equal the image's: the published code resizes both from their own sizes, so a mismatch would
-    silently misalign object and saliency."""
+    """A saliency PNG in an 8-bit mode (the transform converts it to RGB as published; a 16-bit
+    grayscale map comes back as 'L', round(v / 257); data/pixels.py). Its size must equal the
+    image's: the published code resizes both from their own sizes, so a mismatch would silently
+    misalign object and saliency."""
     sal = _open(Path(path), "saliency map", "check --saliency_root (one <id>.png per image)")
+    sal = saliency_to_8bit(sal, path)
     if sal.size != tuple(image_size):
         raise DataError(
             f"saliency map {path} is {sal.size[0]}x{sal.size[1]} (WxH) but its image "
