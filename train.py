@@ -39,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data.datasets import ClsDataset, ClsSalDataset, DataError, default_saliency_root
 from data.metadata import MetadataError
 from data.registry import DATASETS, get_dataset
+from data.saliency import check_saliency_maps
 from network import NETWORKS, build_network, normalize_network_name
 from network.losses import cls_loss, eps_loss
 from network.weights import (WeightsError, describe_checkpoint, load_pretrained,
@@ -155,6 +156,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--check-data", action=bool_flag, default=True,
         help="before training, compare every saliency map's size with its image (header reads, "
              "~1 ms per file)")
+    add("--stretch-saliency", action=bool_flag, default=False,
+        help="stretch saliency maps whose aspect ratio differs from their image's to the image "
+             "instead of stopping; a deviation (published: off, and its per-file resize would "
+             "misalign them). Maps at another resolution with the image's aspect ratio need no flag")
     add("--freeze-bn", action=bool_flag, default=None,
         help="published freezing: every BN in eval mode with fixed affine, conv1a/b2* frozen. "
              "Default: on with --weights (ImageNet init, as published), off from scratch")
@@ -273,24 +278,6 @@ class SeededSamples(Dataset):
             np.random.set_state(np_state)
 
 
-def check_saliency_sizes(dataset: ClsSalDataset) -> None:
-    """Header-only size check of every (image, saliency) pair, so a mismatch stops the run
-    before any compute instead of at some later iteration."""
-    from PIL import Image
-    bad = []
-    pairs = zip(dataset.image_paths, (e["saliency"] for e in dataset.extra_paths))
-    for img_path, sal_path in tqdm(pairs, total=len(dataset), desc="check sizes", leave=False,
-                                   disable=not du.is_main_process() or len(dataset) < 2000):
-        with Image.open(img_path) as a, Image.open(sal_path) as b:
-            if a.size != b.size:
-                bad.append(f"{sal_path} is {b.size[0]}x{b.size[1]}, {img_path} is "
-                           f"{a.size[0]}x{a.size[1]}")
-    if bad:
-        raise DataError(f"{len(bad)} saliency maps do not have their image's size (" +
-                        "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") +
-                        "): regenerate them from the images (tools/check_dataset.py lists all)")
-
-
 def build_train_data(args, info, head_type: str, start_iter: int):
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
                   skip_missing=args.skip_missing)
@@ -304,9 +291,10 @@ def build_train_data(args, info, head_type: str, start_iter: int):
             logger.info("saliency maps: %s (default location)", sal_root)
         elif not Path(sal_root).is_dir():
             raise TrainingError(f"--saliency_root {sal_root} is not a folder")
-        dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list, **common)
+        dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list,
+                                stretch_saliency=args.stretch_saliency, **common)
         if args.check_data:
-            check_saliency_sizes(dataset)
+            check_saliency_maps(dataset, args.stretch_saliency, progress=du.is_main_process())
     else:
         dataset = ClsDataset(info, args.data_root, args.train_list, **common)
     logger.info("%s", dataset)

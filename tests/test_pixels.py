@@ -1,8 +1,10 @@
 """Saliency maps and images that are not 8-bit (issue 12; data/pixels.py, docs/data.md).
 
 16-bit grayscale is read at its real depth (round(v / 257): a map stored as 257 * k is exactly its
-8-bit twin); formats with no exact 8-bit reading are refused with one line naming the file.
+8-bit twin, in the transform and in training); formats with no exact 8-bit reading are refused
+with one line naming the file; tools/check_dataset.py reports both.
 """
+import json
 import random
 import shutil
 import struct
@@ -18,6 +20,8 @@ from data import transforms as tf
 from data.datasets import DataError, load_rgb, load_saliency
 from data.pixels import (PixelFormatError, png_bit_depth, saliency_to_8bit, sixteen_to_8bit,
                          to_8bit)
+from test_saliency_sizes import make_sal_dataset
+from test_train import base_argv, run_main
 
 
 def write_png(path: Path, arr, bit_depth: int, color_type: int) -> Path:
@@ -173,3 +177,51 @@ def test_to_8bit_is_header_only_for_8bit_files(tmp_path):
     with Image.open(tmp_path / "m.png") as img:
         assert to_8bit(img, tmp_path / "m.png") is img
         assert img.tile  # still lazy: nothing was decoded
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and tools/check_dataset.py
+# ---------------------------------------------------------------------------------------------
+def test_sixteen_bit_maps_train_with_the_8bit_losses(tmp_path):
+    root = make_sal_dataset(tmp_path / "d8", n=8)
+    run8 = run_main(base_argv(root, tmp_path / "runs", session="eight", iters=3))
+    for p in sorted((root / "SALImages").glob("*.png"))[::2]:
+        sixteen_bit_twin(p, p)
+    run16 = run_main(base_argv(root, tmp_path / "runs", session="sixteen", iters=3))
+    rec8, rec16 = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+                   for r in (run8, run16))
+    keys = ("iter", "loss_cls", "loss_sal", "loss")
+    assert [[r[k] for k in keys] for r in rec8] == [[r[k] for k in keys] for r in rec16]
+    assert "4 16-bit maps read at full depth" in (run16 / "log.txt").read_text()
+
+
+def test_unsupported_map_stops_training_before_compute(tmp_path):
+    root = make_sal_dataset(tmp_path / "d", n=8)
+    sal = root / "SALImages" / "img_005.png"
+    w, h = Image.open(sal).size
+    write_png(sal, np.zeros((h, w, 3), np.uint16), 16, 2)
+    with pytest.raises(DataError, match=r"^1 of 8 ids have an image or saliency map that cannot "
+                                        r"be read without wrong values \(img_005: saliency map "
+                                        r".*img_005\.png is a 16-bit colour PNG"):
+        run_main(base_argv(root, tmp_path / "runs"))
+    assert not list((tmp_path / "runs").rglob("*.pth"))
+
+
+def test_check_dataset_reports_bit_depths(tmp_path, capsys):
+    from tools import check_dataset
+    root = make_sal_dataset(tmp_path / "d", n=6)
+    sal = root / "SALImages"
+    sixteen_bit_twin(sal / "img_001.png", sal / "img_001.png")
+    sixteen_bit_twin(sal / "img_002.png", sal / "img_002.png")
+    w, h = Image.open(sal / "img_004.png").size
+    write_png(sal / "img_004.png", np.zeros((h, w, 3), np.uint16), 16, 2)
+    argv = ["--dataset", "custom", "--data-root", str(root), "--saliency-root", str(sal),
+            "--list", "train", "--workers", "2"]
+    report = check_dataset.main(check_dataset.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert not report.passed and report.ok["saliency"] == 5
+    assert report.problems[("saliency", "unsupported pixel format")] == [
+        f"{sal / 'img_004.png'} (a 16-bit colour PNG (PIL keeps only the high byte of each value))"]
+    assert "WARNING: saliency: 2 16-bit grayscale files: read at full depth, round(v / 257) " \
+           "(first: img_001, img_002)" in out
+    assert "PROBLEMS: 1 of 6 ids" in out
