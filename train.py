@@ -29,6 +29,7 @@ import torch
 
 from data.datasets import ClsDataset, ClsSalDataset, default_saliency_root
 from data.registry import DATASETS, get_dataset
+from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
 from network.weights import load_initial_weights, record_network
 from utils import dist
@@ -149,6 +150,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--check-data", action=bool_flag, default=True,
         help="before training, compare every saliency map's size with its image (header reads, "
              "~1 ms per file)")
+    add("--stretch-saliency", action=bool_flag, default=False,
+        help="stretch saliency maps whose aspect ratio differs from their image's to the image "
+             "instead of stopping; a deviation (published: off, and its per-file resize would "
+             "misalign them). Maps at another resolution with the image's aspect ratio need no flag")
     add("--freeze-bn", action=bool_flag, default=None,
         help="published freezing: every BN in eval mode with fixed affine, conv1a/b2* frozen. "
              "Default: on with --weights (ImageNet init, as published), off from scratch")
@@ -217,27 +222,12 @@ def build_dataset(args, info, head):
         raise TrainingError(f"--network {args.network} trains with saliency maps: "
                             f"{'--saliency_root ' if args.saliency_root else 'the default '}"
                             f"{sal_root} is not a folder (README 'Downloads': PFAN saliency maps)")
-    dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list, **common)
-    if args.check_data:
-        check_saliency_sizes(dataset)
+    dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list,
+                            stretch_saliency=args.stretch_saliency, **common)
+    if args.check_data:  # header reads: a bad map stops the run before any compute
+        dataset.map_report = check_saliency_maps(dataset, args.stretch_saliency, log=False,
+                                                 progress=dist.is_main_process())
     return dataset
-
-
-def check_saliency_sizes(dataset: ClsSalDataset) -> None:
-    """Header-only size check of every (image, saliency) pair, so a mismatch stops the run
-    before any compute instead of at some later iteration."""
-    from PIL import Image
-    from data.datasets import DataError
-    bad = []
-    for img_path, extra in zip(dataset.image_paths, dataset.extra_paths):
-        with Image.open(img_path) as a, Image.open(extra["saliency"]) as b:
-            if a.size != b.size:
-                bad.append(f"{extra['saliency']} is {b.size[0]}x{b.size[1]}, {img_path} is "
-                           f"{a.size[0]}x{a.size[1]}")
-    if bad:
-        raise DataError(f"{len(bad)} saliency maps do not have their image's size (" +
-                        "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") +
-                        "): regenerate them from the images (tools/check_dataset.py lists all)")
 
 
 def main(args):
@@ -294,6 +284,8 @@ def main(args):
     try:
         write_run_info(run_dir, args, numerics=numerics)
         logger.info("%s", dataset)
+        if getattr(dataset, "map_report", None) is not None:
+            logger.info("%s", dataset.map_report.summary())
         logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir,
                     world, device, args.batch_size // world)
         return train(args, model, loader, ckpt, run_dir, device, resume_path)

@@ -7,8 +7,10 @@ no decoding). By default a missing image / saliency map / mask stops the run rig
 ``--skip-missing`` flag) those ids are dropped instead and the count is logged and shown in
 ``repr(dataset)``. Missing or empty image labels always stop the run: they mean the list and the
 labels file disagree, which skipping would hide. Problems that need the pixels (corrupt files,
-saliency / mask size different from the image) are raised when the item is loaded;
-``tools/check_dataset.py`` finds all of them up front.
+unsupported bit depths, a mask size different from the image's, a saliency map with another
+aspect ratio than its image) are raised when the item is loaded; ``tools/check_dataset.py`` finds
+all of them up front, and train.py checks the saliency maps before any compute
+(``data.saliency.check_saliency_maps``).
 
 Override contract of ``_BaseDataset``: a subclass sets ``needs_labels`` and implements
 ``_extra_files(img_id) -> {kind: Path}`` (files besides the image that must exist) and
@@ -27,20 +29,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from data.errors import DataError  # the entry points import it from here
 from data.metadata import MetadataError
+from data.pixels import image_to_8bit, saliency_to_8bit
 from data.registry import DatasetInfo, dataset_root_of
+from data.saliency import check_map_size
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
                              multiscale_arrays)
-from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # How many offending files an error message lists before "... and N more".
 _SHOW = 5
-
-
-class DataError(UserError):
-    """A data file is missing, unreadable or inconsistent; the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,22 +69,21 @@ def _open(path: Path, what: str, fix: str) -> Image.Image:
 
 
 def load_rgb(path) -> Image.Image:
-    """An image as PIL RGB (published: ``Image.open(p).convert("RGB")``)."""
-    return _open(Path(path), "image", "check --data_root (the folder with JPEGImages/ or the "
-                                      "COCO split folders)").convert("RGB")
+    """An image as PIL RGB (published: ``Image.open(p).convert("RGB")``), read at its real bit
+    depth: 16-bit grayscale as round(v / 257), other non-8-bit files refused (data/pixels.py)."""
+    img = _open(Path(path), "image", "check --data_root (the folder with JPEGImages/ or the "
+                                     "COCO split folders)")
+    return image_to_8bit(img, path).convert("RGB")
 
 
-def load_saliency(path, image_size, image_path=None) -> Image.Image:
-    """A saliency PNG (any mode; the transform converts it to RGB as published). Its size must
-    equal the image's: the published code resizes both from their own sizes, so a mismatch would
-    silently misalign object and saliency."""
+def load_saliency(path, image_size, image_path=None, stretch: bool = False) -> Image.Image:
+    """A saliency PNG in an 8-bit mode (the transform converts it to RGB as published; a 16-bit
+    grayscale map comes back as 'L', round(v / 257)). Its size may differ from the image's when
+    the aspect ratio is the same (the transform resizes it to the image, as published); another
+    aspect ratio is a DataError unless ``stretch`` (--stretch-saliency; data/saliency.py)."""
     sal = _open(Path(path), "saliency map", "check --saliency_root (one <id>.png per image)")
-    if sal.size != tuple(image_size):
-        raise DataError(
-            f"saliency map {path} is {sal.size[0]}x{sal.size[1]} (WxH) but its image "
-            f"{image_path or ''} is {image_size[0]}x{image_size[1]}; saliency maps must have the "
-            f"image's size: regenerate this map from the image (tools/check_dataset.py "
-            f"--saliency-root lists every mismatch)")
+    sal = saliency_to_8bit(sal, path)
+    check_map_size(path, sal.size, image_size, stretch, image_path)
     return sal
 
 
@@ -238,17 +237,21 @@ class ClsSalDataset(_BaseDataset):
     """'eps' training data: ``(id, img (3,crop,crop), sal (1,crop,crop) in [0,1], label (C,))``.
 
     Saliency map = ``saliency_root/<id>.png``; ``saliency_root=None`` means
-    ``<dataset root>/SALImages``.
+    ``<dataset root>/SALImages``. A map at another resolution than its image (same aspect ratio)
+    is resized to the image, as published; one with another aspect ratio is a DataError naming
+    the file unless ``stretch_saliency`` (--stretch-saliency, a deviation: stretched to the image).
     """
 
     def __init__(self, info: DatasetInfo, data_root, saliency_root, ids, crop_size: int,
                  resize_size: Sequence[int] = (256, 512), *, skip_missing: bool = False,
-                 transform=None, rng=None):
+                 transform=None, rng=None, stretch_saliency: bool = False):
         self.saliency_root = Path(saliency_root) if saliency_root is not None \
             else default_saliency_root(info, data_root)
+        self.stretch_saliency = bool(stretch_saliency)
         super().__init__(info, data_root, ids, skip_missing=skip_missing)
         self.transform = transform if transform is not None else \
-            ClsSalTrainTransform(crop_size, _check_resize(resize_size), rng=rng)
+            ClsSalTrainTransform(crop_size, _check_resize(resize_size), rng=rng,
+                                 stretch_saliency=self.stretch_saliency)
 
     def _extra_files(self, img_id):
         return {"saliency": saliency_path(self.saliency_root, img_id)}
@@ -256,12 +259,14 @@ class ClsSalDataset(_BaseDataset):
     def __getitem__(self, index: int):
         img_path = self.image_paths[index]
         img = load_rgb(img_path)
-        sal = load_saliency(self.extra_paths[index]["saliency"], img.size, img_path)
+        sal = load_saliency(self.extra_paths[index]["saliency"], img.size, img_path,
+                            stretch=self.stretch_saliency)
         img_t, sal_t = self.transform(img, sal)
         return self.ids[index], img_t, sal_t, self.label(index)
 
     def _repr_extra(self):
-        return f", saliency_root='{self.saliency_root}', transform={self.transform}"
+        stretch = ", stretch_saliency=True" if self.stretch_saliency else ""
+        return f", saliency_root='{self.saliency_root}'{stretch}, transform={self.transform}"
 
 
 class InferDataset(_BaseDataset):

@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from data.errors import DataError
+from data.saliency import OTHER_ASPECT, size_kind
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -211,14 +214,29 @@ class ClsSalTrainTransform(_TrainTransform):
     One target_long for both (both bicubic) -> joint hflip -> jitter (image only) -> normalize the
     image, saliency uint8/255 -> joint crop with the same box (both zero-padded) -> CHW ->
     saliency = mean over its 3 RGB channels. Returns (img (3,crop,crop), sal (1,crop,crop)) float32.
+
+    The map is resized (RGB, bicubic) to the image's resized size. EPS resizes it from its own
+    size to the same long side; for a map of the image's size both are the same call, bit for bit,
+    and for a map at another resolution with the image's aspect ratio they agree while this one
+    keeps the two aligned (docs/data.md). A map with another aspect ratio is a DataError unless
+    ``stretch_saliency`` (--stretch-saliency: stretched to the image, a deviation).
     """
 
+    def __init__(self, crop_size: int, resize_long: Sequence[int] = (256, 512),
+                 color_jitter: Optional[Callable] = DEFAULT, rng=None,
+                 stretch_saliency: bool = False):
+        super().__init__(crop_size, resize_long, color_jitter, rng)
+        self.stretch_saliency = bool(stretch_saliency)
+
     def __call__(self, img: Image.Image, sal: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
-        if img.size != sal.size:
-            # Published code resizes each from its own size, so a mismatch silently misaligns them.
-            raise ValueError(f"image size {img.size} != saliency size {sal.size}")
+        if not self.stretch_saliency and size_kind(img.size, sal.size) == OTHER_ASPECT:
+            # EPS would misalign such a map; the datasets name the file before it gets here.
+            raise DataError(f"saliency map of size {sal.size} has another aspect ratio than its "
+                            f"image {img.size}: regenerate it from the image, or stretch it with "
+                            f"--stretch-saliency (a deviation from the published code)")
         target_long = self.resize.draw()
-        img, sal = resize_long(img, target_long), resize_long(sal.convert("RGB"), target_long)
+        img = resize_long(img, target_long)
+        sal = sal.convert("RGB").resize(img.size, resample=RESAMPLE)
         if draw_flip(self.rng):
             img, sal = hflip(img), hflip(sal)
         if self.color_jitter is not None:
@@ -230,8 +248,9 @@ class ClsSalTrainTransform(_TrainTransform):
         return torch.from_numpy(hwc_to_chw(img_arr)), torch.from_numpy(np.ascontiguousarray(sal_chw))
 
     def __repr__(self):
+        stretch = ", stretch_saliency=True" if self.stretch_saliency else ""
         return (f"ClsSalTrainTransform(resize={self.resize}, joint flip=0.5, jitter(image)="
-                f"{self.color_jitter}, crop={self.crop_size})")
+                f"{self.color_jitter}, crop={self.crop_size}{stretch})")
 
 
 def multiscale_arrays(img: Image.Image, scales: Sequence[float] = INFER_SCALES) -> List[np.ndarray]:

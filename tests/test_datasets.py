@@ -132,10 +132,17 @@ def test_missing_saliency(root, info):
 
 
 def test_saliency_size_mismatch(root, info):
-    Image.new("L", (7, 5)).save(root / "SALImages" / "img_a.png")
+    # Another aspect ratio (20x8 for a 20x16 image): refused, naming the file, unless stretched.
+    Image.new("L", (20, 8)).save(root / "SALImages" / "img_a.png")
     ds = ClsSalDataset(info, root, None, ["img_a"], crop_size=8)
-    with pytest.raises(DataError, match=r"img_a\.png is 7x5 .* 20x16; .*regenerate"):
+    with pytest.raises(DataError, match=r"img_a\.png is 20x8 .* 20x16: another aspect ratio.*"
+                                        r"regenerate.*--stretch-saliency"):
         ds[0]
+    ds = ClsSalDataset(info, root, None, ["img_a"], crop_size=8, stretch_saliency=True)
+    assert ds[0][2].shape == (1, 8, 8) and "stretch_saliency=True" in repr(ds)
+    # Half resolution (same aspect ratio): accepted without the flag.
+    Image.new("L", (10, 8)).save(root / "SALImages" / "img_a.png")
+    assert ClsSalDataset(info, root, None, ["img_a"], crop_size=8)[0][2].shape == (1, 8, 8)
 
 
 def test_id_without_labels_and_image_without_class(root, info):
@@ -209,7 +216,7 @@ def test_check_dataset_clean(root, capsys):
 def test_check_dataset_reports_every_problem(root, capsys):
     (root / "train.txt").write_text("img_a\nimg_b\nimg_c\nimg_empty\nimg_x\nimg_a\n")
     (root / "JPEGImages" / "img_b.jpg").write_bytes(b"garbage")
-    Image.new("L", (3, 3)).save(root / "SALImages" / "img_a.png")
+    Image.new("L", (20, 4)).save(root / "SALImages" / "img_a.png")  # another aspect ratio
     (root / "SALImages" / "img_c.png").unlink()
     (root / "SegmentationClassAug" / "img_c.png").unlink()
     report = _check(["--dataset", "custom", "--data-root", root / "JPEGImages",
@@ -218,14 +225,14 @@ def test_check_dataset_reports_every_problem(root, capsys):
     assert p[("list", "duplicate id")] == 1
     assert p[("image", "missing")] == 2          # img_empty, img_x
     assert p[("image", "unreadable")] == 1       # img_b
-    assert p[("saliency", "size differs from image")] == 2  # img_a listed twice
+    assert p[("saliency", "aspect ratio differs from image")] == 2  # img_a listed twice
     assert p[("saliency", "missing")] == 3       # img_c, img_empty, img_x
     assert p[("labels", "image with no class")] == 1
     assert [k for k in p if k[0] == "labels" and k[1].startswith("no labels")] and report.ok["labels"] == 4
     assert p[("gt", "missing")] == 3          # GT beside JPEGImages even with a JPEGImages root
     assert not report.passed
     out = capsys.readouterr().out
-    assert "img_a.png (3x3 vs 20x16)" in out and "PROBLEMS: 5 of 6 ids" in out
+    assert "img_a.png (20x4 vs 20x16)" in out and "PROBLEMS: 5 of 6 ids" in out
 
 
 def test_check_dataset_cli_exit_status(root):

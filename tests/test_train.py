@@ -259,8 +259,9 @@ def test_eps_needs_saliency(data_root, tmp_path):
 def test_saliency_size_mismatch_and_missing_files(tmp_path):
     root = make_tiny_dataset(tmp_path / "d", n=8)
     sal = root / "SALImages" / "img_003.png"
-    Image.fromarray(np.zeros((5, 7), np.uint8), mode="L").save(sal)
-    with pytest.raises(DataError, match="img_003.png"):
+    Image.fromarray(np.zeros((5, 40), np.uint8), mode="L").save(sal)  # another aspect ratio
+    with pytest.raises(DataError, match=r"1 of 8 saliency maps have another aspect ratio .*"
+                                        r"img_003 \(map 40x5"):
         run_main(base_argv(root, tmp_path / "runs"))
     assert not (tmp_path / "runs" / "run" / train.LAST_NAME).exists()
     sal.unlink()

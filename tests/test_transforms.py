@@ -205,8 +205,12 @@ def test_sal_transform_resizes_both_with_one_length():
     ref = np.asarray(sal.convert("RGB").resize((8, 6), Image.BICUBIC))[..., 0] / 255.0
     assert np.allclose(out_sal[0, :6].numpy(), ref, atol=1e-6)
     assert np.all(out_sal[0, 6:].numpy() == 0)
-    with pytest.raises(ValueError):
-        tf.ClsSalTrainTransform(8, (8, 16))(img, sal.resize((15, 12)))
+    # Another aspect ratio (16x6 for a 16x12 image) is refused unless stretched (--stretch-saliency).
+    with pytest.raises(ValueError, match="another aspect ratio"):
+        tf.ClsSalTrainTransform(8, (8, 16))(img, sal.resize((16, 6)))
+    stretched = tf.ClsSalTrainTransform(8, (8, 16), color_jitter=None, stretch_saliency=True,
+                                        rng=StubRng(randint=8, flip=0.0, randrange=[0, 0]))
+    assert stretched(img, sal.resize((16, 6)))[1].shape == (1, 8, 8)
 
 
 def test_multiscale_arrays_sizes_and_values():

@@ -1,17 +1,23 @@
 """Validate a dataset root before a multi-hour run.
 
-For every id of a list it checks: the image exists and its header reads; the saliency map (with
-``--saliency-root``) exists and has the image's size; the image labels exist and hold at least
-one class; the GT mask (with ``--gt``) exists and has the image's size. Sizes come from the file
-headers (PIL opens lazily), so a VOC train_aug check takes seconds; ``--decode`` also decodes
-every image to catch truncated files.
+For every id of a list it checks: the image exists, its header reads and its pixel format has an
+exact 8-bit reading; the saliency map (with ``--saliency-root``) exists, has such a format and
+the image's aspect ratio; the image labels exist and hold at least one class; the GT mask (with
+``--gt``) exists and has the image's size. Sizes come from the file headers (PIL opens lazily), so
+a VOC train_aug check takes seconds; ``--decode`` also decodes every image to catch truncated files.
+
+Warnings do not fail the check: saliency maps at another resolution than their image with its
+aspect ratio (training resizes them to the image, as published), 16-bit grayscale files (read at
+full depth), and, with ``--stretch-saliency``, maps with another aspect ratio (stretched to the
+image when training with the same flag). The rules are data/saliency.py and data/pixels.py.
 
     python tools/check_dataset.py --dataset voc12 --data-root VOCdevkit/VOC2012 \\
         --saliency-root VOCdevkit/VOC2012/SALImages --list train_aug
     python tools/check_dataset.py --dataset voc12 --data-root VOCdevkit/VOC2012 --list train --gt
 
-Prints a summary table (ok count and each problem with its first files) and exits with status 1
-when anything is wrong, 0 otherwise.
+Prints a summary table (ok count and each problem with its first files), then one WARNING line
+per kind of warning (count and first ids), and exits with status 1 when anything is wrong, 0
+otherwise.
 """
 from __future__ import annotations
 
@@ -30,7 +36,10 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.metadata import MetadataError  # noqa: E402
+from data.pixels import (PixelFormatError, image_to_8bit, is_sixteen_bit,  # noqa: E402
+                         saliency_to_8bit)
 from data.registry import DATASETS, DatasetInfo, dataset_root_of, get_dataset  # noqa: E402
+from data.saliency import OTHER_ASPECT, RESCALED, size_kind  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -42,20 +51,33 @@ def saliency_path(saliency_root, img_id: str) -> Path:
 
 CHECKS = ("list", "image", "saliency", "labels", "gt")
 
+# Warnings (they do not fail the check).
+W_RESCALED = ("maps at another resolution than their image, same aspect ratio: resized to the "
+              "image's size when training (the published result)")
+W_STRETCHED = ("maps with another aspect ratio than their image: stretched to it when training "
+               "with --stretch-saliency (a deviation; the published code would misalign them)")
+W_SIXTEEN = "16-bit grayscale files: read at full depth, round(v / 257)"
+P_ASPECT = "aspect ratio differs from image"
+
 
 @dataclass
 class CheckReport:
-    """ok[check] = ids that passed; problems[(check, problem)] = offending files / ids."""
+    """ok[check] = ids that passed; problems[(check, problem)] = offending files / ids;
+    warnings[(check, note)] = ids that passed with a note."""
     title: str
     num_ids: int
     checks: List[str]
     ok: Counter = field(default_factory=Counter)
     problems: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
     bad_ids: set = field(default_factory=set)
+    warnings: Dict[Tuple[str, str], List[str]] = field(default_factory=dict)
 
     def add(self, check: str, problem: str, img_id: str, detail: str) -> None:
         self.problems.setdefault((check, problem), []).append(detail)
         self.bad_ids.add(img_id)
+
+    def warn(self, check: str, note: str, detail: str) -> None:
+        self.warnings.setdefault((check, note), []).append(detail)
 
     @property
     def passed(self) -> bool:
@@ -72,55 +94,100 @@ class CheckReport:
                 first = ", ".join(files[:show]) + (", ..." if len(files) > show else "")
                 lines.append(f"| {check} | {self.ok[check]} | {problem} | {len(files)} | {first} |")
         lines.append("")
+        for (check, note), ids in self.warnings.items():
+            first = ", ".join(ids[:show]) + (", ..." if len(ids) > show else "")
+            lines.append(f"WARNING: {check}: {len(ids)} {note} (first: {first})")
+        if self.warnings:
+            lines.append("")
         if self.passed:
-            lines.append(f"OK: all {self.num_ids} ids passed")
+            lines.append(f"OK: all {self.num_ids} ids passed"
+                         + (" (with the warnings above)" if self.warnings else ""))
         else:
             lines.append(f"PROBLEMS: {len(self.bad_ids)} of {self.num_ids} ids have problems; fix "
                          f"them, or train with --skip-missing to drop ids with missing files")
+            if ("saliency", P_ASPECT) in self.problems:
+                lines.append("saliency maps with another aspect ratio than their image: regenerate "
+                             "them from their images, or stretch them to the image with "
+                             "--stretch-saliency (here and in train.py; a deviation from the "
+                             "published code, which would misalign them)")
             if self.ok["image"] == 0 and "image" in self.checks:
                 lines.append("no image was found at all: is --data-root the dataset root (the folder "
                              "holding JPEGImages/, or train2014/ for COCO)?")
         return "\n".join(lines)
 
 
-def read_size(path: Path, decode: bool = False) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
-    """((w, h), None) or (None, 'missing' | 'unreadable')."""
+def read_size(path: Path, decode: bool = False,
+              to_8bit=None) -> Tuple[Optional[Tuple[int, int]], Optional[str], str]:
+    """((w, h), None, note) or (None, 'missing' | 'unreadable' | 'unsupported pixel format',
+    detail). ``to_8bit`` (data/pixels.py) checks the pixel format as the loaders will: header
+    only for 8-bit files; note = 'sixteen' when it reads the file as 16-bit grayscale."""
     try:
         with Image.open(path) as img:
             if decode:
                 img.load()
-            return img.size, None
+            note = ""
+            if to_8bit is not None:
+                to_8bit(img, path)
+                note = "sixteen" if is_sixteen_bit(img) else ""
+            return img.size, None, note
     except FileNotFoundError:
-        return None, "missing"
+        return None, "missing", ""
+    except PixelFormatError as e:
+        return None, "unsupported pixel format", e.reason
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None, "unreadable"
+        return None, "unreadable", ""
+
+
+def _size_text(size, ref) -> str:
+    return f"{size[0]}x{size[1]} vs {ref[0]}x{ref[1]}"
 
 
 def _check_files(img_id: str, info: DatasetInfo, data_root: Path, saliency_root: Optional[Path],
-                 gt: bool, gt_dir: Optional[Path], decode: bool) -> List[Tuple[str, str, str]]:
-    """(check, problem or '', detail) for the file checks of one id ('' = passed)."""
+                 gt: bool, gt_dir: Optional[Path], decode: bool,
+                 stretch: bool = False) -> List[Tuple[str, str, str, str]]:
+    """(check, level, problem or warning note, detail) rows for the file checks of one id;
+    level is 'ok', 'problem' or 'warning' (a warning row comes with an 'ok' row)."""
     out = []
-    img_path = info.image_path(data_root, img_id)
-    size, err = read_size(img_path, decode)
-    out.append(("image", err or "", str(img_path)))
-    others = []
-    if saliency_root is not None:
-        others.append(("saliency", saliency_path(saliency_root, img_id)))
-    if gt:
-        others.append(("gt", gt_dir / f"{img_id}.png" if gt_dir else info.gt_path(dataset_root_of(data_root), img_id)))
-    for check, path in others:
-        other_size, err = read_size(path, decode)
-        if err is None and size is not None and other_size != size:
-            out.append((check, "size differs from image",
-                        f"{path} ({other_size[0]}x{other_size[1]} vs {size[0]}x{size[1]})"))
+
+    def file_row(check, path, err, detail):
+        if err is None:
+            out.append((check, "ok", "", str(path)))
         else:
-            out.append((check, err or "", str(path)))
+            out.append((check, "problem", err, f"{path} ({detail})" if detail else str(path)))
+
+    img_path = info.image_path(data_root, img_id)
+    size, err, note = read_size(img_path, decode, image_to_8bit)
+    file_row("image", img_path, err, note if err else "")
+    if note == "sixteen":
+        out.append(("image", "warning", W_SIXTEEN, img_id))
+    if saliency_root is not None:
+        path = saliency_path(saliency_root, img_id)
+        sal_size, err, note = read_size(path, decode, saliency_to_8bit)
+        kind = size_kind(size, sal_size) if err is None and size is not None else None
+        if kind == OTHER_ASPECT and not stretch:
+            out.append(("saliency", "problem", P_ASPECT,
+                        f"{path} ({_size_text(sal_size, size)})"))
+        else:
+            file_row("saliency", path, err, note if err else "")
+        if note == "sixteen":
+            out.append(("saliency", "warning", W_SIXTEEN, img_id))
+        if kind == RESCALED or (kind == OTHER_ASPECT and stretch):
+            out.append(("saliency", "warning", W_RESCALED if kind == RESCALED else W_STRETCHED,
+                        f"{img_id} ({_size_text(sal_size, size)})"))
+    if gt:
+        path = gt_dir / f"{img_id}.png" if gt_dir else info.gt_path(dataset_root_of(data_root), img_id)
+        gt_size, err, _ = read_size(path, decode)
+        if err is None and size is not None and gt_size != size:
+            out.append(("gt", "problem", "size differs from image",
+                        f"{path} ({_size_text(gt_size, size)})"))
+        else:
+            file_row("gt", path, err, "")
     return out
 
 
 def check_dataset(info: DatasetInfo, data_root, ids: Sequence[str], *, saliency_root=None,
                   gt: bool = False, gt_dir=None, labels: bool = True, decode: bool = False,
-                  workers: int = 8, title: str = "") -> CheckReport:
+                  workers: int = 8, title: str = "", stretch: bool = False) -> CheckReport:
     data_root = Path(data_root)
     saliency_root = Path(saliency_root) if saliency_root is not None else None
     gt_dir = Path(gt_dir) if gt_dir is not None else None
@@ -153,7 +220,8 @@ def check_dataset(info: DatasetInfo, data_root, ids: Sequence[str], *, saliency_
                     report.ok["labels"] += 1
 
     def job(img_id):
-        return img_id, _check_files(img_id, info, data_root, saliency_root, gt, gt_dir, decode)
+        return img_id, _check_files(img_id, info, data_root, saliency_root, gt, gt_dir, decode,
+                                    stretch)
 
     bar = dict(total=len(ids), desc="checking", unit="id", disable=len(ids) < 1000)
     if workers > 1:
@@ -162,9 +230,11 @@ def check_dataset(info: DatasetInfo, data_root, ids: Sequence[str], *, saliency_
     else:
         results = [job(i) for i in tqdm(ids, **bar)]
     for img_id, rows in results:
-        for check, problem, detail in rows:
-            if problem:
-                report.add(check, problem, img_id, detail)
+        for check, level, what, detail in rows:
+            if level == "problem":
+                report.add(check, what, img_id, detail)
+            elif level == "warning":
+                report.warn(check, what, detail)
             else:
                 report.ok[check] += 1
     return report
@@ -178,6 +248,10 @@ def get_args_parser():
                    help="dataset root (or its JPEGImages folder, as the published --data_root)")
     p.add_argument("--saliency-root", "--saliency_root", dest="saliency_root", type=Path, default=None,
                    help="folder of <id>.png saliency maps to check (EPS: the PFAN maps, e.g. SALImages)")
+    p.add_argument("--stretch-saliency", action=argparse.BooleanOptionalAction, default=False,
+                   help="report saliency maps with another aspect ratio than their image as a "
+                        "warning (train.py --stretch-saliency stretches them) instead of a problem; "
+                        "published: no such option (default off)")
     p.add_argument("--list", type=str, default=None,
                    help="split name or list file (default: the dataset's training list, "
                         "train_aug for voc12 and train for coco)")
@@ -203,7 +277,7 @@ def main(args) -> CheckReport:
     report = check_dataset(info, args.data_root, ids, saliency_root=args.saliency_root,
                            gt=args.gt or args.gt_dir is not None, gt_dir=args.gt_dir,
                            labels=args.labels, decode=args.decode, workers=args.workers,
-                           title=f"{info.name} list {list_name}: {len(ids)} ids under {args.data_root}")
+                           stretch=args.stretch_saliency, title=f"{info.name} list {list_name}: {len(ids)} ids under {args.data_root}")
     print(report.format(args.show))
     return report
 
