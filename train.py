@@ -183,8 +183,10 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                "--resize_size needs 0 < MIN_LONG <= MAX_LONG"),
               (args.batch_size > 0, "--batch_size must be positive"),
               (args.batch_size % world == 0,
-               f"--batch_size {args.batch_size} (global) is not divisible by the {world} "
-               f"processes: use a process count that divides it"),
+               f"--batch_size {args.batch_size} (global) cannot be split evenly over {world} "
+               f"processes: use {', '.join(str(d) for d in range(1, args.batch_size + 1) if args.batch_size % d == 0)} "
+               f"processes in all (NGPUS x NNODES), or change --batch_size (a deviation from the "
+               f"published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
               (args.lr > 0, "--lr must be positive"),
               (args.wt_dec >= 0 and args.momentum >= 0, "--wt_dec and --momentum must be >= 0"),

@@ -8,10 +8,12 @@ sum over the 4 MSC outputs of CE(ignore 255) with labels nearest-resized to each
 
     python train_seg.py --data_root $VOC --mask-dir $OUT/result/png \\
         --init deeplabv1_resnet101-coco.pth --run-dir $OUT/deeplab
-    torchrun --nproc_per_node 2 train_seg.py ... --batch-size 10 --iter-size 1   # 5 per GPU
+    torchrun --nproc_per_node 2 train_seg.py ...     # 10 x 1 on 2 processes: 5 per GPU
 
 --batch-size is the GLOBAL batch of one forward pass (split over torchrun processes, as in
-train.py); the effective batch is batch-size x iter-size whatever the number of processes. The
+train.py); the effective batch is batch-size x iter-size whatever the number of processes. Left
+unset, the two are chosen for the number of processes so that the effective batch stays the
+published 5 x 2 = 10 with at most 5 images per process and pass (resolve_batch). The
 data order is the seeded, resumable one of train.py (utils/sampler.py), so a killed run resumed
 with --resume ends bitwise equal to an uninterrupted one.
 
@@ -30,7 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -109,10 +111,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    default=LR_DECAY_EVERY, help="the lr is updated every N iterations (paper 10)")
     o.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=MAX_ITERS,
                    help="optimizer steps (paper 20,000)")
-    o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=BATCH_SIZE,
-                   help="GLOBAL images per forward pass, split over torchrun processes (paper 5)")
-    o.add_argument("--iter-size", "--iter_size", dest="iter_size", type=int, default=ITER_SIZE,
-                   help="forward/backward passes accumulated per step (paper 2: batch 5 x 2 = 10)")
+    o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                   help="GLOBAL images per forward pass, split over torchrun processes (paper 5; "
+                        "default: chosen with --iter-size for the process count, see resolve_batch)")
+    o.add_argument("--iter-size", "--iter_size", dest="iter_size", type=int, default=None,
+                   help="forward/backward passes accumulated per step (paper 2: batch 5 x 2 = 10; "
+                        "default: chosen with --batch-size for the process count)")
     o.add_argument("--crop-size", "--crop_size", dest="crop_size", type=int, default=CROP_SIZE,
                    help="square training crop (paper 321)")
     o.add_argument("--scales", type=float, nargs="+", default=list(TRAIN_SCALES),
@@ -225,9 +229,47 @@ def build_model(args, n_classes: int, init: bool):
     return model
 
 
+EFFECTIVE_BATCH = BATCH_SIZE * ITER_SIZE  # published 5 x 2
+MAX_PER_PROCESS = BATCH_SIZE              # images per process and pass of the published run
+
+
+def resolve_batch(batch_size: Optional[int], iter_size: Optional[int], world: int,
+                  effective: int = EFFECTIVE_BATCH) -> Tuple[int, int]:
+    """(global batch per pass, accumulation) for ``world`` processes.
+
+    Unset (None, None): the published effective batch (5 x 2 = 10) split so that it divides
+    over the processes with at most 5 images per process and pass, fewest accumulation steps
+    first: 1 process 5 x 2 (published), 2 processes 10 x 1 (5 each), 5 processes 10 x 1 (2 each),
+    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the effective
+    batch is never changed silently. Set values are only checked."""
+    if batch_size is None and iter_size is None:
+        for accum in sorted(d for d in range(1, effective + 1) if effective % d == 0):
+            per_pass = effective // accum
+            if per_pass % world == 0 and per_pass // world <= MAX_PER_PROCESS:
+                return per_pass, accum
+        ok = [w for w in range(1, effective + 1)
+              if any(effective % a == 0 and (effective // a) % w == 0
+                     and (effective // a) // w <= MAX_PER_PROCESS for a in range(1, effective + 1))]
+        raise TrainSegError(
+            f"{world} processes cannot split the published effective batch {effective} (5 x 2) "
+            f"evenly: use {', '.join(map(str, ok))} processes for this stage (SEG_NGPUS for the "
+            f"scripts), or set --batch-size and --iter-size yourself (a deviation)")
+    batch_size = BATCH_SIZE if batch_size is None else batch_size
+    iter_size = ITER_SIZE if iter_size is None else iter_size
+    if batch_size < 1 or iter_size < 1:
+        raise TrainSegError("--batch-size and --iter-size must be >= 1")
+    if batch_size % world:
+        raise TrainSegError(
+            f"--batch-size {batch_size} (global, per forward pass) is not divisible by the "
+            f"{world} processes; leave --batch-size and --iter-size unset to keep the published "
+            f"effective batch 10 on 1, 2, 5 or 10 processes")
+    return batch_size, iter_size
+
+
 def check_args(args, world: int) -> None:
-    for name in ("iter_size", "batch_size", "max_iters", "lr_decay_every", "crop_size",
-                 "log_every", "ckpt_every"):
+    """Every flag value, before any file is read or written; fills --batch-size/--iter-size."""
+    args.batch_size, args.iter_size = resolve_batch(args.batch_size, args.iter_size, world)
+    for name in ("max_iters", "lr_decay_every", "crop_size", "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             raise TrainSegError(f"--{name.replace('_', '-')} must be >= 1")
     if args.stop_after is not None and args.stop_after < 1:
@@ -236,12 +278,8 @@ def check_args(args, world: int) -> None:
         raise TrainSegError("--num-workers and --save-every must be >= 0")
     if not (args.lr > 0 and args.weight_decay >= 0 and args.momentum >= 0):
         raise TrainSegError("--lr must be > 0, --weight-decay and --momentum >= 0")
-    if args.batch_size % world:
-        raise TrainSegError(
-            f"--batch-size {args.batch_size} (global, per forward pass) is not divisible by the "
-            f"{world} processes; keep the effective batch --batch-size x --iter-size "
-            f"(published 5 x 2 = 10) with values that divide, e.g. --batch-size 10 --iter-size 1 "
-            f"on 2 or 5 processes (the pipeline scripts choose them for you)")
+    if not args.scales or min(args.scales) <= 0 or not args.msc_scales or min(args.msc_scales) <= 0:
+        raise TrainSegError("--scales and --msc-scales must be positive")
 
 
 def main(args) -> Dict:

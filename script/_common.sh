@@ -1,15 +1,17 @@
 # shellcheck shell=bash
 # Helpers shared by script/{voc12,coco}_{cls,eps}.sh and script/demo.sh. Sourced, not run.
-# Only checks and sequencing live here; every computation is a Python entry point.
+# Only sequencing lives here: every check and computation is a Python entry point.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
+# Without a passive wait policy, PyTorch on a few cores can run 40x slower next to another busy
+# process (docs/pipelines.md); the scripts set it for every stage they start.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 die() { echo "error: $*" >&2; exit 2; }
 say() { echo "[$(date +%H:%M:%S)] $*"; }
 
-# need_dir PATH HOW / need_file PATH HOW: stop at once when an input is missing; HOW says what to
-# download and where to put it.
+# need_dir PATH HOW / need_file PATH HOW: stop at once when an input is missing.
 need_dir() { [[ -d "$1" ]] || die "$1: folder not found. $2"; }
 need_file() { [[ -f "$1" ]] || die "$1: file not found. $2"; }
 
@@ -28,15 +30,29 @@ select_stages() {
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 skip() { say "skip $1: $2 exists"; }
 
-# launch SCRIPT ARGS...: one process, or torchrun over NGPUS processes (the entry points read the
-# torchrun environment and split the work / the global batch themselves).
+# positive_int NAME VALUE: a hardware variable must be a whole number >= 1 (NODE_RANK >= 0).
+positive_int() { [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= ${3:-1} )) || die "$1=$2: expected a whole number >= ${3:-1}"; }
+
+# launch PROCS SCRIPT ARGS...: one process, or PROCS processes per node with torchrun: on one
+# machine (--standalone), or on NNODES machines that run the same script with their own
+# NODE_RANK and a common MASTER_ADDR:MASTER_PORT (static rendezvous; a node that arrives first
+# waits up to RDZV_TIMEOUT seconds). The entry points read the torchrun environment and split the
+# work / the global batch themselves.
 launch() {
-  if (( NGPUS > 1 )); then
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NGPUS" "$@"
+  local procs=$1; shift
+  if (( NNODES > 1 )); then
+    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+      --nproc_per_node "$procs" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+      --rdzv_conf "timeout=$RDZV_TIMEOUT" "$@"
+  elif (( procs > 1 )); then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$procs" "$@"
   else
     "$PYTHON" "$@"
   fi
 }
+
+# main_node: true on the node that runs the single-process stages (evaluation, the results table)
+main_node() { (( NODE_RANK == 0 )); }
 
 # resume_flag RUN_DIR: "--resume" when an unfinished run left checkpoint_last.pth (train.py and
 # train_seg.py refuse to start over an existing run without it).
@@ -44,6 +60,21 @@ resume_flag() { if [[ -f "$1/checkpoint_last.pth" ]]; then echo "--resume"; fi; 
 
 # words NAME STRING: split a flag string such as RESIZE="256 512" or TRAIN_ARGS into array NAME.
 words() { read -r -a "$1" <<< "${2:-}"; }
+
+# opt ARRAY FLAG VALUE: append FLAG VALUE to ARRAY only when VALUE is set, so that an unset
+# variable leaves the entry point's default, i.e. the published recipe (data/registry.py).
+opt() { local -n _arr=$1; if [[ -n "${3:-}" ]]; then _arr+=("$2" "$3"); fi; }
+
+# recipe DATASET KEY... / published DATASET KEY...: recipe values / published mIoUs from the
+# registry (data/registry.py), space-separated ("n/a" for a number that was never published).
+recipe() {
+  "$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); from data.registry import DATASETS; \
+d = DATASETS[sys.argv[2]].train_defaults; print(*[d.get(k, '') for k in sys.argv[3:]])" "$REPO" "$@"
+}
+published() {
+  "$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); from data.registry import DATASETS; \
+d = DATASETS[sys.argv[2]].published_miou; print(*[d.get(k, 'n/a') for k in sys.argv[3:]])" "$REPO" "$@"
+}
 
 # list_name LIST: "train" for both "train" and "metadata/voc12/train.txt".
 list_name() { local b; b=$(basename "$1"); echo "${b%.txt}"; }

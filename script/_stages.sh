@@ -1,103 +1,190 @@
 # shellcheck shell=bash
-# The pipeline stages shared by script/{voc12,coco}_{cls,eps}.sh. Sourced after _common.sh and
-# after the calling script has set its variables (paths, recipe, STAGES); each script keeps its
-# own input checks and calls the stages in order, with a comment saying where outputs land.
-# Only sequencing lives here: every computation is a Python entry point.
+# The pipeline shared by script/{voc12,coco}_{cls,eps}.sh. Sourced after _common.sh and after the
+# calling script has set what it runs (DATASET, NETWORK, SESSION, STAGES, the input paths).
+#
+# The recipe is NOT here: an empty variable (CROP, BATCH, TAU, SEG_ITERS, ...) is not passed, so
+# the entry point applies the published value from data/registry.py (classifier, lists) or
+# train_seg.py (DeepLab). Set a variable to override it.
+#
+# Order of work:
+#   1. decide which stages run (a stage whose outputs are complete is skipped);
+#   2. build the exact command line of each of them;
+#   3. tools/preflight.py checks them all (flags, recipe, divisibility for NGPUS x NNODES, every
+#      input file) in seconds and prints the plan, or lists every problem and stops;
+#      CHECK_ONLY=1 stops here;
+#   4. run them; 5. print the results next to the published numbers.
 
-# prepare_run: derive the output paths and flag arrays from the script's variables.
-# METHOD_ARGS (set by the script) holds the head-specific train.py flags, e.g. the saliency
-# root, tau and lambda for EPS; empty for the CAM baseline.
-prepare_run() {
-  select_stages train infer eval pseudo seg segeval
+# Hardware and pass-through settings, read from the environment.
+set_hardware() {
+  NGPUS=${NGPUS:-1}               # processes per node (GPUs with DEVICE=cuda)
+  NNODES=${NNODES:-1}             # machines; each runs this script with its own NODE_RANK
+  NODE_RANK=${NODE_RANK:-0}
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+  MASTER_PORT=${MASTER_PORT:-29500}
+  RDZV_TIMEOUT=${RDZV_TIMEOUT:-3600}  # s a node waits for the others at each stage's start
+  SEG_NGPUS=${SEG_NGPUS:-$NGPUS}  # DeepLab keeps its effective batch 10 on 1, 2, 5 or 10 processes
+  DEVICE=${DEVICE:-cuda}          # cpu: NGPUS CPU processes (gloo); cuda never falls back to cpu
+  NUM_WORKERS=${NUM_WORKERS:-8}
+  CHECK_ONLY=${CHECK_ONLY:-0}
+  positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"; positive_int SEG_NGPUS "$SEG_NGPUS"
+  positive_int NODE_RANK "$NODE_RANK" 0; positive_int NUM_WORKERS "$NUM_WORKERS" 0
+  (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+  [[ "$DEVICE" == cpu || "$DEVICE" == cuda || "$DEVICE" == auto ]] || die "DEVICE=$DEVICE: cpu, cuda or auto"
+}
+
+# The lists and file names the outputs are named after (the registry's when not overridden).
+set_paths() {
+  local defaults
+  read -r -a defaults <<< "$(recipe "$DATASET" infer_list seg_list seg_eval_list)"
+  INFER_LIST=${INFER_LIST:-${defaults[0]}}
+  SEG_LIST=${SEG_LIST:-${defaults[1]}}
+  SEG_EVAL_LIST=${SEG_EVAL_LIST:-${defaults[2]}}
   RUN_DIR=$SAVE_ROOT/$SESSION
   CKPT=$RUN_DIR/checkpoint_cls.pth
   RESULT=$RUN_DIR/result
   EVAL_TXT=$RESULT/$(list_name "$INFER_LIST")_miou.txt
   SEG_DIR=$RUN_DIR/deeplab
   SEG_PRED=$SEG_DIR/$(list_name "$SEG_EVAL_LIST")
-  words RESIZE_A "$RESIZE"
-  words TRAIN_X "$TRAIN_ARGS"; words INFER_X "$INFER_ARGS"; words EVAL_X "$EVAL_ARGS"
-  words SEG_X "$SEG_ARGS"; words SEGINFER_X "$SEGINFER_ARGS"
-  META=(); if [[ -n "$METADATA_DIR" ]]; then META=(--metadata-dir "$METADATA_DIR"); fi
-  CAMS=(); if [[ "$SAVE_CAMS" == 1 ]]; then CAMS=(--cam-dir "$RESULT/cam"); fi
-  CRF=(); if [[ "$SEG_CRF" == 1 ]]; then CRF=(--crf --crf-workers "$SEG_CRF_WORKERS"); fi
+  SEG_CRF=${SEG_CRF:-0}
 }
 
-# 1. the classifier; skipped once checkpoint_cls.pth exists, resumed when a run was interrupted.
-stage_train() {
-  if [[ -f "$CKPT" ]]; then skip train "$CKPT"; return; fi
-  say "train $NETWORK on $TRAIN_LIST -> $RUN_DIR"
-  # shellcheck disable=SC2046  # resume_flag prints nothing or one word
-  launch "$REPO/train.py" --dataset "$DATASET" "${META[@]}" --network "$NETWORK" \
-    --session "$SESSION" --save_root "$SAVE_ROOT" --data_root "$DATASET_ROOT" \
-    "${METHOD_ARGS[@]}" --weights "$WEIGHTS" --train_list "$TRAIN_LIST" \
-    --crop_size "$CROP" --resize_size "${RESIZE_A[@]}" --max_iters "$MAX_ITERS" \
-    --batch_size "$BATCH" --lr "$LR" --wt_dec "$WT_DEC" \
-    --num_workers "$NUM_WORKERS" --device "$DEVICE" $(resume_flag "$RUN_DIR") "${TRAIN_X[@]}"
+# 1. which stages run
+plan_stages() {
+  RUN=()
+  local s
+  for s in $STAGES; do
+    case $s in
+      train) if [[ -f "$CKPT" ]]; then skip train "$CKPT"; continue; fi ;;
+      eval) if ! main_node; then continue; fi
+            if [[ -f "$EVAL_TXT" ]]; then skip eval "$EVAL_TXT"; continue; fi ;;
+      seg) if [[ -f "$SEG_DIR/checkpoint_final.pth" ]]; then
+             skip seg "$SEG_DIR/checkpoint_final.pth"; continue; fi ;;
+      segeval) if [[ -f "${SEG_PRED}_eval.txt" && ( "$SEG_CRF" != 1 || -f "${SEG_PRED}_crf_eval.txt" ) ]]; then
+                 skip segeval "${SEG_PRED}_eval.txt"; continue; fi ;;
+    esac
+    RUN+=("$s")
+  done
 }
 
-# 2. CAMs -> pseudo-masks on the evaluation list; infer.py itself skips ids already done.
-stage_infer() {
-  need_file "$CKPT" "It is the train stage's output: add 'train' to STAGES."
-  say "pseudo-masks on $INFER_LIST -> $RESULT/png"
-  launch "$REPO/infer.py" --dataset "$DATASET" "${META[@]}" --infer_list "$INFER_LIST" \
-    --img_root "$DATASET_ROOT" --weights "$CKPT" --thr "$THR" --png-dir "$RESULT/png" \
-    "${CAMS[@]}" --vis-dir "$RESULT/vis" --vis-num "$VIS_NUM" --run-dir "$RESULT/infer_run" \
-    --num-workers "$NUM_WORKERS" --device "$DEVICE" "${INFER_X[@]}"
+# 2. the command line of every stage
+build_commands() {
+  local meta=() x=()
+  if [[ -n "${METADATA_DIR:-}" ]]; then meta=(--metadata-dir "$METADATA_DIR"); fi
+  local common=(--dataset "$DATASET" "${meta[@]}" --device "$DEVICE")
+
+  # shellcheck disable=SC2207
+  TRAIN_CMD=("$REPO/train.py" "${common[@]}" --network "$NETWORK" --session "$SESSION"
+             --save_root "$SAVE_ROOT" --data_root "$DATASET_ROOT" --weights "$WEIGHTS"
+             --num_workers "$NUM_WORKERS" $(resume_flag "$RUN_DIR"))
+  opt TRAIN_CMD --saliency_root "${SALIENCY_ROOT:-}"
+  opt TRAIN_CMD --train_list "${TRAIN_LIST:-}"
+  opt TRAIN_CMD --crop_size "${CROP:-}"
+  if [[ -n "${RESIZE:-}" ]]; then words x "$RESIZE"; TRAIN_CMD+=(--resize_size "${x[@]}"); fi
+  opt TRAIN_CMD --max_iters "${MAX_ITERS:-}"
+  opt TRAIN_CMD --batch_size "${BATCH:-}"
+  opt TRAIN_CMD --lr "${LR:-}"
+  opt TRAIN_CMD --wt_dec "${WT_DEC:-}"
+  opt TRAIN_CMD --tau "${TAU:-}"
+  opt TRAIN_CMD --lam "${LAM:-}"
+  words x "${TRAIN_ARGS:-}"; TRAIN_CMD+=("${x[@]}")
+
+  INFER_CMD=("$REPO/infer.py" "${common[@]}" --infer_list "$INFER_LIST" --img_root "$DATASET_ROOT"
+             --weights "$CKPT" --png-dir "$RESULT/png" --run-dir "$RESULT/infer_run"
+             --num-workers "$NUM_WORKERS")
+  opt INFER_CMD --thr "${THR:-}"
+  if [[ "${SAVE_CAMS:-0}" == 1 ]]; then INFER_CMD+=(--cam-dir "$RESULT/cam"); fi
+  words x "${INFER_ARGS:-}"
+  # the same on the DeepLab training list, without overlays
+  PSEUDO_CMD=("$REPO/infer.py" "${common[@]}" --infer_list "$SEG_LIST" --img_root "$DATASET_ROOT"
+              --weights "$CKPT" --png-dir "$RESULT/png" --run-dir "$RESULT/infer_run"
+              --num-workers "$NUM_WORKERS")
+  opt PSEUDO_CMD --thr "${THR:-}"
+  PSEUDO_CMD+=("${x[@]}")
+  INFER_CMD+=(--vis-dir "$RESULT/vis")
+  opt INFER_CMD --vis-num "${VIS_NUM:-}"
+  INFER_CMD+=("${x[@]}")
+
+  EVAL_CMD=("$REPO/evaluate.py" --dataset "$DATASET" "${meta[@]}" --datalist "$INFER_LIST"
+            --data-root "$DATASET_ROOT" --pred_dir "$RESULT/png" --save_path "$EVAL_TXT")
+  opt EVAL_CMD --gt_dir "${GT_DIR:-}"
+  words x "${EVAL_ARGS:-}"; EVAL_CMD+=("${x[@]}")
+
+  SEG_CMD=("$REPO/train_seg.py" "${common[@]}" --data_root "$DATASET_ROOT" --mask-dir "$RESULT/png"
+           --train_list "$SEG_LIST" --init "$SEG_INIT" --num-workers "$NUM_WORKERS"
+           --run-dir "$SEG_DIR")
+  if [[ -f "$SEG_DIR/checkpoint_last.pth" ]]; then SEG_CMD+=(--resume); fi
+  opt SEG_CMD --arch "${SEG_ARCH:-}"
+  opt SEG_CMD --max-iters "${SEG_ITERS:-}"
+  opt SEG_CMD --batch-size "${SEG_BATCH:-}"
+  opt SEG_CMD --iter-size "${SEG_ITER_SIZE:-}"
+  opt SEG_CMD --crop-size "${SEG_CROP:-}"
+  opt SEG_CMD --lr "${SEG_LR:-}"
+  words x "${SEG_ARGS:-}"; SEG_CMD+=("${x[@]}")
+
+  SEGEVAL_CMD=("$REPO/infer_seg.py" "${common[@]}" --data_root "$DATASET_ROOT"
+               --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth"
+               --out-dir "$SEG_PRED" --evaluate --num-workers "$NUM_WORKERS")
+  if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$NUM_WORKERS}"); fi
+  opt SEGEVAL_CMD --gt_dir "${SEG_GT_DIR:-}"
+  words x "${SEGINFER_ARGS:-}"; SEGEVAL_CMD+=("${x[@]}")
 }
 
-# 3. pseudo-mask mIoU; skipped once the result table exists.
-stage_eval() {
-  if [[ -f "$EVAL_TXT" ]]; then skip eval "$EVAL_TXT"; return; fi
-  say "evaluate $RESULT/png on $INFER_LIST"
-  "$PYTHON" "$REPO/evaluate.py" --dataset "$DATASET" "${META[@]}" --datalist "$INFER_LIST" \
-    --gt_dir "$GT_DIR" --pred_dir "$RESULT/png" --save_path "$EVAL_TXT" "${EVAL_X[@]}"
+# The command array of a stage, by name.
+stage_cmd() {
+  case $1 in
+    train) CMD=("${TRAIN_CMD[@]}") ;; infer) CMD=("${INFER_CMD[@]}") ;;
+    eval) CMD=("${EVAL_CMD[@]}") ;; pseudo) CMD=("${PSEUDO_CMD[@]}") ;;
+    seg) CMD=("${SEG_CMD[@]}") ;; segeval) CMD=("${SEGEVAL_CMD[@]}") ;;
+  esac
 }
 
-# 4. pseudo-masks for DeepLab's training list, into the same folder (only missing ids are made).
-stage_pseudo() {
-  need_file "$CKPT" "It is the train stage's output: add 'train' to STAGES."
-  say "pseudo-masks on $SEG_LIST -> $RESULT/png"
-  launch "$REPO/infer.py" --dataset "$DATASET" "${META[@]}" --infer_list "$SEG_LIST" \
-    --img_root "$DATASET_ROOT" --weights "$CKPT" --thr "$THR" --png-dir "$RESULT/png" \
-    --run-dir "$RESULT/infer_run" --num-workers "$NUM_WORKERS" --device "$DEVICE" "${INFER_X[@]}"
+# 3. preflight: every stage that will run, checked at once
+run_preflight() {
+  local args=() s
+  for s in "${RUN[@]}"; do stage_cmd "$s"; args+=("$s" "${CMD[@]}" ":::"); done
+  local title="$SESSION: ${NNODES} node(s) x ${NGPUS} process(es) on $DEVICE (node $NODE_RANK)"
+  "$PYTHON" "$REPO/tools/preflight.py" --title "$title" --nodes "$NNODES" --device "$DEVICE" \
+    --procs "*=$NGPUS" "seg=$SEG_NGPUS" "eval=1" -- "${args[@]}" || exit 2
 }
 
-# 5. DeepLab-v2 on the pseudo-masks; skipped once checkpoint_final.pth exists.
-stage_seg() {
-  if [[ -f "$SEG_DIR/checkpoint_final.pth" ]]; then skip seg "$SEG_DIR/checkpoint_final.pth"; return; fi
-  say "train $SEG_ARCH on the $SEG_LIST pseudo-masks -> $SEG_DIR"
-  # shellcheck disable=SC2046
-  launch "$REPO/train_seg.py" --dataset "$DATASET" "${META[@]}" --data_root "$DATASET_ROOT" \
-    --mask-dir "$RESULT/png" --train_list "$SEG_LIST" --arch "$SEG_ARCH" --init "$SEG_INIT" \
-    --max-iters "$SEG_ITERS" --batch-size "$SEG_BATCH" --iter-size "$SEG_ITER_SIZE" \
-    --crop-size "$SEG_CROP" --lr "$SEG_LR" --num-workers "$NUM_WORKERS" --device "$DEVICE" \
-    --run-dir "$SEG_DIR" $(resume_flag "$SEG_DIR") "${SEG_X[@]}"
+# 4. one stage
+run_stage() {
+  local s=$1
+  stage_cmd "$s"
+  say "$s: ${CMD[*]}"
+  case $s in
+    eval) "$PYTHON" "${CMD[@]}" ;;
+    seg) launch "$SEG_NGPUS" "${CMD[@]}" ;;
+    *) launch "$NGPUS" "${CMD[@]}" ;;
+  esac
 }
 
-# 6. DeepLab on the evaluation split (+ dense CRF) -> mIoU; skipped once the tables exist.
-stage_segeval() {
-  if [[ -f "${SEG_PRED}_eval.txt" && ( "$SEG_CRF" != 1 || -f "${SEG_PRED}_crf_eval.txt" ) ]]; then
-    skip segeval "${SEG_PRED}_eval.txt"; return
-  fi
-  need_file "$SEG_DIR/checkpoint_final.pth" "It is the seg stage's output: add 'seg' to STAGES."
-  say "DeepLab on $SEG_EVAL_LIST -> $SEG_PRED"
-  launch "$REPO/infer_seg.py" --dataset "$DATASET" "${META[@]}" --data_root "$DATASET_ROOT" \
-    --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth" --out-dir "$SEG_PRED" \
-    "${CRF[@]}" --evaluate --gt_dir "$SEG_GT_DIR" --num-workers "$NUM_WORKERS" \
-    --device "$DEVICE" "${SEGINFER_X[@]}"
+run_pipeline() {
+  select_stages train infer eval pseudo seg segeval
+  set_hardware
+  set_paths
+  plan_stages
+  build_commands
+  if (( ${#RUN[@]} )); then run_preflight; fi
+  if [[ "$CHECK_ONLY" == 1 ]]; then say "CHECK_ONLY=1: nothing was run"; return; fi
+  local s
+  for s in "${RUN[@]}"; do run_stage "$s"; done
+  if main_node; then print_results; fi
 }
 
-# The results next to the published numbers (PUBLISHED_PSEUDO, PUBLISHED_SEG from the script).
+# 5. the results next to the published numbers (data/registry.py)
 print_results() {
+  local head=${NETWORK##*_}  # networks are named <backbone>_<head> (network/registry.py)
+  local pub_pseudo pub_seg
+  read -r pub_pseudo pub_seg <<< "$(published "$DATASET" "$head" "deeplab_$head")"
   echo
   echo "| $SESSION | list | published mIoU | this run |"
   echo "|---|---|---|---|"
-  result_row "pseudo-masks (thr $THR, no CRF)" "$INFER_LIST" "$PUBLISHED_PSEUDO" "$EVAL_TXT"
+  result_row "pseudo-masks (thr ${THR:-0.20}, no CRF)" "$INFER_LIST" "$pub_pseudo" "$EVAL_TXT"
   if want seg || want segeval || [[ -f "${SEG_PRED}_eval.txt" ]]; then
-    result_row "DeepLab-v2" "$SEG_EVAL_LIST" "$PUBLISHED_SEG" "${SEG_PRED}_eval.txt"
+    result_row "DeepLab-v2" "$SEG_EVAL_LIST" "$pub_seg" "${SEG_PRED}_eval.txt"
     if [[ "$SEG_CRF" == 1 ]]; then
-      result_row "DeepLab-v2 + CRF" "$SEG_EVAL_LIST" "$PUBLISHED_SEG" "${SEG_PRED}_crf_eval.txt"
+      result_row "DeepLab-v2 + CRF" "$SEG_EVAL_LIST" "$pub_seg" "${SEG_PRED}_crf_eval.txt"
     fi
   fi
 }

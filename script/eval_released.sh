@@ -1,66 +1,64 @@
 #!/usr/bin/env bash
 # Evaluate a released (or any trained) EPS / baseline checkpoint: pseudo-masks on the published
-# list (VOC train 1464 / COCO train 82081), thr 0.20, no CRF, then mIoU next to the README value.
+# list (VOC train 1,464 / COCO train 82,081), thr 0.20, no CRF, then their mIoU next to the
+# published number.
 #
-#   script/eval_released.sh CHECKPOINT DATASET_ROOT [voc12|coco] [OUT_DIR]
-#   CHECKPOINT=... DATASET_ROOT=... DATASET=coco script/eval_released.sh
+#   bash script/eval_released.sh CHECKPOINT DATASET_ROOT [voc12|coco] [OUT_DIR]
+#   CHECKPOINT=... DATASET_ROOT=... DATASET=coco NGPUS=2 bash script/eval_released.sh
 #
 # DATASET_ROOT: VOC: the VOC2012 folder with JPEGImages/ and SegmentationClassAug/;
 #               COCO: the folder with train2014/ and SegmentationClass/train2014/.
-# Extra flags for infer.py go in INFER_ARGS (e.g. INFER_ARGS="--num-workers 8"); for several
-# GPUs set NPROC=2 (torchrun).
+# The released checkpoints and where to get them: README "Downloads" and "Model zoo". Extra flags
+# for infer.py go in INFER_ARGS (e.g. INFER_ARGS="--num-workers 8"); NGPUS=2 runs two processes
+# (torchrun); DEVICE=cpu runs on the CPU. Like the pipelines, every input is checked first
+# (tools/preflight.py) and a rerun continues where it stopped.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CHECKPOINT=${1:-${CHECKPOINT:-}}
 DATASET_ROOT=${2:-${DATASET_ROOT:-}}
 DATASET=${3:-${DATASET:-voc12}}
-OUT_DIR=${4:-${OUT_DIR:-results/released_$(basename "${CHECKPOINT%.*}")_${DATASET}}}
+[[ -n "$CHECKPOINT" && -n "$DATASET_ROOT" ]] || \
+  die "usage: script/eval_released.sh CHECKPOINT DATASET_ROOT [voc12|coco] [OUT_DIR]"
+[[ "$DATASET" == voc12 || "$DATASET" == coco ]] || die "DATASET must be voc12 or coco, got '$DATASET'"
+OUT_DIR=${4:-${OUT_DIR:-$REPO/results/released_$(basename "${CHECKPOINT%.*}")_${DATASET}}}
+NGPUS=${NGPUS:-${NPROC:-1}}
+NNODES=1 NODE_RANK=0
+DEVICE=${DEVICE:-cuda}
 INFER_ARGS=${INFER_ARGS:-}
-NPROC=${NPROC:-1}
-PYTHON=${PYTHON:-python}
+positive_int NGPUS "$NGPUS"
 
-usage="usage: script/eval_released.sh CHECKPOINT DATASET_ROOT [voc12|coco] [OUT_DIR]"
-[[ -n "$CHECKPOINT" && -n "$DATASET_ROOT" ]] || { echo "$usage" >&2; exit 2; }
-[[ -f "$CHECKPOINT" ]] || { echo "checkpoint not found: $CHECKPOINT (download the released checkpoint_cls.pth first)" >&2; exit 2; }
-[[ -d "$DATASET_ROOT" ]] || { echo "dataset root not found: $DATASET_ROOT" >&2; exit 2; }
+# The published list, threshold and ground truth of the README's "Train(mIoU)" column (LIST: any
+# other id list, e.g. LIST=val).
+LIST=${LIST:-$REPO/metadata/$DATASET/train.txt}
+words X "$INFER_ARGS"
+INFER_CMD=("$REPO/infer.py" --dataset "$DATASET" --infer_list "$LIST" --img_root "$DATASET_ROOT"
+           --weights "$CHECKPOINT" --thr 0.20 --png-dir "$OUT_DIR/png" --cam-dir "$OUT_DIR/cam"
+           --vis-dir "$OUT_DIR/vis" --vis-num 20 --run-dir "$OUT_DIR/infer_run" --device "$DEVICE"
+           "${X[@]}")
+EVAL_CMD=("$REPO/evaluate.py" --dataset "$DATASET" --datalist "$LIST" --data-root "$DATASET_ROOT"
+          --pred_dir "$OUT_DIR/png" --save_path "$OUT_DIR/miou.txt" --overwrite)
 
-case "$DATASET" in
-  voc12) LIST=metadata/voc12/train.txt; IMG_ROOT=$DATASET_ROOT/JPEGImages
-         GT_DIR=$DATASET_ROOT/SegmentationClassAug ;;
-  coco)  LIST=metadata/coco/train.txt; IMG_ROOT=$DATASET_ROOT
-         GT_DIR=$DATASET_ROOT/SegmentationClass/train2014 ;;
-  *) echo "DATASET must be voc12 or coco, got '$DATASET'" >&2; exit 2 ;;
-esac
-[[ -d "$IMG_ROOT" ]] || { echo "image folder not found: $IMG_ROOT" >&2; exit 2; }
-[[ -d "$GT_DIR" ]] || { echo "ground-truth folder not found: $GT_DIR (VOC: SegmentationClassAug; COCO: the EPS masks under SegmentationClass/train2014)" >&2; exit 2; }
-[[ -f "metadata/$DATASET/image_labels.txt" ]] || { echo "metadata/$DATASET/image_labels.txt is missing: build it with tools/make_cls_labels.py" >&2; exit 2; }
-
-# Which head the checkpoint holds decides the published number to compare with.
-HEAD=$($PYTHON -c "import sys; from data.registry import get_dataset; \
-from network.weights import load_state_dict_file, describe_checkpoint; \
-print(describe_checkpoint(load_state_dict_file(sys.argv[1]), get_dataset(sys.argv[2]).num_classes)['head_type'])" \
-  "$CHECKPOINT" "$DATASET")
-case "$DATASET/$HEAD" in
-  voc12/cls) PUBLISHED=47.05 ;; voc12/eps) PUBLISHED=69.22 ;;
-  coco/cls)  PUBLISHED=31.23 ;; coco/eps)  PUBLISHED=37.15 ;;
-  *) PUBLISHED=n/a ;;
-esac
+# 0. every input checked before anything is written (nothing is left behind on failure)
+"$PYTHON" "$REPO/tools/preflight.py" --title "released checkpoint $CHECKPOINT on $DATASET" \
+  --device "$DEVICE" --procs "*=$NGPUS" "eval=1" -- \
+  infer "${INFER_CMD[@]}" ::: eval "${EVAL_CMD[@]}" || exit 2
+# Which network the file holds decides the published number to compare with (by its record, else
+# by its shapes: network/weights.py identify_checkpoint).
+read -r NETWORK HEAD < <("$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); \
+from data.registry import get_dataset; from network import network_parts; \
+from network.weights import identify_checkpoint, load_state_dict_file; \
+found = identify_checkpoint(load_state_dict_file(sys.argv[2]), get_dataset(sys.argv[3]).num_classes); \
+print(found.network, network_parts(found.network)[1].name)" "$REPO" "$CHECKPOINT" "$DATASET") || exit 2
+PUBLISHED=$(published "$DATASET" "$HEAD")
 
 # 1. CAMs + pseudo-masks (resumable: rerunning skips finished images) -> $OUT_DIR/{png,cam,vis}
-if [[ "$NPROC" -gt 1 ]]; then LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC"); else LAUNCH=("$PYTHON"); fi
-# shellcheck disable=SC2086
-"${LAUNCH[@]}" infer.py --dataset "$DATASET" --infer_list "$LIST" --img_root "$IMG_ROOT" \
-  --weights "$CHECKPOINT" --thr 0.20 --cam_png "$OUT_DIR/png" --cam-dir "$OUT_DIR/cam" \
-  --vis-dir "$OUT_DIR/vis" --vis-num 20 $INFER_ARGS
-
-# 2. mIoU of the pseudo-masks against the GT -> $OUT_DIR/miou.txt
-$PYTHON evaluate.py --dataset "$DATASET" --datalist "$LIST" --gt_dir "$GT_DIR" \
-  --pred_dir "$OUT_DIR/png" --save_path "$OUT_DIR/miou.txt" --overwrite
-
-# 3. ours vs published (the "-  mean" row of the evaluate_png-style table holds the mIoU)
-OURS=$(awk '$2 == "mean" {print $3; exit}' "$OUT_DIR/miou.txt" || true)
+say "pseudo-masks of $(basename "$LIST") with $NETWORK -> $OUT_DIR"
+launch "$NGPUS" "${INFER_CMD[@]}"
+# 2. mIoU of the pseudo-masks against the GT -> $OUT_DIR/miou.txt (+ .json)
+"$PYTHON" "${EVAL_CMD[@]}"
+# 3. ours next to the published number
 echo
-echo "| dataset | head | list | published mIoU | this run |"
+echo "| dataset | network | list | published mIoU | this run |"
 echo "|---|---|---|---|---|"
-echo "| $DATASET | $HEAD | $(basename "$LIST") | $PUBLISHED | ${OURS:-see $OUT_DIR/miou.txt} |"
+echo "| $DATASET | $NETWORK | $(list_name "$LIST") | $PUBLISHED | $(miou_of "$OUT_DIR/miou.txt") |"

@@ -24,7 +24,8 @@ SCRIPT_VARS = (
     "NGPUS DEVICE NUM_WORKERS NETWORK TRAIN_LIST CROP RESIZE MAX_ITERS BATCH LR WT_DEC TAU LAM "
     "INFER_LIST THR VIS_NUM SAVE_CAMS SEG_LIST SEG_EVAL_LIST SEG_GT_DIR SEG_ARCH SEG_ITERS "
     "SEG_BATCH SEG_ITER_SIZE SEG_CROP SEG_LR SEG_CRF SEG_CRF_WORKERS TRAIN_ARGS INFER_ARGS "
-    "EVAL_ARGS SEG_ARGS SEGINFER_ARGS STAGES SKIP_SEG PYTHON").split()
+    "EVAL_ARGS SEG_ARGS SEGINFER_ARGS STAGES SKIP_SEG PYTHON NNODES NODE_RANK MASTER_ADDR "
+    "MASTER_PORT SEG_NGPUS CHECK_ONLY RDZV_TIMEOUT CHECKPOINT OUT_DIR NPROC LIST").split()
 
 TINY = dict(
     PYTHON=sys.executable, NGPUS="1", DEVICE="cpu", NUM_WORKERS="0", WEIGHTS="none",
@@ -222,3 +223,114 @@ def test_skip_seg_drops_the_deeplab_stages(voc, tmp_path):
                         SKIP_SEG=1, SEG_INIT="/nonexistent/d.pth", timeout=30))
     assert "stages: none" in out
     assert not (tmp_path / "voc12_eps").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Preflight: everything checked before any compute, every problem at once, the plan printed
+# ------------------------------------------------------------------------------------------------
+def test_check_only_prints_the_plan_and_runs_nothing(voc, tmp_path):
+    out = ok(run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps",
+                        CHECK_ONLY=1, MAX_ITERS="", BATCH="", CROP="", RESIZE="", timeout=60))
+    plan = out[out.index("voc12_eps: 1 node(s) x 1 process(es) on cpu"):]
+    # the recipe comes from the registry when the script does not override it
+    assert "small_eps on voc12 train_aug (10 ids): 20000 iterations x batch 8" in plan
+    assert "crop 448, resize 256-512" in plan and "tau 0.4, lam 0.5" in plan
+    assert "deeplabv2_small on the train_aug pseudo-masks" in plan
+    assert "nothing was run" in out and not (tmp_path / "voc12_eps").exists()
+
+
+def test_every_missing_input_is_named_in_one_run(tmp_path):
+    """An empty dataset root and missing weights: one run names all of them, with where to get
+    each (README 'Downloads'), and starts nothing."""
+    empty = tmp_path / "VOC2012"
+    empty.mkdir()
+    proc = run_script("voc12_eps.sh", DATASET_ROOT=empty, SAVE_ROOT=tmp_path / "runs", NETWORK="resnet38_eps",
+                      WEIGHTS=tmp_path / "w.params", SEG_INIT=tmp_path / "d.pth", SEG_ARCH="",
+                      timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    for expect in ("VOCtrainval_11-May-2012.tar", "PFAN saliency maps", "w.params",
+                   "ilsvrc-cls_rna-a1_cls1000_ep-0001.params", "d.pth",
+                   "deeplabv1_resnet101-coco.pth", "SegmentationClassAug"):
+        assert expect in err, expect
+    assert err.count("README 'Downloads'") >= 4
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_process_counts_that_cannot_split_the_batch_are_refused_up_front(voc, tmp_path):
+    # batch 8 on 3 processes: refused with the counts that work, before any stage runs
+    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=3,
+                      BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", timeout=60)
+    assert proc.returncode == 2
+    assert "--batch_size 8 (global) cannot be split evenly over 3 processes: use 1, 2, 4, 8" in proc.stderr
+    assert "3 processes cannot split the published effective batch 10" in proc.stderr
+    assert "SEG_NGPUS" in proc.stderr and not (tmp_path / "voc12_eps").exists()
+    # the DeepLab stage keeps its effective batch 10 on 2 processes: 10 x 1, 5 per process
+    out = ok(run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=4,
+                        SEG_NGPUS=2, BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", CHECK_ONLY=1,
+                        timeout=60))
+    assert "x batch 8 (2 per process on 4)" in out
+    assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in out
+
+
+@pytest.mark.timeout(400)
+def test_two_nodes_on_localhost(voc, tmp_path):
+    """NNODES=2: two launchers on 127.0.0.1, as two machines would run the same script with their
+    own NODE_RANK (one process each, gloo); the nodes train one model together."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", STAGES="train infer eval", NNODES=2,
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, MAX_ITERS=3, RDZV_TIMEOUT=120)
+    full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full.update(TINY)
+    procs = [subprocess.Popen(["bash", str(SCRIPT / "voc12_cls.sh")], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**full, **{k: str(v) for k, v in env.items()}, "NODE_RANK": str(r)})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=360) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, o[-2000:] + e[-4000:]
+    run = tmp_path / "voc12_cls"
+    log = (run / "log.txt").read_text()
+    assert "2 process(es) on cpu; per-process batch 2" in log
+    assert "weights identical on all 2 ranks" in log
+    assert len(list((run / "result" / "png").glob("*.png"))) == N_TRAIN
+    # single-process stages and the results table run on node 0 only
+    assert is_number(result_rows(outs[0][0])["pseudo-masks (thr 0.20, no CRF)"][2])
+    assert "| voc12_cls |" not in outs[1][0] and "eval: " not in outs[1][0]
+
+
+def test_eval_released_end_to_end_and_refusals(tmp_path):
+    """script/eval_released.sh on a released-style checkpoint (plain state dict) for VOC's 20
+    classes, with real VOC ids; nothing is written when an input is missing."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from network import build_network
+    ids = (REPO / "metadata" / "voc12" / "train.txt").read_text().split()[:4]
+    root = tmp_path / "VOC2012"
+    rng = np.random.default_rng(0)
+    for i in ids:
+        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        (root / "SegmentationClassAug").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 21, (40, 56), dtype=np.uint8), mode="L").save(
+            root / "SegmentationClassAug" / f"{i}.png")
+    (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
+    torch.manual_seed(0)
+    torch.save(build_network("small_eps", 20).state_dict(), tmp_path / "checkpoint_cls.pth")
+    env = dict(LIST=tmp_path / "list.txt", DEVICE="cpu", OUT_DIR=tmp_path / "out",
+               INFER_ARGS="--scales 1.0 --num-workers 0 --writer-threads 1")
+    run = lambda *a, **e: subprocess.run(["bash", str(SCRIPT / "eval_released.sh"), *map(str, a)],  # noqa: E731
+                                         env={**{k: v for k, v in os.environ.items() if k not in SCRIPT_VARS},
+                                              **TINY, **{k: str(v) for k, v in {**env, **e}.items()}},
+                                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = run(tmp_path / "missing.pth", root, "voc12")
+    assert proc.returncode == 2 and "missing.pth" in proc.stderr and "README 'Downloads'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    out = ok(run(tmp_path / "checkpoint_cls.pth", root, "voc12"))
+    row = [line for line in out.splitlines() if line.startswith("| voc12 |")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["voc12", "small_eps", "list", "69.22"] and is_number(cells[4])

@@ -136,19 +136,22 @@ def changed_settings(ckpt: Dict, args, keys: Sequence[str]) -> Dict[str, tuple]:
 # ------------------------------------------------------------------------------------------------
 # checks
 # ------------------------------------------------------------------------------------------------
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha1 of every parameter and buffer (bitwise)."""
+def weights_digest(model: torch.nn.Module, buffers: bool = True) -> str:
+    """sha1 of every parameter (and buffer) bitwise."""
     h = hashlib.sha1()
-    for k, v in model.state_dict().items():
+    items = model.state_dict().items() if buffers else model.named_parameters()
+    for k, v in items:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def check_ranks_agree(model: torch.nn.Module) -> List[str]:
-    """DDP keeps the replicas identical (same all-reduced gradients, same updates); verify it at
-    the end of a run and log the outcome. Returns the digests."""
-    digests = dist.all_gather_object(weights_digest(model))
+    """DDP keeps the replicas' weights identical (same all-reduced gradients, same updates);
+    verify it at the end of a run and log the outcome. Buffers are not compared: BN layers that
+    train (the small nets) update their running statistics from each rank's own half of the
+    batch, and DDP only re-broadcasts rank 0's before the next forward. Returns the digests."""
+    digests = dist.all_gather_object(weights_digest(model, buffers=False))
     if len(set(digests)) == 1:
         logger.info("weights identical on all %d ranks (sha1 %s)", len(digests), digests[0][:12])
     else:

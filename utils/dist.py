@@ -82,11 +82,16 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def to_collective(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of ``t`` on the device the backend's collectives take."""
+    return t.detach().to(collective_device(), copy=True)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all ranks, returned on ``t``'s device (``t`` is not modified)."""
     if not is_dist():
         return t.clone()
-    work = t.detach().to(collective_device(), copy=True)
+    work = to_collective(t)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(t.device)
 

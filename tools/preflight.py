@@ -1,0 +1,346 @@
+"""Check a whole pipeline before any compute, and print its plan.
+
+The pipeline scripts (script/voc12_eps.sh etc.) build the exact command line of every stage they
+are about to run and hand them all to this tool first::
+
+    python tools/preflight.py --nodes 1 --procs 2 --device cuda -- \\
+        train train.py --dataset voc12 ... ::: infer infer.py ... ::: eval evaluate.py ...
+
+Every stage's flags are parsed by its own parser and checked by its own functions (the recipe
+resolved from data/registry.py, batch divisibility for the number of processes, value ranges),
+and every input file or folder is checked unless an earlier stage of the same run produces it.
+In a few seconds it either prints the plan (what runs, with which resolved settings, on how many
+processes, where outputs land) or lists EVERY problem at once, each with where to get the missing
+file (README "Downloads"), and exits with status 2. Nothing is written either way.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.downloads import hint  # noqa: E402
+from data.registry import dataset_root_of, get_dataset  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+SEPARATOR = ":::"
+SAMPLE = 5  # ids of each list whose files are looked up (the stages check all of them)
+
+
+class PreflightError(UserError):
+    """The pipeline cannot start; the message lists every problem."""
+
+
+@dataclass
+class Stage:
+    """One stage of the run: its name, entry point and flags, and what the check found."""
+    name: str
+    script: str
+    argv: List[str]
+    procs: int = 1
+    plan: List[str] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+    needs: List[Tuple[Path, str, str]] = field(default_factory=list)  # (path, what, hint)
+    makes: List[Path] = field(default_factory=list)
+
+    def need(self, path, what: str, where: str = "") -> None:
+        self.needs.append((Path(path), what, where))
+
+
+def split_stages(tokens: Sequence[str]) -> List[Tuple[str, str, List[str]]]:
+    """``NAME SCRIPT ARGS... ::: NAME SCRIPT ARGS...`` -> [(name, script, args), ...]."""
+    groups, current = [], []
+    for tok in list(tokens) + [SEPARATOR]:
+        if tok == SEPARATOR:
+            if current:
+                if len(current) < 2:
+                    raise PreflightError(f"stage {current} needs a name and an entry point")
+                groups.append((current[0], current[1], current[2:]))
+            current = []
+        else:
+            current.append(tok)
+    return groups
+
+
+def parse_stage(module, argv: Sequence[str]):
+    """Parse with the entry point's own parser; an argparse error becomes a problem string."""
+    parser = argparse.ArgumentParser(prog=module.__name__ + ".py", parents=[module.get_args_parser()],
+                                     allow_abbrev=False, exit_on_error=False)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(list(argv)), None
+    except (argparse.ArgumentError, SystemExit) as e:
+        text = err.getvalue().strip().splitlines()
+        return None, (text[-1] if text else str(e))
+
+
+def _try(stage: Stage, fn: Callable, *a, **k):
+    """Run a check; a UserError becomes one of the stage's problems."""
+    try:
+        return fn(*a, **k)
+    except UserError as e:
+        stage.problems.append(" ".join(str(e).split()))
+        return None
+
+
+def _download_key(dataset: str, kind: str) -> Optional[str]:
+    from data.downloads import DOWNLOADS
+    key = f"{dataset}_{kind}"
+    return key if key in DOWNLOADS else None
+
+
+def _where(dataset: str, kind: str, custom: str) -> str:
+    key = _download_key(dataset, kind)
+    return hint(key) if key else custom
+
+
+def _dataset(stage: Stage, args, root_attr: str):
+    """The dataset registry entry, its id list and image-label table, with the data root's
+    first images looked up."""
+    root = getattr(args, root_attr)
+    meta = getattr(args, "metadata_dir", None)
+    info = _try(stage, get_dataset, args.dataset, meta, root)
+    if info is None:
+        if _download_key(args.dataset, "labels") and stage.problems:
+            stage.problems[-1] += f"; {hint(args.dataset + '_labels')}"
+        return None
+    stage.need(dataset_root_of(root), "dataset root",
+               _where(info.name, "images", "the folder that holds JPEGImages/"))
+    return info
+
+
+def _sample_images(stage: Stage, info, root, ids: Sequence[str]) -> None:
+    if ids and Path(dataset_root_of(root)).is_dir():
+        missing = [str(info.image_path(root, i)) for i in ids[:SAMPLE]
+                   if not info.image_path(root, i).is_file()]
+        if missing:
+            stage.problems.append(f"images of the list not found (first: {missing[0]}): "
+                                  f"{_where(info.name, 'images', 'check --data_root')}")
+
+
+def _ids(stage: Stage, info, name) -> List[str]:
+    return _try(stage, info.read_ids, name) or []
+
+
+def _labels(stage: Stage, info) -> None:
+    try:
+        info.image_labels
+    except UserError as e:
+        stage.problems.append(f"{' '.join(str(e).split())}"
+                              + (f"; {hint(info.name + '_labels')}" if _download_key(info.name, "labels") else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# one check per entry point: the entry point's own functions, no compute, nothing written
+# ------------------------------------------------------------------------------------------------
+def check_train(stage: Stage, module, args) -> None:
+    from network import network_parts
+    info = _dataset(stage, args, "data_root")
+    if info is None:
+        return
+    args = _try(stage, module.resolve_args, args, info, stage.procs)
+    if args is None:
+        return
+    ids = _ids(stage, info, args.train_list)
+    _labels(stage, info)
+    _sample_images(stage, info, args.data_root, ids)
+    _, head = network_parts(args.network)
+    hp = "".join(f", {k} {getattr(args, k)}" for k in head.hparams)
+    if head.needs_saliency:
+        from data.datasets import default_saliency_root
+        sal = args.saliency_root or default_saliency_root(info, args.data_root)
+        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
+    if args.weights != "none":
+        stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
+    run_dir = Path(args.save_root) / args.session
+    stage.makes.append(run_dir / module.FINAL_NAME)
+    per = args.batch_size // stage.procs
+    stage.plan.append(
+        f"{args.network} on {info.name} {Path(str(args.train_list)).stem} ({len(ids)} ids): "
+        f"{args.max_iters} iterations x batch {args.batch_size} ({per} per process on "
+        f"{stage.procs}), crop {args.crop_size}, resize {args.resize_size[0]}-{args.resize_size[1]}, "
+        f"lr {args.lr}, weight decay {args.wt_dec}, momentum {args.momentum}{hp}, amp {args.amp} "
+        f"-> {run_dir}")
+
+
+def check_infer(stage: Stage, module, args) -> None:
+    _try(stage, module.check_args, args)
+    info = _dataset(stage, args, "img_root")
+    if info is None:
+        return
+    name = args.infer_list or info.train_defaults.get("infer_list", "train")
+    ids = _ids(stage, info, name)
+    _labels(stage, info)
+    _sample_images(stage, info, args.img_root, ids)
+    stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
+    outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
+    stage.makes.extend(outs)
+    stage.plan.append(
+        f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
+        f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
+        f"+ flips -> {', '.join(map(str, outs))}")
+
+
+def check_evaluate(stage: Stage, module, args) -> None:
+    info = _dataset(stage, args, "data_root") if args.data_root is not None else \
+        _try(stage, get_dataset, args.dataset, args.metadata_dir, None)
+    if info is None:
+        return
+    ids = _ids(stage, info, args.datalist)
+    if args.gt_dir is not None:
+        stage.need(args.gt_dir, "ground-truth masks (--gt_dir)",
+                   _where(info.name, "masks", "one <id>.png of class indices per image"))
+    elif args.data_root is not None and ids and Path(dataset_root_of(args.data_root)).is_dir():
+        gt = info.gt_path(dataset_root_of(args.data_root), ids[0])
+        if not gt.is_file():
+            stage.problems.append(f"ground truth not found ({gt}): "
+                                  f"{_where(info.name, 'masks', 'pass --gt_dir')}")
+    pred = args.pred_dir if args.pred_dir is not None else args.cam_dir
+    stage.need(pred, "predictions to score", "made by the infer stage")
+    stage.plan.append(f"mIoU of {pred} on {Path(str(args.datalist)).stem} ({len(ids)} ids) -> "
+                      f"{args.save_path or 'next to the predictions'}")
+
+
+def check_train_seg(stage: Stage, module, args) -> None:
+    _try(stage, module.check_args, args, stage.procs)
+    info = _dataset(stage, args, "data_root")
+    if info is None:
+        return
+    ids = _ids(stage, info, args.train_list)
+    _sample_images(stage, info, args.data_root, ids)
+    if args.mask_dir is not None:
+        stage.need(args.mask_dir, "pseudo-masks (--mask-dir)", "made by the infer/pseudo stages")
+    if args.init is not None and args.init.lower() != "none":
+        stage.need(args.init, "DeepLab initial weights (--init)", hint("deeplab_init"))
+    stage.makes.append(Path(args.run_dir) / module.FINAL_NAME)
+    if args.batch_size is not None:
+        stage.plan.append(
+            f"{args.arch} on the {Path(str(args.train_list)).stem} pseudo-masks ({len(ids)} ids): "
+            f"{args.max_iters} iterations x {args.batch_size} x {args.iter_size} accumulated "
+            f"(effective {args.batch_size * args.iter_size}; {args.batch_size // stage.procs} per "
+            f"process and pass on {stage.procs}), crop {args.crop_size}, lr {args.lr} "
+            f"-> {args.run_dir}")
+
+
+def check_infer_seg(stage: Stage, module, args) -> None:
+    info = _dataset(stage, args, "data_root")
+    if info is None:
+        return
+    ids = _ids(stage, info, args.list)
+    _sample_images(stage, info, args.data_root, ids)
+    weights = Path(args.weights)
+    stage.need(weights / module.FINAL_NAME if weights.suffix != ".pth" else weights,
+               "DeepLab checkpoint (--weights)", "made by the seg stage")
+    if args.evaluate and args.gt_dir is not None:
+        stage.need(args.gt_dir, "val ground truth (--gt_dir)",
+                   _where(info.name, "masks", "one <id>.png of class indices per image"))
+    if args.crf:
+        try:
+            from utils.crf import _densecrf
+            _densecrf()
+        except ImportError as e:
+            stage.problems.append(f"{e}; or SEG_CRF=0")
+    stage.makes.append(Path(args.out_dir))
+    stage.plan.append(f"DeepLab on {Path(str(args.list)).stem} ({len(ids)} ids)"
+                      f"{' + dense CRF' if args.crf else ''} -> {args.out_dir}")
+
+
+CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
+                               "evaluate": check_evaluate, "train_seg": check_train_seg,
+                               "infer_seg": check_infer_seg}
+
+
+def check_device(device: str, procs_per_node: int) -> List[str]:
+    """--device cuda: a usable CUDA with at least the GPUs one node asks for (utils/device.py)."""
+    if device != "cuda":
+        return []
+    from utils.device import cuda_problem
+    problem = cuda_problem()
+    if problem is not None:
+        return [f"DEVICE=cuda: {problem}; or DEVICE=cpu to run on the CPU"]
+    import torch
+    if torch.cuda.device_count() < procs_per_node:
+        return [f"NGPUS={procs_per_node} but this node sees {torch.cuda.device_count()} GPU(s); "
+                f"lower NGPUS or check CUDA_VISIBLE_DEVICES"]
+    return []
+
+
+def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[Stage]:
+    """Check every stage; returns them with their plans and problems."""
+    stages, made = [], set()
+    for name, script, argv in groups:
+        module_name = Path(script).stem
+        if module_name not in CHECKS:
+            raise PreflightError(f"stage {name}: no check for entry point {script}")
+        module = importlib.import_module(module_name)
+        stage = Stage(name, script, argv, procs=nodes * procs.get(name, procs.get("*", 1)))
+        args, err = parse_stage(module, argv)
+        if err is not None:
+            stage.problems.append(f"flags: {err}")
+        else:
+            CHECKS[module_name](stage, module, args)
+        for path, what, where in stage.needs:
+            produced = any(path == m or m in path.parents for m in made)
+            if not produced and not path.exists():
+                stage.problems.append(f"{what} not found: {path}" + (f"; {where}" if where else ""))
+        made.update(Path(m) for m in stage.makes)
+        stages.append(stage)
+    return stages
+
+
+def format_plan(stages: Sequence[Stage], title: str) -> str:
+    lines = [title]
+    for s in stages:
+        procs = f" [{s.procs} processes]" if s.procs > 1 else ""
+        for text in s.plan or ["(not planned: see the problems below)"]:
+            lines.append(f"  {s.name:<8} {text}{procs}")
+    return "\n".join(lines)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Check a pipeline before running it", add_help=False)
+    p.add_argument("--title", type=str, default="plan",
+                   help="first line of the printed plan (e.g. the script name and hardware)")
+    p.add_argument("--nodes", type=int, default=1, help="machines (NNODES of the scripts)")
+    p.add_argument("--procs", type=str, nargs="*", default=["*=1"],
+                   help="processes per node per stage, NAME=N (e.g. '*=2 seg=1'; * = default)")
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="the stages' --device: cuda is checked here (driver, GPUs per node)")
+    p.add_argument("stages", nargs=argparse.REMAINDER,
+                   help="NAME SCRIPT ARGS... groups separated by ':::' (after '--')")
+    return p
+
+
+def main(args) -> List[str]:
+    """Print the plan; returns the problems (printed to stderr, one per line)."""
+    tokens = args.stages[1:] if args.stages[:1] == ["--"] else args.stages
+    procs = {}
+    for item in args.procs:
+        key, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise PreflightError(f"--procs {item}: expected NAME=N with N >= 1")
+        procs[key] = int(value)
+    stages = preflight(split_stages(tokens), args.nodes, procs, args.device)
+    problems = check_device(args.device, max(procs.values()))
+    problems += [f"{s.name}: {p}" for s in stages for p in s.problems]
+    print(format_plan(stages, args.title), flush=True)
+    if problems:
+        # Every problem at once, one per line (a user fixes them all before the next try).
+        print(f"preflight: error: {len(problems)} problem(s), nothing was run:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        sys.stderr.flush()
+    return problems
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(get_args_parser, main, __doc__, exit_code=lambda problems: 2 if problems else 0))
