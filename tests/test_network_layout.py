@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from network import NETWORKS, build_network
+from network.weights import head_keys
 
 # One line per module, in published order. "BN <name> <C>" expands to the five BN entries
 # (weight, bias, running_mean, running_var: [C]; num_batches_tracked: []).
@@ -167,8 +168,11 @@ def test_dilations_and_dropout_as_published():
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_every_network_has_the_interface(name):
+    # Any registered network, a fork's too (tests/test_extending.py runs it on toy networks).
     m = meta_model(name, 20)
     assert m.head_type == name.rsplit("_", 1)[1]
     assert m.num_classes == 20 and m.arch == name.rsplit("_", 1)[0]
-    assert m.fc8.weight.shape[0] == (21 if m.head_type == "eps" else 20)
-    assert list(m.state_dict())[-1] == "fc8.weight"  # head registered after the trunk
+    sd = m.state_dict()
+    assert sd[m.classifier_key].shape[0] == m.out_channels(20)
+    head = head_keys(m)
+    assert m.classifier_key in head and list(sd)[-len(head):] == head  # head after the trunk
