@@ -36,16 +36,15 @@ esac
 [[ -d "$GT_DIR" ]] || { echo "ground-truth folder not found: $GT_DIR (VOC: SegmentationClassAug; COCO: the EPS masks under SegmentationClass/train2014)" >&2; exit 2; }
 [[ -f "metadata/$DATASET/image_labels.txt" ]] || { echo "metadata/$DATASET/image_labels.txt is missing: build it with tools/make_cls_labels.py" >&2; exit 2; }
 
-# Which head the checkpoint holds decides the published number to compare with.
-HEAD=$($PYTHON -c "import sys; from data.registry import get_dataset; \
-from network.weights import load_state_dict_file, describe_checkpoint; \
-print(describe_checkpoint(load_state_dict_file(sys.argv[1]), get_dataset(sys.argv[2]).num_classes)['head_type'])" \
-  "$CHECKPOINT" "$DATASET")
-case "$DATASET/$HEAD" in
-  voc12/cls) PUBLISHED=47.05 ;; voc12/eps) PUBLISHED=69.22 ;;
-  coco/cls)  PUBLISHED=31.23 ;; coco/eps)  PUBLISHED=37.15 ;;
-  *) PUBLISHED=n/a ;;
-esac
+# Which head the checkpoint holds decides the published number to compare with (the dataset
+# registry's published_miou, keyed by head); a file that cannot be identified is left to
+# infer.py, which says why in one line.
+read -r HEAD PUBLISHED < <($PYTHON -c "import sys; from data.registry import get_dataset; \
+from network.registry import get_head; \
+from network.weights import identify_checkpoint, load_state_dict_file; \
+info = get_dataset(sys.argv[2]); \
+head = get_head(identify_checkpoint(load_state_dict_file(sys.argv[1]), info.num_classes).network).name; \
+print(head, info.spec.published_miou.get(head, 'n/a'))" "$CHECKPOINT" "$DATASET" 2>/dev/null || echo "? n/a")
 
 # 1. CAMs + pseudo-masks (resumable: rerunning skips finished images) -> $OUT_DIR/{png,cam,vis}
 if [[ "$NPROC" -gt 1 ]]; then LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC"); else LAUNCH=("$PYTHON"); fi
