@@ -398,3 +398,19 @@ def test_nothing_outside_network_compares_method_names():
              for line, names in name_comparisons(p.read_text(encoding="utf-8"))]
     assert not found, ("decide by the head's attributes (network/heads.py), not by its name:\n"
                        + "\n".join(found))
+
+
+def test_docs_show_the_code_of_this_file():
+    """docs/extending.md is this file: every function and class it shows is defined here,
+    character for character."""
+    import re
+
+    doc = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
+    here = Path(__file__).read_text(encoding="utf-8")
+    shown = []
+    for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S):
+        for node in ast.parse(block).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                shown.append(node.name)
+                assert ast.get_source_segment(block, node) in here, node.name
+    assert {"ToyHead", "agreement_loss", "TwoConv", "toys", "parse"} <= set(shown)
