@@ -18,7 +18,8 @@ from data.metadata import MetadataError, read_class_names, read_id_list, read_im
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 METADATA_ROOT = PACKAGE_ROOT / "metadata"
 
-# Published training recipes (reference.md 1.3). Keys match train.py flag names.
+# Published training recipes (EPS script/{voc12,coco}_{cls,eps}.sh; docs/training.md). Keys match
+# train.py flag names.
 VOC12_TRAIN_DEFAULTS = dict(train_list="train_aug", infer_list="train", crop_size=448,
                             resize_size=(256, 512), batch_size=8, max_iters=20000, lr=0.01,
                             wt_dec=5e-4, tau=0.4, lam=0.5)

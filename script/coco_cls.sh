@@ -31,7 +31,7 @@ SESSION=${SESSION:-coco_cls}
 NGPUS=${NGPUS:-1}             # >1: torchrun; batch sizes stay global (published: 2 GPUs)
 DEVICE=${DEVICE:-auto}
 NUM_WORKERS=${NUM_WORKERS:-8}
-# ---- classifier (reference.md 1.3) -------------------------------------------------------------
+# ---- classifier (EPS script/coco_cls.sh; docs/training.md) --------------------------------------
 NETWORK=${NETWORK:-resnet38_cls}
 TRAIN_LIST=${TRAIN_LIST:-train}
 CROP=${CROP:-321}
@@ -45,7 +45,7 @@ INFER_LIST=${INFER_LIST:-train}
 THR=${THR:-0.20}
 VIS_NUM=${VIS_NUM:-20}
 SAVE_CAMS=${SAVE_CAMS:-0}     # 1: also keep <id>.npz CAMs (for evaluate.py --cam-dir sweeps)
-# ---- DeepLab-v2 (reference.md section 4) -------------------------------------------------------
+# ---- DeepLab-v2 (deeplab-pytorch configs/voc12.yaml; docs/segmentation.md) ---------------------
 SEG_LIST=${SEG_LIST:-train}
 SEG_EVAL_LIST=${SEG_EVAL_LIST:-val}
 SEG_GT_DIR=${SEG_GT_DIR:-$DATASET_ROOT/SegmentationClass/val2014}
@@ -64,7 +64,7 @@ TRAIN_ARGS=${TRAIN_ARGS:-} INFER_ARGS=${INFER_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
 SEG_ARGS=${SEG_ARGS:-} SEGINFER_ARGS=${SEGINFER_ARGS:-}
 STAGES=${STAGES:-train infer eval}
 PUBLISHED_PSEUDO=31.23        # EPS README, COCO train, baseline pseudo-masks
-PUBLISHED_SEG=n/a             # reference.md records no COCO DeepLab number
+PUBLISHED_SEG=n/a             # no COCO DeepLab number to compare with (docs/pipelines.md)
 
 METHOD_ARGS=()  # the CAM baseline takes no saliency, tau or lambda
 prepare_run

@@ -31,7 +31,7 @@ SESSION=${SESSION:-voc12_cls}
 NGPUS=${NGPUS:-1}             # >1: torchrun; batch sizes stay global (published: 2 GPUs)
 DEVICE=${DEVICE:-auto}
 NUM_WORKERS=${NUM_WORKERS:-8}
-# ---- classifier (reference.md 1.3) -------------------------------------------------------------
+# ---- classifier (EPS script/voc12_cls.sh; docs/training.md) -------------------------------------
 NETWORK=${NETWORK:-resnet38_cls}
 TRAIN_LIST=${TRAIN_LIST:-train_aug}
 CROP=${CROP:-448}
@@ -45,7 +45,7 @@ INFER_LIST=${INFER_LIST:-train}
 THR=${THR:-0.20}
 VIS_NUM=${VIS_NUM:-20}
 SAVE_CAMS=${SAVE_CAMS:-0}     # 1: also keep <id>.npz CAMs (for evaluate.py --cam-dir sweeps)
-# ---- DeepLab-v2 (reference.md section 4) -------------------------------------------------------
+# ---- DeepLab-v2 (deeplab-pytorch configs/voc12.yaml; docs/segmentation.md) ---------------------
 SEG_LIST=${SEG_LIST:-train_aug}
 SEG_EVAL_LIST=${SEG_EVAL_LIST:-val}
 SEG_GT_DIR=${SEG_GT_DIR:-$GT_DIR}

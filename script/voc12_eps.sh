@@ -10,7 +10,7 @@
 #   infer    CAMs -> pseudo-masks on train (the published list)    published: thr 0.20, no CRF
 #   eval     pseudo-mask mIoU on train vs SegmentationClassAug     published: 69.22
 #   pseudo   pseudo-masks for the rest of train_aug (DeepLab's training set)
-#   seg      DeepLab-v2 ResNet-101 on the train_aug pseudo-masks   reference.md section 4
+#   seg      DeepLab-v2 ResNet-101 on the train_aug pseudo-masks   deeplab-pytorch recipe
 #   segeval  DeepLab on val (+ dense CRF) -> mIoU                  paper: 70.9
 # SKIP_SEG=1 stops after eval. A stage whose outputs are complete is skipped, so rerunning the
 # same command resumes where it stopped (an unfinished training run continues from its checkpoint).
@@ -33,7 +33,7 @@ SESSION=${SESSION:-voc12_eps}
 NGPUS=${NGPUS:-1}             # >1: torchrun; batch sizes stay global (published: 2 GPUs)
 DEVICE=${DEVICE:-auto}
 NUM_WORKERS=${NUM_WORKERS:-8}
-# ---- classifier (reference.md 1.3) -------------------------------------------------------------
+# ---- classifier (EPS script/voc12_eps.sh; docs/training.md) -------------------------------------
 NETWORK=${NETWORK:-resnet38_eps}
 TRAIN_LIST=${TRAIN_LIST:-train_aug}
 CROP=${CROP:-448}
@@ -49,7 +49,7 @@ INFER_LIST=${INFER_LIST:-train}
 THR=${THR:-0.20}
 VIS_NUM=${VIS_NUM:-20}
 SAVE_CAMS=${SAVE_CAMS:-0}     # 1: also keep <id>.npz CAMs (for evaluate.py --cam-dir sweeps)
-# ---- DeepLab-v2 (reference.md section 4) -------------------------------------------------------
+# ---- DeepLab-v2 (deeplab-pytorch configs/voc12.yaml; docs/segmentation.md) ---------------------
 SEG_LIST=${SEG_LIST:-train_aug}
 SEG_EVAL_LIST=${SEG_EVAL_LIST:-val}
 SEG_GT_DIR=${SEG_GT_DIR:-$GT_DIR}

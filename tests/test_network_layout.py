@@ -1,6 +1,6 @@
-"""The ResNet-38 networks have exactly the published state_dict layout (reference.md 1.12), so
+"""The ResNet-38 networks have exactly the published state_dict layout (EPS resnet38_eps.py), so
 the authors' released checkpoints load key for key. The expected list below is written out from
-the reference text, not generated from our model. Models are built on the meta device (shapes
+the published modules, not generated from our model. Models are built on the meta device (shapes
 only, no memory), so these tests are fast."""
 import pytest
 import torch
@@ -118,7 +118,7 @@ def test_reference_list_counts():
     layout = published_layout(21)
     assert len(layout) == 229
     assert len([k for k, _ in layout if not k.endswith("num_batches_tracked")]) == 192
-    # "44 conv weights" in the reference counts fc8 (a 1x1 conv): 43 in the trunk + fc8.
+    # "44 conv weights" of the published layout counts fc8 (a 1x1 conv): 43 in the trunk + fc8.
     assert sum(1 for _, shape in layout if len(shape) == 4) == 44
     assert sum(1 for k, _ in layout if k.endswith("num_batches_tracked")) == 37
 
