@@ -1,6 +1,6 @@
 """Second stage: train DeepLab-v2 (ResNet-101, MSC) on a folder of pseudo-mask PNGs.
 
-Published recipe (kazuto1011/deeplab-pytorch configs/voc12.yaml, reference.md 4), all defaults:
+Published recipe (kazuto1011/deeplab-pytorch configs/voc12.yaml and main.py train), all defaults:
 SGD momentum 0.9, lr 2.5e-4 (ASPP weights 10x, biases 20x without weight decay), weight decay
 5e-4, poly 0.9 updated every 10 iterations, 20,000 iterations of batch 5 x 2 accumulated
 (effective 10), crop 321, scales {0.5, 0.75, 1, 1.25, 1.5}, Caffe BGR mean, frozen BN, loss =

@@ -270,7 +270,7 @@ class ClsSalDataset(_BaseDataset):
 
 
 class InferDataset(_BaseDataset):
-    """Multi-scale CAM inference inputs (reference 1.10).
+    """Multi-scale CAM inference inputs (as EPS infer.py preprocess; docs/inference.md).
 
     Item: ``{"id", "images": [float32 (3, round(h*s), round(w*s)) per scale, normalized, NOT
     flipped], "label": float32 (C,), "size": (H, W)}`` plus ``"image"`` (uint8 H×W×3 RGB) when

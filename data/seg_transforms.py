@@ -1,6 +1,7 @@
-"""DeepLab-v2 (deeplab-pytorch) input pipeline for the segmentation stage (reference.md 4).
+"""DeepLab-v2 input pipeline for the segmentation stage (deeplab-pytorch libs/datasets/base.py
+_BaseDataset._augmentation, libs/datasets/voc.py VOCAug; docs/segmentation.md).
 
-Different from the EPS classification pipeline on purpose (reference 5.11): the image is BGR
+Different from the EPS classification pipeline on purpose (docs/segmentation.md): the image is BGR
 float32 in 0..255 minus the Caffe mean (no std division), the scale comes from a *discrete* set,
 the image is resized with cv2 INTER_LINEAR and the label with PIL NEAREST, both are padded
 bottom/right to the crop (image with the mean -> 0 after subtraction, label with 255 = ignore),

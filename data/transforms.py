@@ -1,4 +1,5 @@
-"""Image transforms of the published EPS / PSA pipeline (reference.md 1.4 and 1.10).
+"""Image transforms of the published EPS / PSA pipeline (EPS util/imutils.py, metadata/dataset.py,
+module/dataloader.py get_dataloader, infer.py preprocess; docs/data.md, docs/inference.md).
 
 Every random decision is drawn from an ``rng`` object with Python ``random``'s interface
 (``randint``, ``randrange``, ``random``); the default (``rng=None``) is the ``random`` module
@@ -32,7 +33,7 @@ RESAMPLE = Image.BICUBIC
 # Sentinel for "use the published ColorJitter" (None means no jitter).
 DEFAULT = object()
 
-# Multi-scale inference scales of EPS infer.py (reference 1.10).
+# Multi-scale inference scales of EPS infer.py (``scales`` in its __main__; docs/inference.md).
 INFER_SCALES = (0.5, 1.0, 1.5, 2.0)
 
 
@@ -209,7 +210,8 @@ class ClsTrainTransform(_TrainTransform):
 
 
 class ClsSalTrainTransform(_TrainTransform):
-    """'eps' joint transform of an image and its saliency map (reference 1.4).
+    """'eps' joint transform of an image and its saliency map (EPS metadata/dataset.py
+    ClassificationDatasetWithSaliency.transform_with_mask).
 
     One target_long for both (both bicubic) -> joint hflip -> jitter (image only) -> normalize the
     image, saliency uint8/255 -> joint crop with the same box (both zero-padded) -> CHW ->

@@ -3,7 +3,7 @@
 CAM file contract (written by infer.py): ``<cam_dir>/<id>.npz`` with ``keys`` int64 (K,) = 0-based
 foreground classes of the image label, ``cams`` float32 (K, H, W) = per-class max-normalised CAMs,
 and optionally ``bg`` (H, W) for eps heads. The pseudo-mask at threshold t is the published rule
-(reference.md 1.10): argmax over ``[full(t), cams]`` -> 0 or ``keys[k] + 1``, ties -> background.
+(EPS infer.py): argmax over ``[full(t), cams]`` -> 0 or ``keys[k] + 1``, ties -> background.
 The ``bg`` map is not used, as in the published pseudo-masks (its eps branch drops it too).
 
 Each image is decoded once and all thresholds are scored from one bincount

@@ -1,6 +1,6 @@
 """Confusion-matrix segmentation metrics in pure numpy (no I/O).
 
-Conventions (those of the published ``evaluate_png.py``, reference.md 1.11):
+Conventions (those of the published ``evaluate_png.py`` ``IOUMetric``; docs/evaluation.md):
 
 * rows are ground truth, columns are predictions, classes ``0..n-1`` with 0 = background;
 * a ground-truth value outside ``0..n-1`` (the VOC boundary value 255) is ignored;
@@ -113,7 +113,7 @@ def compute_scores(conf: np.ndarray, ignore_invalid: bool = False) -> Dict:
 
     ``mean_accuracy`` = nanmean of per-class recall (deeplab-pytorch "Mean Accuracy");
     ``fwiou`` = sum over GT-present classes of (GT frequency x IoU); ``miou_gt_classes`` = mean IoU
-    over classes present in the GT only (deeplab-pytorch scores.py, reference.md 4), for comparison.
+    over classes present in the GT only (deeplab-pytorch libs/utils/metric.py), for comparison.
     """
     conf = np.asarray(conf, dtype=np.float64)
     if conf.ndim != 2 or conf.shape[1] not in (conf.shape[0], conf.shape[0] + 1):

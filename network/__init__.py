@@ -5,7 +5,8 @@ registry is imported on first use (PEP 562) so that ``import network.losses`` st
 ``python -m network.resnet38d`` runs its smoke check without importing itself twice.
 """
 _REGISTRY_NAMES = ("NETWORKS", "BACKBONES", "HEADS", "build_network", "normalize_network_name",
-                   "network_parts", "get_head", "register_head", "register_backbone")
+                   "network_parts", "get_head", "register_head", "register_backbone",
+                   "unregister_head", "unregister_backbone", "registered")
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
 """What every classification network here shares, whatever its backbone:
 
-* the published freezing (reference.md 1.5): ``train(mode)`` keeps every BatchNorm in eval mode
+* the published freezing (psa network/resnet38d.py Net.train): ``train(mode)``
+  keeps every BatchNorm in eval mode
   with fixed affine parameters and freezes the early layers listed in ``not_training``;
 * the published parameter groups (1x / 2x / 10x / 20x learning rate) from one method;
 * optional activation checkpointing of the trunk, one block at a time.
@@ -124,7 +125,8 @@ class Backbone(nn.Module):
 
     # ----------------------------------------------------------------------------- optimizer
     def get_parameter_groups(self) -> List[dict]:
-        """The published four groups (reference.md 1.5), as named dicts::
+        """The published four groups (psa/EPS network/resnet38_cls.py Net.get_parameter_groups, EPS
+        module/optimizer.py get_optimizer), as named dicts::
 
             1x  (lr_mult 1,  weight_decay_mult 1): conv weights of the trunk
             2x  (lr_mult 2,  weight_decay_mult 0): conv biases of the trunk (none in ResNet-38)

@@ -1,4 +1,5 @@
-"""DeepLab-v2 (ResNet-101, ASPP, multi-scale inputs) for the second stage (reference.md 4).
+"""DeepLab-v2 (ResNet-101, ASPP, multi-scale inputs) for the second stage (deeplab-pytorch
+libs/models/deeplabv2.py DeepLabV2, libs/models/msc.py MSC; docs/segmentation.md).
 
 The module tree and therefore the state-dict key names follow kazuto1011/deeplab-pytorch, so
 its converted Caffe weights load without renaming::

@@ -10,6 +10,12 @@ comparing method names:
 ==========================  ==================================================================
 ``name``                    registry key, the suffix of the network names (``resnet38_eps``)
 ``out_channels(C)``         how many maps ``forward_cam`` returns for C foreground classes
+``__init__``                builds the head's modules after the trunk and lists the new ones in
+                            ``from_scratch_layers`` (the 10x / 20x learning-rate groups)
+``forward(x)``              the training output, passed to ``losses`` as ``out``
+``forward_cam(x)``          raw maps (N, out_channels(C), h, w) for inference; the CPU graph
+                            (network/cpu) traces it, and runs it eager (with a warning) when
+                            it has Python that torch.fx cannot trace
 ``needs_saliency``          training batches carry a saliency map (the EPS dataset)
 ``has_background``          ``cam_probs`` ends with a background map after the C class maps
 ``cam_probs(raw)``          the per-view non-linearity of inference, applied before resizing:
@@ -18,8 +24,11 @@ comparing method names:
 saliency, **hparams)``      sum is minimised (logged as ``loss_<term>``)
 ``add_args(parser)`` /      the head's own hyper-parameter flags (train.py shows them) and the
 ``hparams``                 argument names ``losses`` receives
-``num_classes_from_state_   C of a checkpoint of this head (used to identify checkpoints by
-dict(sd)``                  shape)
+``check_hparams(**hp)``     a one-line problem with their values, or None
+``classifier_key``          the state-dict key with ``out_channels(C)`` rows (default
+                            ``fc8.weight``), from which ...
+``num_classes_from_state_   ... C of an unrecorded checkpoint of this head is read (used to
+dict(sd)``                  identify checkpoints by shape)
 ==========================  ==================================================================
 """
 from __future__ import annotations
@@ -51,6 +60,9 @@ class Head(Backbone):
     needs_saliency: bool = False
     has_background: bool = False
     hparams: Tuple[str, ...] = ()
+    # The state-dict key whose first dimension is out_channels(C): how C is read from a checkpoint
+    # that carries no record (released files). A head whose classifier is not fc8 names its own.
+    classifier_key: str = HEAD_PREFIX + "weight"
 
     def __init__(self, num_classes: int, **backbone_kwargs):
         super().__init__(**backbone_kwargs)
@@ -69,14 +81,14 @@ class Head(Backbone):
 
     @classmethod
     def num_classes_from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> Optional[int]:
-        """C for a checkpoint of this head, from its fc8 rows; None when it has no fc8. A head
-        with other parameters overrides this."""
-        fc8 = sd.get(HEAD_PREFIX + "weight")
-        if fc8 is None or fc8.dim() != 4:
+        """C for a checkpoint of this head: the C whose ``out_channels(C)`` is the row count of
+        ``classifier_key``; None when the key is absent or no C fits."""
+        weight = sd.get(cls.classifier_key)
+        if weight is None or weight.dim() == 0:
             return None
-        rows = int(fc8.shape[0])
-        c = rows - (cls.out_channels(1) - 1)  # out_channels(C) = C + k for both published heads
-        return c if c >= 1 and cls.out_channels(c) == rows else None
+        rows = int(weight.shape[0])
+        # Any out_channels(C) >= C (C maps, C+1, 2C, ...): the search is over 1..rows.
+        return next((c for c in range(1, rows + 1) if cls.out_channels(c) == rows), None)
 
     @staticmethod
     def cam_probs(raw: torch.Tensor) -> torch.Tensor:

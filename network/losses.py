@@ -1,4 +1,5 @@
-"""Training losses of the baseline (CAM) classifier and of EPS (reference.md 1.8, 1.9).
+"""Training losses of the baseline (CAM) classifier and of EPS (EPS module/train.py train_cls /
+train_eps, eps.py get_eps_loss; docs/training.md).
 
 Both are pure functions of tensors: no device is hard-coded (the published EPS loss allocated its
 masks with ``.cuda()``), so the same code runs on the CPU, a GPU or under DDP.
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 # Added to EVERY pixel of the class mask in the overlap-ratio denominator (published eps.py), so
-# the denominator is |M_c| + 1e-4 * h * w, not |M_c| + 1e-4 (reference.md 5, trap 4).
+# the denominator is |M_c| + 1e-4 * h * w, not |M_c| + 1e-4 (EPS eps.py get_eps_loss).
 OVERLAP_EPS = 1e-4
 
 
@@ -33,7 +34,7 @@ def overlap_ratio(class_masks: torch.Tensor, sal_mask: torch.Tensor) -> torch.Te
 def eps_loss(cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, tau: float,
              lam: float, return_maps: bool = False
              ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-    """EPS saliency loss (reference.md 1.9).
+    """EPS saliency loss (EPS eps.py get_eps_loss).
 
     cam: (N, C+1, h, w) raw CAM logits, background channel LAST (index C).
     saliency: (N, 1, H, W) in [0, 1]; nearest-resized to (h, w).

@@ -1,7 +1,7 @@
 """Read MXNet ``.params`` files (``NDArray::Save`` lists) with numpy alone.
 
 MXNet no longer imports beside numpy 2, and the ImageNet ResNet-38 weights exist only in this
-format. Layout (reference.md 2.1, little-endian throughout)::
+format. Layout (apache/mxnet src/ndarray/ndarray.cc NDArray::Save; little-endian throughout)::
 
     uint64 magic 0x112, uint64 reserved
     uint64 N, then N NDArray records

@@ -13,7 +13,8 @@
 
 Every combination is a network named ``<backbone>_<head>`` (``resnet38_eps`` is the paper's).
 A new backbone is one file and one line in ``BACKBONES``; a new method is one file (head + loss)
-and one line in ``HEADS`` (or ``register_head`` from outside the package; docs/extending.md).
+and one line in ``HEADS`` (or ``register_backbone`` / ``register_head`` from outside the package,
+``registered(...)`` for the length of a ``with`` block; docs/extending.md).
 ``num_classes`` is always C, the number of foreground classes (20 VOC, 80 COCO).
 
 The composed class lists the head first and the backbone second, so the head's modules are
@@ -22,7 +23,8 @@ registered after the trunk's and the state-dict keys are the published flat name
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type, Union
+import contextlib
+from typing import Dict, Iterable, Iterator, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -66,6 +68,9 @@ def _compose_all() -> None:
 
 _compose_all()
 
+# What the package itself registers; only what register_* added can be unregistered.
+BUILTIN_HEADS, BUILTIN_BACKBONES = frozenset(HEADS), frozenset(BACKBONES)
+
 
 def register_backbone(name: str, cls: Type[Backbone]) -> None:
     """Add a backbone (e.g. from a fork's own file); every head is composed with it."""
@@ -85,6 +90,53 @@ def register_head(cls: Type[Head]) -> None:
         raise ValueError(f"head name {cls.name!r} is empty, taken or contains '_'")
     HEADS[cls.name] = cls
     _compose_all()
+
+
+def _drop_networks(backbone: Optional[str] = None, head: Optional[str] = None) -> None:
+    for name in [n for n, c in NETWORKS.items()
+                 if c.backbone_name == backbone or c.name == head]:
+        cls = NETWORKS.pop(name)
+        if globals().get(cls.__name__) is cls:  # the importable alias _compose made
+            del globals()[cls.__name__]
+
+
+def unregister_head(name: str) -> None:
+    """Remove a head added by :func:`register_head`, with the networks composed from it (the
+    built-in heads stay)."""
+    if name not in HEADS or name in BUILTIN_HEADS:
+        raise ValueError(f"{name!r} is not a head added by register_head")
+    _drop_networks(head=name)
+    del HEADS[name]
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove a backbone added by :func:`register_backbone`, with the networks composed from it
+    (the built-in backbones stay)."""
+    if name not in BACKBONES or name in BUILTIN_BACKBONES:
+        raise ValueError(f"{name!r} is not a backbone added by register_backbone")
+    _drop_networks(backbone=name)
+    del BACKBONES[name]
+
+
+@contextlib.contextmanager
+def registered(heads: Iterable[Type[Head]] = (),
+               backbones: Optional[Dict[str, Type[Backbone]]] = None) -> Iterator[None]:
+    """Heads and backbones registered for the duration of a ``with`` block, then removed (a
+    test's or an experiment's methods must not outlive it: every entry point lists NETWORKS)."""
+    added_heads, added_backbones = [], []
+    try:
+        for name, cls in (backbones or {}).items():
+            register_backbone(name, cls)
+            added_backbones.append(name)
+        for cls in heads:
+            register_head(cls)
+            added_heads.append(cls.name)
+        yield
+    finally:
+        for name in reversed(added_heads):
+            unregister_head(name)
+        for name in reversed(added_backbones):
+            unregister_backbone(name)
 
 
 def normalize_network_name(name: str) -> str:

@@ -1,9 +1,10 @@
 """ResNet-38d (Wu, Shen & van den Hengel, "Wider or deeper", model A1), exactly as in psa/EPS
-``network/resnet38d.py`` (reference.md 1.5): pre-activation blocks, output stride 8 (strides only
+``network/resnet38d.py`` ``Net``: pre-activation blocks, output stride 8 (strides only
 in conv1a's three successors b2/b3/b4; b5 dilation 2, b6/b7 dilation 4), Dropout2d inside the two
 bottleneck blocks, and the module names of the released checkpoints, registered in their order.
 
-Also here: the renaming of the ImageNet MXNet ``.params`` names to this trunk (reference.md 2.2).
+Also here: the renaming of the ImageNet MXNet ``.params`` names to this trunk (psa
+network/resnet38d.py convert_mxnet_to_torch).
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ class ResNet38d(Backbone):
 
 
 # ------------------------------------------------------------------------------------------------
-# MXNet (ademxapp) → PyTorch names (reference.md 2.2)
+# MXNet (ademxapp) → PyTorch names (psa network/resnet38d.py convert_mxnet_to_torch)
 # ------------------------------------------------------------------------------------------------
 MXNET_CLASSIFIER_PREFIX = "linear1000"  # the ImageNet classifier; not part of the trunk
 _BN_SUFFIX = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",

@@ -30,8 +30,7 @@ from torch import nn
 
 from network import mxnet_params
 from network.errors import MissingWeightsFile, WeightsError
-from network.heads import HEAD_PREFIX
-from network.registry import (BACKBONES, NETWORKS, build_network, network_parts,
+from network.registry import (BACKBONES, HEADS, NETWORKS, build_network, network_parts,
                               normalize_network_name)
 from network.resnet38d import MXNET_CLASSIFIER_PREFIX, convert_mxnet_to_torch
 from utils.io import describe_file_start, read_file_start
@@ -268,6 +267,22 @@ def trunk_matches(sd: Mapping[str, torch.Tensor]) -> List[str]:
     return out
 
 
+def beyond_trunk(sd: Mapping[str, torch.Tensor], backbone: str) -> List[str]:
+    """The keys of ``sd`` that the backbone's trunk does not have: its head, whatever its name
+    (an ImageNet classifier is not a head)."""
+    cls = BACKBONES[backbone]
+    with torch.device("meta"):
+        trunk = cls(**cls.options_from_state_dict(sd)).state_dict()
+    return [k for k in sd if k not in trunk and k not in IMAGENET_CLASSIFIER_KEYS]
+
+
+def _classifier_rows(sd: Mapping[str, torch.Tensor]) -> str:
+    """The " (fc8 has 21 rows)" of messages, for each registered head's classifier in ``sd``."""
+    keys = sorted({h.classifier_key for h in HEADS.values()
+                   if h.classifier_key in sd and sd[h.classifier_key].dim()})
+    return "".join(f" ({k.rsplit('.', 1)[0]} has {int(sd[k].shape[0])} rows)" for k in keys)
+
+
 def describe_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
     """One phrase saying what a state dict is, for messages, e.g. "a recorded resnet38_eps
     checkpoint for 20 classes" or "fits resnet38_cls for 21 classes or resnet38_eps for 20
@@ -276,12 +291,11 @@ def describe_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
     if rec is not None:
         return f"a {rec['network']} checkpoint for {rec['num_classes']} classes (recorded in the file)"
     cands = checkpoint_candidates(sd)
-    rows = sd.get(HEAD_PREFIX + "weight")
-    rows = f" (fc8 has {int(rows.shape[0])} rows)" if rows is not None and rows.dim() else ""
+    rows = _classifier_rows(sd)
     if cands:
         return "fits " + " or ".join(str(c) for c in cands) + rows
     trunks = trunk_matches(sd)
-    if trunks and not any(k.startswith(HEAD_PREFIX) for k in sd):
+    if trunks and not beyond_trunk(sd, trunks[0]):
         return f"a {' or '.join(trunks)} trunk without a classifier head (ImageNet weights?)"
     if trunks:
         return f"a {' or '.join(trunks)} trunk with a head that fits no registered head{rows}"

@@ -1,4 +1,5 @@
-"""DeepLab-v2 model, weight loading, transforms and CRF of the segmentation stage (reference.md 4).
+"""DeepLab-v2 model, weight loading, transforms and CRF of the segmentation stage
+(deeplab-pytorch; docs/segmentation.md).
 
 The ResNet-101 is built on the meta device (shapes only), so the layout tests cost no memory.
 """

@@ -1,4 +1,5 @@
-"""EPS loss and classification loss: hand-computed values on tiny tensors (reference.md 1.8, 1.9)."""
+"""EPS loss and classification loss: hand-computed values on tiny tensors (EPS eps.py
+get_eps_loss, module/train.py train_eps)."""
 import math
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_gradient_flows_only_through_softmax():
 
 
 def _reference_numpy(cam, sal, labels, tau, lam):
-    """Loop-by-loop transcription of reference.md 1.9 (nearest = pixel floor(i * H / h))."""
+    """Loop-by-loop transcription of EPS eps.py get_eps_loss (nearest = pixel floor(i * H / h))."""
     n, c1, h, w = cam.shape
     hh, ww = sal.shape[2:]
     s = sal[:, 0][:, (np.arange(h) * hh) // h][:, :, (np.arange(w) * ww) // w]

@@ -1,9 +1,9 @@
 """MXNet .params reader and the ResNet-38 renaming, without MXNet.
 
-The byte fixtures are written here from the format description (reference.md 2.1), independently
+The byte fixtures are written here from the format (MXNet ndarray.cc NDArray::Save), independently
 of the reader: each record format (legacy, V1, V2, V3), every dtype, sparse storage, names with and
 without arg:/aux: prefixes, and truncated or foreign files. The renaming is checked on the full
-list of ademxapp names built from its naming scheme (reference.md 2.2), and a full-size synthetic
+list of ademxapp names (psa convert_mxnet_to_torch's scheme), and a full-size synthetic
 file goes through tools/convert_resnet38.py.
 """
 import hashlib
@@ -266,7 +266,7 @@ def test_unreadable_params_reach_the_user_as_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# renaming (reference.md 2.2)
+# renaming (psa network/resnet38d.py convert_mxnet_to_torch)
 # ------------------------------------------------------------------------------------------------
 def ademxapp_names():
     """The 193 names of the ademxapp ResNet-38 (A1) ImageNet checkpoint, from its naming scheme:

@@ -3,7 +3,7 @@ fixed input give stored outputs (tests/data/network_golden.npz), compared with a
 silent numeric changes in the trunks and heads.
 
 The ResNet-38 outputs are also checked against an independent functional implementation written
-from the reference text (reference.md 1.5): pre-activation blocks, shortcut from the BN-ReLU'd
+from psa network/resnet38d.py (docs/networks.md): pre-activation blocks, shortcut from the BN-ReLU'd
 input (projection) or the raw input (identity), dilations, bn7 + ReLU, fc8 then GAP.
 
 Regenerate (only after an intended change, and say why in the commit):
@@ -62,7 +62,7 @@ def teardown_module(module):
 
 
 # ------------------------------------------------------------------------------------------------
-# an independent ResNet-38d forward, written from reference.md 1.5 (eval mode)
+# an independent ResNet-38d forward, written from psa network/resnet38d.py Net (eval mode)
 # ------------------------------------------------------------------------------------------------
 def reference_resnet38_eps(sd, x):
     def bn(t, p):

@@ -1,11 +1,12 @@
-"""The ResNet-38 networks have exactly the published state_dict layout (reference.md 1.12), so
+"""The ResNet-38 networks have exactly the published state_dict layout (EPS resnet38_eps.py), so
 the authors' released checkpoints load key for key. The expected list below is written out from
-the reference text, not generated from our model. Models are built on the meta device (shapes
+the published modules, not generated from our model. Models are built on the meta device (shapes
 only, no memory), so these tests are fast."""
 import pytest
 import torch
 
 from network import NETWORKS, build_network
+from network.weights import head_keys
 
 # One line per module, in published order. "BN <name> <C>" expands to the five BN entries
 # (weight, bias, running_mean, running_var: [C]; num_batches_tracked: []).
@@ -117,7 +118,7 @@ def test_reference_list_counts():
     layout = published_layout(21)
     assert len(layout) == 229
     assert len([k for k, _ in layout if not k.endswith("num_batches_tracked")]) == 192
-    # "44 conv weights" in the reference counts fc8 (a 1x1 conv): 43 in the trunk + fc8.
+    # "44 conv weights" of the published layout counts fc8 (a 1x1 conv): 43 in the trunk + fc8.
     assert sum(1 for _, shape in layout if len(shape) == 4) == 44
     assert sum(1 for k, _ in layout if k.endswith("num_batches_tracked")) == 37
 
@@ -167,8 +168,11 @@ def test_dilations_and_dropout_as_published():
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_every_network_has_the_interface(name):
+    # Any registered network, a fork's too (tests/test_extending.py runs it on toy networks).
     m = meta_model(name, 20)
     assert m.head_type == name.rsplit("_", 1)[1]
     assert m.num_classes == 20 and m.arch == name.rsplit("_", 1)[0]
-    assert m.fc8.weight.shape[0] == (21 if m.head_type == "eps" else 20)
-    assert list(m.state_dict())[-1] == "fc8.weight"  # head registered after the trunk
+    sd = m.state_dict()
+    assert sd[m.classifier_key].shape[0] == m.out_channels(20)
+    head = head_keys(m)
+    assert m.classifier_key in head and list(sd)[-len(head):] == head  # head after the trunk

@@ -1,4 +1,5 @@
-"""Optimizer: published parameter groups, momentum trap and per-step poly decay (reference.md 1.7)."""
+"""Optimizer: published parameter groups, momentum trap and per-step poly decay
+(EPS util/torchutils.py PolyOptimizer, module/optimizer.py get_optimizer)."""
 import pytest
 import torch
 

@@ -16,7 +16,7 @@ def test_voc12_metadata_counts():
     assert len(info.read_ids("val")) == 1449
     labels = info.image_labels
     assert len(labels) == 12031
-    # Label-count histogram of the published cls_labels.npy (reference.md 1.4).
+    # Label-count histogram of the published cls_labels.npy (EPS metadata/voc12/; psa's is the same).
     hist = np.bincount([int(v.sum()) for v in labels.values()])
     assert hist[1:7].tolist() == [7176, 3479, 1090, 233, 49, 4]
     np.testing.assert_array_equal(np.flatnonzero(info.labels_for("2007_000032")), [0, 14])

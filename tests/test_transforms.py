@@ -1,4 +1,5 @@
-"""Pin the training / inference transforms to the published behaviour (reference.md 1.4, 1.10)."""
+"""Pin the training / inference transforms to the published behaviour (EPS util/imutils.py,
+metadata/dataset.py, module/dataloader.py, infer.py preprocess; docs/data.md)."""
 import random
 
 import numpy as np

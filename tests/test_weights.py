@@ -1,7 +1,7 @@
 """Loading checkpoints: safe reading, prefix and wrapper handling, describing what a checkpoint
 is, strict loading with errors that name the right network, and ImageNet initialisation that
 leaves exactly fc8 new. The published layouts are taken from tests/test_network_layout.py (written
-from the reference text) and loaded into meta-device networks, so no 420 MB tensors are needed."""
+from the published modules) and loaded into meta-device networks, so no 420 MB tensors are needed."""
 import logging
 import sys
 from argparse import Namespace

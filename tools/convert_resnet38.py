@@ -3,7 +3,7 @@
     python tools/convert_resnet38.py ilsvrc-cls_rna-a1_cls1000_ep-0001.params resnet38d_imagenet.pth
 
 Reads any of the legacy / V1 / V2 / V3 record formats (network/mxnet_params.py), renames the
-ademxapp names to the psa ResNet38d trunk (reference.md 2.2), drops the ImageNet classifier
+ademxapp names to the psa ResNet38d trunk (psa convert_mxnet_to_torch), drops the ImageNet classifier
 (linear1000), checks that exactly the 191 trunk tensors are present with the trunk's shapes,
 loads them strictly into a ResNet38d trunk, saves its state_dict atomically, and prints the
 sha256 of the output. Training also accepts the .params file directly; the .pth loads faster.

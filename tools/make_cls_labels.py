@@ -1,13 +1,13 @@
 """Make image-level labels (the project's ``image_labels.txt`` text format) from annotations.
 
-VOC (reference.md 3.1, psa ``make_cls_labels.py``): for every listed id, read
+VOC (psa ``voc12/make_cls_labels.py``): for every listed id, read
 ``Annotations/<id>.xml`` and mark every ``<name>`` element that is one of the classes; part names
 (head / hand / foot) are not classes and drop out; difficult and truncated objects count.
 
     python tools/make_cls_labels.py --dataset voc12 --data-root VOCdevkit/VOC2012 \\
         --out my_labels/image_labels.txt            # ids of train_aug + val, as published
 
-COCO-14 (reference.md 3.4): class index = rank of the category id among the sorted category ids
+COCO-14 (docs/data.md): class index = rank of the category id among the sorted category ids
 (person = 0 ... toothbrush = 79; NOT id - 1); every annotation of an image counts, crowd ones
 included by default; key ``COCO_<split>_<12-digit id>``. ``--list-dir`` also writes the id list
 of each split (images with >= 1 annotation: 82,081 train / 40,137 val).

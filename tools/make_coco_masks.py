@@ -2,7 +2,7 @@
 
 For users who lack the masks EPS distributes (Google Drive, ``SegmentationClass/{train2014,
 val2014}``); the exact generator of those is unknown, so this follows the common recipe
-(reference.md 3.4): start from 0, then for every annotation of the image in file order decode its
+(docs/data.md): start from 0, then for every annotation of the image in file order decode its
 polygon / RLE with pycocotools (the same calls as ``COCO.annToMask``) and paint its pixels with
 ``rank(category id) + 1`` (1..80); later annotations overwrite earlier ones where they overlap.
 

@@ -1,4 +1,5 @@
-"""CAM arithmetic of the published ``infer.py`` (reference.md 1.10), as small pure functions.
+"""CAM arithmetic of the published ``infer.py`` (EPS infer.py predict_cam / infer_cam_mp), as small
+pure functions (docs/inference.md).
 
 Two ways to combine the 8 views (4 scales x {image, horizontal flip}) of one image:
 

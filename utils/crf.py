@@ -1,5 +1,5 @@
 """Fully connected CRF (pydensecrf2, module ``pydensecrf``) with the two parameter sets the EPS
-pipeline refers to (reference.md 1.10 and 4):
+pipeline refers to (EPS infer.py _crf_with_alpha, deeplab-pytorch libs/utils/crf.py DenseCRF):
 
 * ``psa``: the PSA/EPS CAM refinement (``crf_inference`` of psa/EPS): Gaussian sxy 3 / compat 3,
   bilateral sxy 80 / srgb 13 / compat 10. The scores are [bg; cams] with bg = (1 - max_c cam)^alpha
@@ -20,7 +20,7 @@ import numpy as np
 CRF_PRESETS: Dict[str, Dict[str, float]] = {
     # psa / EPS infer.py crf_inference (scale_factor 1); iterations are --crf_t (default 10).
     "psa": dict(n_iters=10, pos_w=3, pos_xy_std=3, bi_w=10, bi_xy_std=80, bi_rgb_std=13),
-    # DeepLab-v2 CRF config (reference.md 4): 4 / 67 / 3 / 3 / 1, 10 iterations.
+    # DeepLab-v2 CRF (deeplab-pytorch configs/voc12.yaml): 4 / 67 / 3 / 3 / 1, 10 iterations.
     "deeplab": dict(n_iters=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3),
 }
 

@@ -1,4 +1,5 @@
-"""SGD with the published parameter groups and poly learning-rate decay (reference.md 1.7).
+"""SGD with the published parameter groups and poly learning-rate decay (EPS util/torchutils.py
+PolyOptimizer, module/optimizer.py get_optimizer; docs/training.md).
 
 The published ``PolyOptimizer`` called ``SGD.__init__(params, lr, weight_decay)``: the third
 positional parameter of SGD is *momentum*, so the published runs used momentum = wt_dec = 5e-4

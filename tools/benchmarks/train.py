@@ -38,7 +38,7 @@ TAU, LAM = 0.4, 0.5
 
 
 # ---------------------------------------------------------------------------------------------
-# the published loop, written out (reference.md 1.7-1.9)
+# the published loop, written out (EPS module/train.py train_eps, eps.py get_eps_loss)
 # ---------------------------------------------------------------------------------------------
 def published_eps_loss(cam, sal, label, tau, lam):
     """The published formulation: boolean label maps over (N, C+1, h, w) and masked copies."""
