@@ -186,6 +186,26 @@ def check_args(args) -> None:
         raise InferError("; ".join(problems))
 
 
+def check_inputs(args, info) -> None:
+    """Every input at once (images, weights, image labels), each with where to get it."""
+    from data.downloads import DOWNLOADS, hint
+    problems = []
+    if not Path(args.img_root).is_dir():
+        key = f"{info.name}_images"
+        problems.append(f"--img_root {args.img_root}: folder not found"
+                        + (f" ({hint(key)})" if key in DOWNLOADS else ""))
+    if not args.weights.is_file():
+        problems.append(f"--weights {args.weights}: file not found (train.py's checkpoint_cls.pth, "
+                        f"or {hint('released')})")
+    try:
+        info.image_labels
+    except MetadataError as e:
+        problems.append(f"{e}: CAMs are masked by the image labels; create image_labels.txt "
+                        f"(tools/make_cls_labels.py) or pass --metadata-dir")
+    if problems:
+        raise InferError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
+
+
 # --------------------------------------------------------------------------------------------
 # CAMs of one image: the published loop and the fast path
 # --------------------------------------------------------------------------------------------
@@ -397,11 +417,7 @@ def main(args):
 
     args.weights = args.weights.resolve()  # args.json records where the weights came from
     info = get_dataset(args.dataset, args.metadata_dir, args.img_root)
-    try:
-        _ = info.image_labels
-    except MetadataError as e:
-        raise InferError(f"{e}: CAMs are masked by the image labels; create image_labels.txt "
-                         f"(tools/make_cls_labels.py) or pass --metadata-dir") from None
+    check_inputs(args, info)
     # Released checkpoints carry no network record: for the registered datasets (20 / 80
     # classes) the shapes decide; on a custom dataset an ambiguous file needs --network.
     model, found = load_network(args.weights, info.num_classes, args.network,

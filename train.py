@@ -213,6 +213,32 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
     return args
 
 
+def check_inputs(args, info, head) -> None:
+    """Every input of the run at once (a missing dataset, saliency folder, weights file, list or
+    label file), so that one try names all of them, each with where to get it."""
+    from data.downloads import DOWNLOADS, hint
+    where = lambda kind, other: hint(f"{info.name}_{kind}") if f"{info.name}_{kind}" in DOWNLOADS else other  # noqa: E731
+    problems = []
+    if not Path(args.data_root).is_dir():
+        problems.append(f"--data_root {args.data_root}: folder not found ({where('images', 'the folder with JPEGImages/')})")
+    if head.needs_saliency:
+        sal = args.saliency_root or default_saliency_root(info, args.data_root)
+        if not Path(sal).is_dir():
+            problems.append(f"--network {args.network} trains with saliency maps: "
+                            f"{'--saliency_root ' if args.saliency_root else 'the default '}{sal} "
+                            f"is not a folder ({where('saliency', 'one <id>.png per image')})")
+    if args.weights != "none" and not Path(args.weights).is_file():
+        problems.append(f"--weights {args.weights}: file not found ({hint('imagenet_resnet38')}; "
+                        f"or --weights none to train from scratch)")
+    for check in (lambda: info.list_path(args.train_list), lambda: info.image_labels):
+        try:
+            check()
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise TrainingError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
+
+
 def build_dataset(args, info, head):
     """The training set of the head's method: images (+ saliency maps when it needs them)."""
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
@@ -241,6 +267,7 @@ def main(args):
     rank, world = dist.get_rank(), dist.get_world_size()
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
     args = resolve_args(args, info, world)
+    check_inputs(args, info, network_parts(args.network)[1])
     check_shared_memory(args.num_workers)
     run_dir = Path(args.save_root) / args.session
     resume_path = resolve_resume(run_dir, args.resume, FINAL_NAME, LAST_NAME,

@@ -165,8 +165,8 @@ class _BaseDataset(Dataset):
             raise DataError(
                 f"{len(missing)} of {len(ids)} listed ids have missing files (not found: "
                 f"{_examples(missing)}). Fix the data root / saliency root / mask folder "
-                f"(tools/check_dataset.py prints a full report), or pass skip_missing=True "
-                f"(--skip-missing) to drop these ids")
+                f"(tools/check_dataset.py prints a full report), or pass --skip-missing to "
+                f"drop these ids")
         if missing:
             logger.warning("%s: skipped %d of %d ids with missing files (first: %s)",
                            type(self).__name__, len(missing), len(ids), _examples(missing))

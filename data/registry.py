@@ -172,13 +172,19 @@ def get_dataset(name: str, metadata_dir=None, data_root=None) -> DatasetInfo:
     """Look up a dataset by name. ``metadata_dir`` overrides where its text metadata lives; for
     ``custom`` it defaults to the dataset root (the folder that holds JPEGImages)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise MetadataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[name]
     if metadata_dir is None:
         metadata_dir = spec.metadata_dir
     if metadata_dir is None:
         if data_root is None:
-            raise ValueError(f"dataset {name!r} needs --metadata-dir or a data root that holds "
-                             f"labels.txt, image_labels.txt and the split lists")
+            raise MetadataError(f"--dataset {name} needs --metadata-dir or a data root that holds "
+                                f"labels.txt, image_labels.txt and the split lists (docs/data.md)")
         metadata_dir = dataset_root_of(data_root)
+        if not (Path(metadata_dir) / "labels.txt").is_file():
+            # The most common slip with a custom dataset: point it at a folder without metadata.
+            raise MetadataError(
+                f"--dataset {name} reads labels.txt, image_labels.txt and the id lists from the "
+                f"dataset root or --metadata-dir, and {Path(metadata_dir) / 'labels.txt'} does not "
+                f"exist: {'the dataset root does not exist; check the path' if not Path(metadata_dir).is_dir() else 'write them (docs/data.md, your own dataset) or pass --metadata-dir'}")
     return DatasetInfo(spec, Path(metadata_dir))

@@ -48,6 +48,7 @@ SEG_LR=${SEG_LR:-3e-3}
 # ---- hardware ----------------------------------------------------------------------------------
 DEVICE=${DEVICE:-cpu}         # the numbers in the README are CPU numbers
 JOBS=${JOBS:-2}               # 2: baseline and EPS side by side; 1: one after the other
+TICK=${TICK:-15}              # seconds between the progress lines on the terminal
 THREADS=${THREADS:-1}         # threads per chain: the small nets run faster on 1 than on 2, and a
                               # fixed count keeps the numbers identical between JOBS=1 and 2
 STAGES=${STAGES:-data train infer eval seg report}
@@ -70,15 +71,14 @@ fi
 #    image_labels.txt, context.txt, train.txt, val.txt
 need_dir "$DEMO_DATA/JPEGImages" "Make the demo dataset first: add 'data' to STAGES."
 
-# chain NAME NETWORK: stages 1-4 of one method. Its Python output goes to $OUT/NAME.log; the
-# one-line progress messages go to fd 3 (the terminal).
+# chain NAME NETWORK SEG [TRAIN FLAGS...]: stages 1-4 of one method (SEG=1: also the DeepLab
+# stage). Its Python output goes to $OUT/NAME.log; the one-line stage messages go to fd 3 (the
+# terminal), and the ticker below shows its latest progress line there.
 note() { say "$*" >&3; }
 chain() {
-  local name=$1 network=$2 run=$OUT/$1
-  local ckpt=$run/checkpoint_cls.pth sal=()
-  if [[ "$network" == *eps ]]; then
-    sal=(--saliency_root "$DEMO_DATA/SALImages" --tau "$TAU" --lam "$LAM")
-  fi
+  local name=$1 network=$2 with_seg=$3 run=$OUT/$1
+  local ckpt=$run/checkpoint_cls.pth
+  local sal=("${@:4}")
   # ---- 1. train ----
   if want train; then
     if [[ -f "$ckpt" ]]; then skip "$name train" "$ckpt" >&3; else
@@ -114,7 +114,7 @@ chain() {
   fi
   # -> $run/result/train_miou.txt (+ .json)
   # ---- 4. small DeepLab-v2 on the EPS pseudo-masks, scored on val ----
-  if want seg && [[ "$network" == *eps ]]; then
+  if want seg && [[ "$with_seg" == 1 ]]; then
     if [[ -f "$run/deeplab/checkpoint_final.pth" ]]; then
       skip "$name seg" "$run/deeplab/checkpoint_final.pth" >&3
     else
@@ -136,20 +136,43 @@ chain() {
   # -> $run/deeplab/checkpoint_final.pth, $run/deeplab/val/<id>.png, $run/deeplab/val_eval.txt
 }
 
-# start NAME NETWORK: the chain with its output in $OUT/NAME.log. Always started in the
-# background (a subshell, where set -e stops it at its first error) and collected with wait.
-start() { OMP_NUM_THREADS=$THREADS chain "$1" "$2" 3>&1 >>"$OUT/$1.log" 2>&1; }
+# start NAME NETWORK SEG [FLAGS...]: the chain with its output in $OUT/NAME.log. Always started
+# in the background (a subshell, where set -e stops it at its first error) and collected with
+# wait; a marker file, removed when the subshell exits, tells the ticker that it runs.
+start() {
+  touch "$OUT/.$1.running"
+  trap "rm -f '$OUT/.$1.running'" EXIT
+  OMP_NUM_THREADS=$THREADS chain "$@" 3>&1 >>"$OUT/$1.log" 2>&1
+}
+# ticker: every TICK seconds, one line per running chain on the terminal: the latest progress
+# line of its log (the step it is on, with its iteration, loss and ETA; utils/progress.py), so a
+# run of several minutes never looks hung. The log files themselves hold plain lines.
+ticker() {
+  local name line
+  while sleep "$TICK"; do
+    for name in baseline eps; do
+      [[ -f "$OUT/.$name.running" && -f "$OUT/$name.log" ]] || continue
+      line=$(grep -a -E ' ETA |mIoU' "$OUT/$name.log" | tail -n 1 |
+             sed -E 's/^[0-9-]+ [0-9:]+ (INFO|WARNING) [A-Za-z_.]+: //' || true)
+      say "$name | ${line:-starting}"
+    done
+  done
+}
+EPS_FLAGS=(--saliency_root "$DEMO_DATA/SALImages" --tau "$TAU" --lam "$LAM")
 if want train || want infer || want eval || want seg; then
   rc=0
+  ticker & tick_pid=$!
+  trap 'kill "$tick_pid" 2>/dev/null || true' EXIT
   if (( JOBS > 1 )); then
-    start baseline small_cls & pid_base=$!
-    start eps small_eps & pid_eps=$!
+    start baseline small_cls 0 & pid_base=$!
+    start eps small_eps 1 "${EPS_FLAGS[@]}" & pid_eps=$!
     wait "$pid_base" || rc=$?
     wait "$pid_eps" || rc=$?
   else
-    start baseline small_cls & wait $! || rc=$?
-    if (( rc == 0 )); then start eps small_eps & wait $! || rc=$?; fi
+    start baseline small_cls 0 & wait $! || rc=$?
+    if (( rc == 0 )); then start eps small_eps 1 "${EPS_FLAGS[@]}" & wait $! || rc=$?; fi
   fi
+  kill "$tick_pid" 2>/dev/null || true
   (( rc == 0 )) || die "a stage failed: see the end of $OUT/baseline.log and $OUT/eps.log"
 fi
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEMO_VARS = ("DEMO_DATA NUM_TRAIN NUM_VAL SIZE DATA_SEED OUT MAX_ITERS BATCH CROP RESIZE LR TAU "
              "LAM SEED THR VIS_NUM SEG_ITERS SEG_BATCH SEG_CROP SEG_LR DEVICE JOBS THREADS STAGES "
-             "PYTHON").split()
+             "PYTHON TICK").split()
 
 
 def test_parse_named():
@@ -40,7 +41,7 @@ def test_demo_script_tiny(tmp_path):
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                DEMO_DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), NUM_TRAIN="12",
                NUM_VAL="4", SIZE="48", MAX_ITERS="2", BATCH="4", CROP="32", RESIZE="32 48",
-               VIS_NUM="2", SEG_ITERS="2", SEG_BATCH="2", SEG_CROP="32")
+               VIS_NUM="2", SEG_ITERS="2", SEG_BATCH="2", SEG_CROP="32", TICK="1")
     run = lambda **extra: subprocess.run(["bash", str(REPO / "script" / "demo.sh")],  # noqa: E731
                                          env={**env, **extra}, capture_output=True, text=True,
                                          timeout=240, cwd=REPO)
@@ -56,6 +57,11 @@ def test_demo_script_tiny(tmp_path):
     assert not (out / "baseline" / "deeplab").exists()
     report = (out / "report.md").read_text()
     assert report in proc.stdout
+    # The terminal shows each chain's latest progress line (TICK=1 here, 15 s by default), and
+    # the log files hold plain lines, not carriage-return progress bars.
+    assert re.search(r"\] (baseline|eps) \| .*ETA", proc.stdout), proc.stdout
+    for name in ("baseline", "eps"):
+        assert "\r" not in (out / f"{name}.log").read_text()
     for row in ("pseudo-mask mIoU (train, 12 images)", "IoU background", "IoU train",
                 "railroad pixels labelled train", "water pixels labelled boat",
                 "segmentation net on the pseudo-masks: mIoU (val)"):
