@@ -18,6 +18,7 @@ silently train from scratch, and a checkpoint never runs as another head.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zipfile
@@ -222,9 +223,17 @@ class Candidate(NamedTuple):
 
 
 def _reference(name: str, num_classes: int, options: Mapping[str, int]) -> Dict[str, tuple]:
-    """Key -> shape of a registered network, built on the meta device (no memory, no init)."""
+    """Key -> shape of a registered network, built on the meta device (no memory, no init).
+    The returned dict is shared: read it, do not change it."""
+    return _built_reference(name, num_classes, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _built_reference(name: str, num_classes: int, options: tuple) -> Dict[str, tuple]:
+    # Cached: identifying one unrecorded checkpoint asks for every registered network several
+    # times (candidates, then the message's description), ~1 s per ResNet build even on meta.
     with torch.device("meta"):
-        model = build_network(name, num_classes, **options)
+        model = build_network(name, num_classes, **dict(options))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
