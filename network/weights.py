@@ -106,7 +106,8 @@ def _zip_without_pickle(path: Path) -> bool:
         return False
 
 
-def _unreadable_message(path: Path, head: bytes, e: Exception, resave_hint: str = RESAVE_HINT) -> str:
+def _unreadable_message(path: Path, head: bytes, e: Exception,
+                        resave_hint: str = RESAVE_HINT) -> str:
     """One line saying why torch.load could not read ``path``, and what to do about it."""
     kind, words = describe_file_start(head)
     size = path.stat().st_size
@@ -321,7 +322,8 @@ def identify_checkpoint(sd: Mapping[str, torch.Tensor], num_classes: int,
     try:
         want = normalize_network_name(network) if network else None
     except KeyError:
-        raise WeightsError(f"unknown --network {network!r}; choose one of {sorted(NETWORKS)}") from None
+        raise WeightsError(f"unknown --network {network!r}; choose one of "
+                           f"{sorted(NETWORKS)}") from None
     rec = network_record(sd)
     if rec is not None:
         name, c, options = rec["network"], int(rec["num_classes"]), dict(rec.get("options", {}))
