@@ -385,6 +385,15 @@ def coco_metadata(c: Ctx) -> Path:
     return meta
 
 
+def corrupt_cam_dir(w: World, c: Ctx) -> Path:
+    """A copy of infer.py's CAM folder with one npz cut short."""
+    cam = c.tmp / "cam"
+    shutil.copytree(w.cam, cam)
+    data = (cam / "img_003.npz").read_bytes()
+    (cam / "img_003.npz").write_bytes(data[:len(data) // 2])
+    return cam
+
+
 def finished_run(w: World, c: Ctx) -> Path:
     """A copy of the finished train.py run; its files must stay unchanged."""
     save_root = c.tmp / "runs"
@@ -448,9 +457,10 @@ CASES = [
         c.root(edit=four_classes), c.out, "--weights", w.eps),
         r"--weights \S+small_eps\.pth: a small_eps checkpoint for 3 classes.*dataset's 4 classes"
         r".*Pass the ImageNet weights"),
-    Case("train-dataset-coco-with-custom-checkpoint", T, lambda w, c: replace_flag(
-        train_argv(w.root, c.out, "--weights", w.eps), "--dataset", "coco"),
-        r"small_eps\.pth: a small_eps checkpoint for 3 classes.*dataset's 80 classes"),
+    Case("train-dataset-coco-with-voc-checkpoint", T, lambda w, c: replace_flag(
+        train_argv(w.root, c.out, "--weights", w.voc_eps), "--dataset", "coco"),
+        r"voc_eps\.pth: fits small_cls for 21 classes.* or small_eps for 20 classes.*; but "
+        r"small_eps for the dataset's 80 classes needs other shapes"),
     Case("train-resume-larger-max-iters-on-finished-run", T, lambda w, c: train_argv(
         w.root, finished_run(w, c), "--resume", network="small_cls", iters=4),
         r"finished at iteration 2; to train it further to --max_iters 4 pass --extend"),
@@ -496,6 +506,12 @@ CASES = [
          r"--max_iters must be positive"),
     Case("train-batch-size-0", T, lambda w, c: replace_flag(
         train_argv(w.root, c.out), "--batch_size", 0), r"--batch_size must be positive"),
+    Case("train-batch-larger-than-the-list", T, lambda w, c: replace_flag(
+        train_argv(w.root, c.out), "--batch_size", 8),
+        r"the training list has 6 usable images, fewer than one batch of 8; lower --batch_size"),
+    Case("train-resize-size-reversed", T, lambda w, c: replace_flag(
+        train_argv(w.root, c.out), "--resize_size", 48, 32),
+        r"--resize_size needs 0 < MIN_LONG <= MAX_LONG"),
     Case("train-lr-0", T, lambda w, c: train_argv(w.root, c.out, "--lr", 0),
          r"--lr must be positive"),
     Case("train-wt-dec-inf", T, lambda w, c: train_argv(w.root, c.out, "--wt_dec", "inf"),
@@ -549,6 +565,9 @@ CASES = [
     Case("infer-crf-alpha-inf", I, lambda w, c: infer_argv(w.root, w.eps, "--crf", c.out,
                                                            "--crf_alpha", "inf"),
          r"--crf_alpha a finite number > 0"),
+    Case("infer-vis-num-negative", I, lambda w, c: infer_argv(w.root, w.eps, "--vis-dir", c.out,
+                                                              "--vis-num", -1),
+         r"--vis-num -1 must be >= 0"),
     Case("infer-nothing-to-write", I, lambda w, c: infer_argv(w.root, w.eps),
          r"nothing to write: pass at least one of --png-dir"),
     Case("infer-unwritable-png-dir", I, lambda w, c: infer_argv(
@@ -625,6 +644,9 @@ CASES = [
         eval_argv(w.root, c.out / "s.txt"), "--pred_dir") + ["--cam-dir", w.cam, "--thresholds",
                                                              0.2, 1.5],
         r"--thresholds: 1\.5 outside \[0, 1\]; background thresholds must be in \[0, 1\]"),
+    Case("evaluate-corrupt-cam-file", E, lambda w, c: drop_flag(
+        eval_argv(w.root, c.out / "s.txt"), "--pred_dir") + ["--cam-dir", corrupt_cam_dir(w, c)],
+        r"cam/img_003\.npz: cannot read CAM file .*; re-run infer\.py for this id"),
     Case("evaluate-num-workers-negative", E, lambda w, c: replace_flag(
         eval_argv(w.root, c.out / "miou.txt"), "--num-workers", -1),
         r"--num-workers -1 must be >= 0"),
@@ -694,6 +716,9 @@ CASES = [
         shutil.copytree(w.seg_done, c.tmp / "seg"), c.unchanged(c.tmp / "seg"),
         seg_argv(w.root, c.tmp / "seg", "--resume", iters=3))[2],
         r"finished at iteration 1; to train it further to --max-iters 3 pass --extend"),
+    Case("train_seg-device-cuda-without-cuda", S, lambda w, c: replace_flag(
+        seg_argv(w.root, c.out), "--device", "cuda"),
+        r"--device cuda: .*; or run on the CPU with --device cpu", needs=no_cuda),
     Case("train_seg-amp-fp16-on-cpu", S, lambda w, c: seg_argv(w.root, c.out, "--amp", "fp16"),
          r"--amp fp16 needs a CUDA device"),
     Case("train_seg-unwritable-run-dir", S, lambda w, c: seg_argv(w.root, c.unwritable()),
