@@ -122,11 +122,12 @@ def _image_problem(path) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
         return f"cannot read image {path} ({e})", None
 
 
-def _mask_problem(path, image_size, num_classes: Optional[int], ignore_label: int) -> Optional[str]:
+def _mask_problem(path, image_path, image_size, num_classes: Optional[int],
+                  ignore_label: int) -> Optional[str]:
     """Why a label mask cannot be trained on (mode, size and values, as load_mask and
     train_seg.check_labels would find in the middle of a run), or None."""
     try:
-        mask = load_mask(path, image_size)
+        mask = load_mask(path, image_size, image_path)
     except DataError as e:
         return str(e)
     if num_classes is not None:
@@ -149,7 +150,8 @@ def check_files(ids: Sequence[str], image_paths: Sequence, mask_paths: Optional[
     def job(k):
         problem, size = _image_problem(image_paths[k])
         if problem is None and mask_paths is not None:
-            problem = _mask_problem(mask_paths[k], size, num_classes, ignore_label)
+            problem = _mask_problem(mask_paths[k], image_paths[k], size, num_classes,
+                                    ignore_label)
         return None if problem is None else f"{ids[k]}: {problem}"
 
     # Header reads wait on the disk, not the CPU: threads suffice.
