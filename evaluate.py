@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from data.registry import DATASETS, dataset_root_of, get_dataset
+from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from eval.cam_sweep import evaluate_cams, format_sweep, thresholds_from_range
 from eval.evaluator import (EvalError, default_workers, evaluate_folders, paths_in_dir,
                             resolve_gt_paths)
 from eval.metrics import compute_scores, format_summary, format_table, scores_to_json
 from utils.cli import run_cli
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, remove_stale_temps
 from utils.errors import UserError
 from utils.run import check_writable
 
@@ -135,11 +135,15 @@ def dumps_json(obj, indent: int = 0) -> str:
 def thresholds_of(args) -> list:
     """The thresholds of a CAM sweep, checked: each in [0, 1] (CAMs are normalised to [0, 1],
     so a background score outside it gives all-foreground or all-background masks)."""
+    if args.thr_range is not None and not all(map(math.isfinite, args.thr_range)):
+        raise EvalError(f"--thr-range {' '.join(map(str, args.thr_range))}: START, STOP and STEP "
+                        f"must be finite numbers, e.g. --thr-range 0.05 0.95 0.05")
     try:
         thr = (args.thresholds if args.thresholds is not None
                else thresholds_from_range(*(args.thr_range or DEFAULT_THR_RANGE)))
     except ValueError as e:
-        raise EvalError(f"--thr-range {' '.join(map(str, args.thr_range))}: {e}") from None
+        raise EvalError(f"--thr-range {' '.join(map(str, args.thr_range))}: {e}; pass START "
+                        f"<= STOP and STEP > 0, e.g. --thr-range 0.05 0.95 0.05") from None
     bad = [t for t in thr if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
     if bad:
         flag = "--thresholds" if args.thresholds is not None else "--thr-range"
@@ -159,6 +163,12 @@ def main(args) -> dict:
     if args.num_workers < 0:
         raise EvalError(f"--num-workers {args.num_workers} must be >= 0")
     thr = thresholds_of(args) if args.cam_dir is not None else None
+    check_data_root(args.data_root, "--data-root")
+    for flag, folder in (("--pred_dir", args.pred_dir), ("--cam-dir", args.cam_dir),
+                         ("--gt_dir", args.gt_dir)):
+        # a wrong folder is not a missing file: --skip-missing would skip every id
+        if folder is not None and not folder.is_dir():
+            raise EvalError(f"{flag} {folder}: no such folder; check the path")
     data_root = dataset_root_of(args.data_root) if args.data_root is not None else None
     try:
         info = get_dataset(args.dataset, args.metadata_dir, data_root)
@@ -176,6 +186,8 @@ def main(args) -> dict:
     refuse_overwrite([save_path, json_path], args.overwrite)
     for out in (save_path, json_path):  # before any compute: the scores must land somewhere
         check_writable(out.parent, "--save_path / --json")
+        # temporary files of a killed evaluation (other jobs may be writing here: old ones only)
+        remove_stale_temps(out.parent)
     record = {"dataset": info.name, "num_classes": num_classes, "class_names": info.label_names,
               "datalist": str(list_path), "num_ids": len(ids),
               "gt": str(args.gt_dir if args.gt_dir is not None else data_root)}

@@ -36,10 +36,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from data.datasets import InferDataset
+from data.datasets import InferDataset, check_files
 from data.metadata import MetadataError
-from data.registry import DATASETS, get_dataset
+from data.registry import DATASETS, check_data_root, get_dataset
 from data.transforms import INFER_SCALES
+from network import NETWORKS, normalize_network_name
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
 from utils import cam as camlib
@@ -48,11 +49,11 @@ from utils.cli import run_cli
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
 from utils.device import check_shared_memory, configure_numerics, pin_memory, resolve_device
 from utils.errors import UserError
-from utils.io import atomic_write_text, save_label_png, save_npz
+from utils.io import atomic_write_text, remove_stale_temps, save_label_png, save_npz
 from utils.progress import Progress
 from utils.run import check_writable, setup_logging, write_run_info
 from utils.vis import save_cam_overview
-from utils.workers import executor
+from utils.workers import executor, loader_worker_init
 
 logger = logging.getLogger("infer")
 
@@ -130,6 +131,9 @@ def get_args_parser():
                         f"each also flipped")
     g.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
                    help="drop listed ids whose image file is missing (default: stop with an error)")
+    g.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="before the network pass, read every image's header (~1 ms per file), "
+                        "so a corrupt image stops the run before any output folder is made")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="batched flip pairs + feature-resolution sums (same numbers, faster); "
                         "--no-fast runs the published one-view-at-a-time loop")
@@ -178,8 +182,14 @@ def check_args(args) -> None:
                              ("--vis-num", args.vis_num, 0)):
         if value < low:
             problems.append(f"{flag} {value} must be >= {low}")
-    if any(t < 1 for t in args.crf_t) or any(not a > 0 for a in args.crf_alpha):
-        problems.append("--crf_t must be >= 1 and --crf_alpha > 0")
+    if any(t < 1 for t in args.crf_t) or not all(0 < a < math.inf for a in args.crf_alpha):
+        problems.append("--crf_t must be >= 1 and --crf_alpha a finite number > 0")
+    if args.network is not None:
+        try:
+            normalize_network_name(args.network)
+        except KeyError:  # the registry's KeyError reached the user as a traceback
+            problems.append(f"unknown --network {args.network!r}; choose one of "
+                            f"{sorted(NETWORKS)}, or leave it out to use the checkpoint's own")
     if not args.dist_timeout > 0:
         problems.append("--dist-timeout must be positive")
     if problems:
@@ -409,13 +419,16 @@ def main(args):
                     "launch with torchrun --nproc_per_node N infer.py ...")
     check_shared_memory(args.num_workers)
     run_dir = args.run_dir or outputs_given[0]
-    for folder in outputs_given + [run_dir]:
-        check_writable(folder, "output folder")
+    for flag, folder in (("--png-dir", args.png_dir), ("--cam-dir", args.cam_dir),
+                         ("--crf", args.crf), ("--vis-dir", args.vis_dir), ("--run-dir", run_dir)):
+        if folder is not None:
+            check_writable(folder, flag)
     if args.crf is not None:
         from utils.crf import _densecrf
         _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
 
     args.weights = args.weights.resolve()  # args.json records where the weights came from
+    check_data_root(args.img_root, "--img_root")
     info = get_dataset(args.dataset, args.metadata_dir, args.img_root)
     check_inputs(args, info)
     # Released checkpoints carry no network record: for the registered datasets (20 / 80
@@ -435,9 +448,15 @@ def main(args):
     dataset = (InferDataset(info, args.img_root, todo, scales=args.scales,
                             skip_missing=args.skip_missing, return_image=outputs.needs_image)
                if todo else None)
+    if dataset is not None and args.check_data:
+        check_files(dataset.ids, dataset.image_paths)
 
-    # 2. outputs: folders, settings records, run records
+    # 2. outputs: folders, settings records, run records. Temporary files a killed run left
+    #    go; other ranks or jobs may be writing here now, so only those older than
+    #    utils.io.STALE_AFTER_S.
     if dist.is_main_process():
+        for folder in outputs.folders() + [run_dir]:
+            remove_stale_temps(folder)
         record_settings(outputs, args)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
@@ -454,9 +473,10 @@ def main(args):
                              batch_views={"auto": None, "on": True, "off": False}[args.batch_views])
         prepared = prepare_for_inference(model, device, speed)
         logger.info("inference model on %s: %s", device, prepared.description)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                             num_workers=args.num_workers,
-                                             pin_memory=pin_memory(device), collate_fn=_identity)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
+            pin_memory=pin_memory(device), collate_fn=_identity,
+            worker_init_fn=loader_worker_init() if args.num_workers > 0 else None)
         t0 = time.time()
         n = make_cams(prepared, loader, outputs, thr=args.thr, bg_from_eps=args.bg_from_eps,
                       total=len(dataset), writer_threads=args.writer_threads,

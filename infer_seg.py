@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,17 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DataError, load_rgb
-from data.registry import DATASETS, dataset_root_of, get_dataset
+from data.datasets import DataError, check_files, load_rgb
+from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from data.seg_transforms import MEAN_BGR, SegEvalTransform
-from network.deeplab import MSC_SCALES, load_trained
+from network.deeplab import MAX_SCALE, MIN_SCALE, MSC_SCALES, load_trained
 from utils import dist
 from utils.cli import run_cli
 from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
-from utils.io import save_label_png
+from utils.io import remove_stale_temps, save_label_png
 from utils.progress import Progress
 from utils.run import check_writable, setup_logging, write_run_info
-from utils.workers import process_pool
+from utils.workers import loader_worker_init, process_pool
 from utils.errors import UserError
 
 logger = logging.getLogger("infer_seg")
@@ -85,6 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="skip ids whose image is missing (default: stop with the file name)")
+    p.add_argument("--check-data", "--check_data", dest="check_data",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="before the network pass, read every image's header (~1 ms per file), "
+                        "so a corrupt image stops the run before any output folder is made")
     p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
                    help="image-loading workers")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -189,8 +194,9 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
         logger.info("%d of %d images already done in %s; skipping them",
                     len(dataset) - len(todo), len(dataset), out_dir)
     loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
-                        num_workers=num_workers, collate_fn=None,
-                        pin_memory=pin_memory(device)) if todo else []
+                        num_workers=num_workers, collate_fn=None, pin_memory=pin_memory(device),
+                        worker_init_fn=loader_worker_init() if num_workers > 0 else None
+                        ) if todo else []
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     # Spawned CRF workers that die with this process (utils/workers.py): forking after CUDA /
     # NCCL initialisation can hang the children.
@@ -295,6 +301,10 @@ def main(args) -> Dict:
     # 1. every check before anything is written
     if args.crf_workers < 0 or args.num_workers < 0 or not args.wait_poll > 0:
         raise InferSegError("--crf-workers and --num-workers must be >= 0, --wait-poll > 0")
+    bad = [v for v in args.msc_scales if not (math.isfinite(v) and MIN_SCALE <= v <= MAX_SCALE)]
+    if bad:
+        raise InferSegError(f"--msc-scales {' '.join(map(str, bad))}: each scale must be in "
+                            f"[{MIN_SCALE}, {MAX_SCALE}] (paper: 0.5 0.75)")
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist.init_distributed(device, args.dist_timeout)
@@ -309,20 +319,27 @@ def main(args) -> Dict:
     if args.crf:
         from utils.crf import _densecrf
         _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
+    check_data_root(args.data_root, "--data_root")
     data_root = dataset_root_of(args.data_root)
     info = get_dataset(args.dataset, args.metadata_dir, data_root)
     list_path = info.list_path(args.list)
     ids = info.read_ids(list_path)
     dataset = ImageList(info, args.data_root, ids[dist.get_rank()::dist.get_world_size()],
                         args.skip_missing)
+    if args.check_data:
+        check_files([i for i, _ in dataset.items], [p for _, p in dataset.items])
     weights = args.weights
     model = load_trained(weights, msc_scales=args.msc_scales)
     if model.n_classes != info.num_classes + 1:
         raise InferSegError(f"{weights} predicts {model.n_classes} classes but {info.name} has "
                             f"{info.num_classes + 1} (background included): wrong --dataset?")
 
-    # 2. the network pass; ranks finish independently
+    # 2. the network pass; ranks finish independently. Temporary files a killed run left go;
+    #    other ranks may be writing here now, so only those older than utils.io.STALE_AFTER_S.
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, crf_dir, run_dir):
+        if folder is not None:
+            remove_stale_temps(folder)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
     model.eval().to(device)

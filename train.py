@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ import numpy as np
 import random
 import torch
 
-from data.datasets import ClsDataset, ClsSalDataset, default_saliency_root
-from data.registry import DATASETS, get_dataset
+from data.datasets import ClsDataset, ClsSalDataset, check_files, default_saliency_root
+from data.registry import DATASETS, check_data_root, get_dataset
 from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
 from network.weights import load_initial_weights, record_network
@@ -39,7 +40,7 @@ from utils.cli import run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import remove_stale_temps, torch_save
 from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
@@ -148,8 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--skip-missing", action=bool_flag, default=False,
         help="drop listed ids whose image or saliency file is missing instead of stopping")
     add("--check-data", action=bool_flag, default=True,
-        help="before training, compare every saliency map's size with its image (header reads, "
-             "~1 ms per file)")
+        help="before training, read every image's header and compare every saliency map's "
+             "size with its image (~1 ms per file), so a bad file stops the run before any "
+             "compute instead of hours into it")
     add("--stretch-saliency", action=bool_flag, default=False,
         help="stretch saliency maps whose aspect ratio differs from their image's to the image "
              "instead of stopping; a deviation (published: off, and its per-file resize would "
@@ -188,6 +190,9 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                f"processes in all (NGPUS x NNODES), or change --batch_size (a deviation from the "
                f"published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
+              # isfinite: an inf weight decay passed ">= 0" and made the loss NaN at step 2
+              (all(map(math.isfinite, (args.lr, args.wt_dec, args.momentum))),
+               "--lr, --wt_dec and --momentum must be finite numbers"),
               (args.lr > 0, "--lr must be positive"),
               (args.wt_dec >= 0 and args.momentum >= 0, "--wt_dec and --momentum must be >= 0"),
               (args.seed >= 0, "--seed must be >= 0"),
@@ -244,7 +249,10 @@ def build_dataset(args, info, head):
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
                   skip_missing=args.skip_missing)
     if not head.needs_saliency:
-        return ClsDataset(info, args.data_root, args.train_list, **common)
+        dataset = ClsDataset(info, args.data_root, args.train_list, **common)
+        if args.check_data:  # header reads: a bad image stops the run before any compute
+            check_files(dataset.ids, dataset.image_paths)
+        return dataset
     sal_root = args.saliency_root or default_saliency_root(info, args.data_root)
     if not Path(sal_root).is_dir():
         raise TrainingError(f"--network {args.network} trains with saliency maps: "
@@ -265,6 +273,7 @@ def main(args):
                                   amp=args.amp)
     dist.init_distributed(device, args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
+    check_data_root(args.data_root, "--data_root")
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
     args = resolve_args(args, info, world)
     check_inputs(args, info, network_parts(args.network)[1])
@@ -276,8 +285,16 @@ def main(args):
     ckpt = (load_training_state(resume_path, {"network": args.network, "dataset": args.dataset},
                                 "train.py") if resume_path else None)
     start_iter = int(ckpt["iter"]) if ckpt else 0
+    if start_iter > args.max_iters:
+        # The loop would not run and the weights of iteration start_iter would be saved as a
+        # run of --max_iters iterations.
+        raise TrainingError(f"--resume {resume_path} is at iteration {start_iter}, beyond "
+                            f"--max_iters {args.max_iters}; pass --max_iters {start_iter} or more "
+                            f"(the run's own value is in {run_dir / 'args.json'})")
     if (run_dir / FINAL_NAME).exists() and ckpt is not None:
         if start_iter >= args.max_iters:
+            if dist.is_main_process():
+                remove_stale_temps(run_dir, min_age_s=0)
             logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
             return run_dir
         if not args.extend:
@@ -306,6 +323,9 @@ def main(args):
     # 4. run directory
     if dist.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Only this run writes into its run directory, so any temporary file there is left by
+        # a killed predecessor (utils/io.py atomic_path), however recent.
+        remove_stale_temps(run_dir, min_age_s=0)
         if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
             (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_cls_iter{start_iter}.pth")
     dist.barrier()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import random
 import sys
 import time
@@ -38,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import DataError, SegDataset
-from data.registry import DATASETS, dataset_root_of, get_dataset
+from data.datasets import DataError, SegDataset, check_files
+from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
-from network.deeplab import MSC_SCALES, SEG_ARCHS, build_deeplab, load_init_weights
+from network.deeplab import (MAX_SCALE, MIN_SCALE, MSC_SCALES, SEG_ARCHS, build_deeplab,
+                             load_init_weights)
 from utils import dist
 from utils.checkpoint import (changed_settings, load_training_state, restore_training_state,
                               save_training_state)
@@ -49,7 +51,7 @@ from utils.cli import run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import remove_stale_temps, torch_save
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
 from utils.run import (JsonlLogger, check_writable, close_file_log, resolve_resume, setup_logging,
@@ -86,6 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="drop ids whose image or mask is missing instead of stopping (default off)")
+    d.add_argument("--check-data", "--check_data", dest="check_data",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="before training, read every image's header and every mask (mode, size, "
+                        "values 0..C or --ignore-label; ~2 ms per id), so a bad file stops the run "
+                        "before any compute instead of hours into it")
     d.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=4,
                    help="DataLoader workers per process (results do not depend on it; published 0)")
     m = p.add_argument_group("model")
@@ -223,6 +230,10 @@ def build_model(args, n_classes: int, init: bool):
     if not init:
         return model
     if args.init is not None and args.init.lower() != "none":
+        if not Path(args.init).is_file():
+            raise TrainSegError(f"--init {args.init}: file not found; pass "
+                                f"deeplabv1_resnet101-coco.pth (README 'Downloads'), a torchvision "
+                                f"resnet101 .pth, or --init none")
         load_init_weights(model, args.init, args.init_kind)
     else:
         logger.warning("no --init: %s starts from random weights", args.arch)
@@ -276,10 +287,21 @@ def check_args(args, world: int) -> None:
         raise TrainSegError("--stop-after must be >= 1")
     if args.num_workers < 0 or args.save_every < 0:
         raise TrainSegError("--num-workers and --save-every must be >= 0")
-    if not (args.lr > 0 and args.weight_decay >= 0 and args.momentum >= 0):
-        raise TrainSegError("--lr must be > 0, --weight-decay and --momentum >= 0")
-    if not args.scales or min(args.scales) <= 0 or not args.msc_scales or min(args.msc_scales) <= 0:
-        raise TrainSegError("--scales and --msc-scales must be positive")
+    # isfinite: an inf weight decay passed ">= 0" and turned the weights into NaN at step 2
+    values = (args.lr, args.weight_decay, args.momentum, args.poly_power)
+    if not all(math.isfinite(v) for v in values):
+        raise TrainSegError("--lr, --weight-decay, --momentum and --poly-power must be finite")
+    if not (args.lr > 0 and min(values[1:]) >= 0):
+        raise TrainSegError("--lr must be > 0, --weight-decay, --momentum and --poly-power >= 0")
+    for flag, scales, paper in (("--scales", args.scales, TRAIN_SCALES),
+                                ("--msc-scales", args.msc_scales, MSC_SCALES)):
+        bad = [v for v in scales if not (math.isfinite(v) and MIN_SCALE <= v <= MAX_SCALE)]
+        if bad:  # a scale of 0 failed in the first batch, after the run directory was made
+            raise TrainSegError(f"{flag} {' '.join(map(str, bad))}: each scale must be in "
+                                f"[{MIN_SCALE}, {MAX_SCALE}] (paper: {' '.join(map(str, paper))})")
+    if not 0 <= args.ignore_label <= 255:
+        raise TrainSegError(f"--ignore-label {args.ignore_label} must be in 0..255 (masks are "
+                            f"8-bit PNGs; published 255)")
 
 
 def main(args) -> Dict:
@@ -298,19 +320,36 @@ def main(args) -> Dict:
     ckpt = (load_training_state(resume, {"arch": args.arch, "dataset": args.dataset},
                                 "train_seg.py") if resume else None)
     start_iter = int(ckpt["iter"]) if ckpt else 0
+    if start_iter > args.max_iters:
+        # The loop would not run and the weights of iteration start_iter would be saved as a
+        # run of --max-iters iterations.
+        raise TrainSegError(f"--resume {resume} is at iteration {start_iter}, beyond --max-iters "
+                            f"{args.max_iters}; pass --max-iters {start_iter} or more (the run's "
+                            f"own value is in {run_dir / 'args.json'})")
     if (run_dir / FINAL_NAME).exists() and ckpt is not None:
         if start_iter >= args.max_iters:
+            if dist.is_main_process():
+                remove_stale_temps(run_dir, min_age_s=0)
             logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
             return {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "losses": []}
         if not args.extend:
             raise TrainSegError(f"{run_dir} finished at iteration {start_iter}; to train it "
                                 f"further to --max-iters {args.max_iters} pass --extend (the "
                                 f"finished {FINAL_NAME} is kept), or choose another --run-dir")
+    check_data_root(args.data_root, "--data_root")
+    if args.mask_dir is not None and not args.mask_dir.is_dir():
+        raise TrainSegError(f"--mask-dir {args.mask_dir}: no such folder; pass the folder of "
+                            f"pseudo-mask PNGs (infer.py --png-dir)")
     info = get_dataset(args.dataset, args.metadata_dir, dataset_root_of(args.data_root))
+    if args.eval_list:  # resolved now: a wrong name failed only after the training
+        info.list_path(args.eval_list)
     n_classes = info.num_classes + 1
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
+    if args.check_data:
+        check_files(dataset.ids, dataset.image_paths, [e["mask"] for e in dataset.extra_paths],
+                    num_classes=n_classes, ignore_label=args.ignore_label)
     # One sampler step = one micro-batch of --batch-size images (global); an optimizer step
     # takes --iter-size of them, so iteration k starts at micro-batch k * iter_size.
     loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
@@ -323,6 +362,9 @@ def main(args) -> Dict:
     # 2. run directory
     if dist.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Only this run writes into its run directory, so any temporary file there is left by
+        # a killed predecessor (utils/io.py atomic_path), however recent.
+        remove_stale_temps(run_dir, min_age_s=0)
         if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
             (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_final_iter{start_iter}.pth")
     dist.barrier()

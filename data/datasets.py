@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -108,6 +109,61 @@ def _examples(items: Sequence[str]) -> str:
     return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
+def _image_problem(path) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """(why an image cannot be read as load_rgb reads it, or None; its (w, h) when it can).
+    Header only for 8-bit files."""
+    try:
+        with Image.open(path) as img:
+            image_to_8bit(img, path)
+            return None, img.size
+    except DataError as e:
+        return str(e), None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        return f"cannot read image {path} ({e})", None
+
+
+def _mask_problem(path, image_path, image_size, num_classes: Optional[int],
+                  ignore_label: int) -> Optional[str]:
+    """Why a label mask cannot be trained on (mode, size and values, as load_mask and
+    train_seg.check_labels would find in the middle of a run), or None."""
+    try:
+        mask = load_mask(path, image_size, image_path)
+    except DataError as e:
+        return str(e)
+    if num_classes is not None:
+        bad = np.unique(mask[(mask >= num_classes) & (mask != ignore_label)])
+        if bad.size:
+            return (f"mask {path} has values {bad[:5].tolist()} outside 0..{num_classes - 1} and "
+                    f"{ignore_label} (ignore): made for another dataset, or a colour rendering?")
+    return None
+
+
+def check_files(ids: Sequence[str], image_paths: Sequence, mask_paths: Optional[Sequence] = None,
+                *, num_classes: Optional[int] = None, ignore_label: int = 255,
+                workers: int = 8) -> None:
+    """Before any compute and before any output exists: every image opens with an exact 8-bit
+    reading (its header; data/pixels.py) and, with ``mask_paths``, every mask is a
+    single-channel PNG of its image's size whose values are classes (< ``num_classes``) or
+    ``ignore_label`` (masks are decoded: they are small). The loaders would find the same
+    problems only when the item comes up, hours into a run, after its folders were made.
+    Raises one DataError listing the first problems and the fix."""
+    def job(k):
+        problem, size = _image_problem(image_paths[k])
+        if problem is None and mask_paths is not None:
+            problem = _mask_problem(mask_paths[k], image_paths[k], size, num_classes,
+                                    ignore_label)
+        return None if problem is None else f"{ids[k]}: {problem}"
+
+    # Header reads wait on the disk, not the CPU: threads suffice.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = [p for p in pool.map(job, range(len(ids))) if p is not None]
+    if problems:
+        what = "image or mask" if mask_paths is not None else "image"
+        raise DataError(f"{len(problems)} of {len(ids)} ids have an {what} that cannot be used "
+                        f"({_examples(problems)}); replace or fix these files, or remove their "
+                        f"ids from the list (tools/check_dataset.py lists every problem)")
+
+
 class _ImageLocator:
     """``info.image_path`` with a cache of the folder that held the previous image of the same
     split, so resolving 82k COCO ids costs about one stat each instead of several."""
@@ -179,6 +235,7 @@ class _BaseDataset(Dataset):
 
     def _collect_labels(self) -> np.ndarray:
         """(N, C) float32 labels of self.ids; every id must have a non-empty label."""
+        _ = self.info.image_labels  # a missing or malformed file is one error, not one per id
         rows, problems = [], []
         for img_id in self.ids:
             try:

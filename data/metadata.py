@@ -81,7 +81,8 @@ def read_id_list(path, *, keep_duplicates: bool = False) -> List[str]:
     ``keep_duplicates=True`` returns the lines as they are, for checkers that report repeats."""
     ids = [_id_of(line) for _, line in _content_lines(path)]
     if not ids:
-        raise MetadataError(f"{path}: the id list is empty")
+        raise MetadataError(f"{path}: the id list is empty; put one image id per line in it, "
+                            f"or pass another list")
     if keep_duplicates:
         return ids
     unique, dropped = dedupe_ids(ids)
@@ -99,10 +100,14 @@ def read_class_names(path) -> List[str]:
     for lineno, line in _content_lines(path):
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not parts[0].isdigit():
-            raise MetadataError(f"{path}:{lineno}: expected '<index> <name>', got {line!r}")
+            raise MetadataError(f"{path}:{lineno}: expected '<index> <name>' (e.g. '1 "
+                                f"aeroplane'), got {line!r}; write one class per line, 0 = "
+                                f"background (docs/data.md)")
         names[int(parts[0])] = parts[1].strip()
     if sorted(names) != list(range(len(names))):
-        raise MetadataError(f"{path}: class indices must be 0..N-1 without gaps (0 = background)")
+        gap = min(set(range(len(names) + 1)) - set(names))
+        raise MetadataError(f"{path}: class indices must be 0..N-1 without gaps (0 = background), "
+                            f"but {gap} is missing; number the classes 0, 1, 2, ...")
     return [names[i] for i in range(len(names))]
 
 

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.errors import DataError
 from data.metadata import MetadataError, read_class_names, read_id_list, read_image_labels
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -91,9 +92,16 @@ class DatasetInfo:
         self.spec = spec
         self.name = spec.name
         self.metadata_dir = Path(metadata_dir)
-        self.label_names: List[str] = read_class_names(self.metadata_dir / "labels.txt")
+        labels = self.metadata_dir / "labels.txt"
+        if not labels.is_file():
+            where = ("a --dataset custom root holds labels.txt, image_labels.txt and the split "
+                     "lists (docs/data.md); check the data root" if spec.metadata_dir is None
+                     else f"restore the repository's metadata/{spec.name}")
+            raise MetadataError(f"{labels}: file not found; {where}, or pass --metadata-dir")
+        self.label_names: List[str] = read_class_names(labels)
         if len(self.label_names) < 2:
-            raise MetadataError(f"{self.metadata_dir / 'labels.txt'}: need background plus at least one class")
+            raise MetadataError(f"{self.metadata_dir / 'labels.txt'}: need background plus at "
+                                f"least one class; add a line '1 <name>' for each class")
 
     def __repr__(self):
         return (f"DatasetInfo(name={self.name!r}, num_classes={self.num_classes}, "
@@ -116,7 +124,11 @@ class DatasetInfo:
     @functools.cached_property
     def image_labels(self) -> Dict[str, np.ndarray]:
         """{id: float32 (C,) multi-hot}, read once from ``image_labels.txt``."""
-        return read_image_labels(self.metadata_dir / "image_labels.txt", self.num_classes)
+        path = self.metadata_dir / "image_labels.txt"
+        if not path.is_file():
+            raise MetadataError(f"{path}: file not found; make it with tools/make_cls_labels.py "
+                                f"(docs/data.md), or pass --metadata-dir")
+        return read_image_labels(path, self.num_classes)
 
     def list_path(self, name_or_path) -> Path:
         """Resolve a list given as a path (absolute, relative to cwd or to the repository, e.g. the
@@ -166,6 +178,15 @@ class DatasetInfo:
     def gt_path(self, root, img_id: str) -> Path:
         """Path of the ground-truth mask ``<id>.png`` (may not exist)."""
         return self._find(root, img_id, self.spec.gt_dirs, ".png")
+
+
+def check_data_root(path, flag: str) -> None:
+    """A dataset root that is not a folder, as one line naming the flag (else the first error
+    would be a missing labels.txt, or 10,582 missing images)."""
+    if path is not None and not Path(path).is_dir():
+        what = "a file, not a folder" if Path(path).exists() else "no such folder"
+        raise DataError(f"{flag} {path}: {what}; pass the dataset root (the folder holding "
+                        f"JPEGImages/, or train2014/ for COCO)")
 
 
 def get_dataset(name: str, metadata_dir=None, data_root=None) -> DatasetInfo:

@@ -105,7 +105,8 @@ class SaliencyMapsReport:
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} of {self.num_maps} ids have an image or "
                          f"saliency map that cannot be read without wrong values "
-                         f"({_examples(self.unreadable)})")
+                         f"({_examples(self.unreadable)}): replace or fix these files, or remove "
+                         f"their ids from the list")
         if self.other_aspect and not self.stretch:
             parts.append(f"{len(self.other_aspect)} of {self.num_maps} saliency maps have another "
                          f"aspect ratio than their image ({_examples(self.other_aspect)}), which "
@@ -119,15 +120,19 @@ class SaliencyMapsReport:
 def _sizes(img_path, sal_path) -> Tuple[Tuple[int, int], Tuple[int, int], bool]:
     """(image size, map size, map is 16-bit) from the headers; pixel formats checked as the
     loaders will (8-bit files are not decoded). Raises DataError."""
-    try:
-        with Image.open(img_path) as img, Image.open(sal_path) as sal:
-            image_to_8bit(img, img_path)
-            saliency_to_8bit(sal, sal_path)
-            return img.size, sal.size, is_sixteen_bit(sal)
-    except DataError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read {img_path} or {sal_path} ({e})") from None
+    sizes = []
+    for path, what, to_8bit in ((img_path, "image", image_to_8bit),
+                                (sal_path, "saliency map", saliency_to_8bit)):
+        try:  # one file at a time, so the message names the one that failed
+            with Image.open(path) as f:
+                to_8bit(f, path)
+                sizes.append((f.size, is_sixteen_bit(f)))
+        except DataError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read {what} {path} ({e})") from None
+    (image_size, _), (map_size, sixteen) = sizes
+    return image_size, map_size, sixteen
 
 
 def check_saliency_maps(dataset, stretch: bool, progress: bool = False,

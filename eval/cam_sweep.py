@@ -101,7 +101,9 @@ def evaluate_cams(ids: Sequence[str], gt_paths: Sequence, cam_paths: Sequence, n
         raise ValueError("need at least one threshold")
     ids, gt_paths, cam_paths, missing = split_missing(ids, gt_paths, cam_paths, "CAM", skip_missing)
     if not ids:
-        raise EvalError("no image left to evaluate (every id is missing a file)")
+        raise EvalError(f"no image left to evaluate: every id misses a file (first: "
+                        f"{missing[0]['path']}); check the {what} and ground-truth folders and "
+                        f"the id list")
     fn = functools.partial(_sweep_chunk, num_classes=int(num_classes), thresholds=thr)
     total = np.zeros((len(thr), num_classes, num_classes + 1), dtype=np.int64)
     pairs = [(str(g), str(c)) for g, c in zip(gt_paths, cam_paths)]

@@ -168,7 +168,9 @@ def evaluate_folders(ids: Sequence[str], gt_paths: Sequence, pred_paths: Sequenc
     ids, gt_paths, pred_paths, missing = split_missing(ids, gt_paths, pred_paths, "prediction",
                                                        skip_missing)
     if not ids:
-        raise EvalError("no image left to evaluate (every id is missing a file)")
+        raise EvalError(f"no image left to evaluate: every id misses a file (first: "
+                        f"{missing[0]['path']}); check the {what} and ground-truth folders and "
+                        f"the id list")
     conf = accumulate_confusion(gt_paths, pred_paths, num_classes, workers, progress)
     scores = compute_scores(conf, ignore_invalid=ignore_invalid)
     scores.update(confusion=conf, num_images=len(ids), missing=missing)

@@ -40,6 +40,9 @@ EXPANSION = 4  # bottleneck output channels = 4 x its middle width
 # Caffe's BatchNorm moving_average_fraction is 0.999, i.e. PyTorch momentum 0.001.
 CAFFE_BN_MOMENTUM = 0.001
 MSC_SCALES = (0.5, 0.75)
+# Accepted input scales of train_seg.py / infer_seg.py (--scales, --msc-scales; as infer.py's
+# --scales): a scale near 0 shrinks the input to nothing, a huge one only runs out of memory.
+MIN_SCALE, MAX_SCALE = 0.05, 8.0
 ASPP_RATES = (6, 12, 18, 24)
 
 
@@ -370,6 +373,11 @@ def load_trained(path, *, msc_scales: Sequence[float] = MSC_SCALES) -> DeepLabV2
     try:
         arch, n_classes = infer_arch(sd)
     except SegWeightsError as e:
+        from network.weights import checkpoint_candidates
+        if checkpoint_candidates(sd):  # e.g. train.py's checkpoint_cls.pth
+            raise SegWeightsError(f"{path}: a classifier checkpoint (train.py / infer.py), not a "
+                                  f"DeepLab-v2 one; pass checkpoint_final.pth written by "
+                                  f"train_seg.py (or its run directory)") from None
         raise SegWeightsError(f"{path}: {e}; pass checkpoint_final.pth or checkpoint_last.pth "
                               f"written by train_seg.py") from None
     model = build_deeplab(arch, n_classes, msc_scales=msc_scales)

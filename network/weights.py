@@ -18,6 +18,7 @@ silently train from scratch, and a checkpoint never runs as another head.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zipfile
@@ -104,7 +105,8 @@ def _zip_without_pickle(path: Path) -> bool:
         return False
 
 
-def _unreadable_message(path: Path, head: bytes, e: Exception) -> str:
+def _unreadable_message(path: Path, head: bytes, e: Exception,
+                        resave_hint: str = RESAVE_HINT) -> str:
     """One line saying why torch.load could not read ``path``, and what to do about it."""
     kind, words = describe_file_start(head)
     size = path.stat().st_size
@@ -113,7 +115,7 @@ def _unreadable_message(path: Path, head: bytes, e: Exception) -> str:
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         return (f"{path}: not a plain weights file: it holds Python objects other than tensors{what}, "
-                f"which are refused for safety (no code from a weights file is run); {RESAVE_HINT}")
+                f"which are refused for safety (no code from a weights file is run); {resave_hint}")
     if kind == "zip" and _zip_without_pickle(path):
         return (f"{path}: not a PyTorch weights file (a zip archive without data.pkl, e.g. a numpy "
                 f".npz); pass a .pth written by torch.save")
@@ -142,6 +144,14 @@ def load_state_dict_file(path) -> StateDict:
     if path.suffix == ".params":
         raise WeightsError(f"{path}: an MXNet .params file; pass it as ImageNet initialisation "
                            "(load_pretrained / --weights) or convert it with tools/convert_resnet38.py")
+    return _unwrap(load_torch_file(path), str(path))
+
+
+def load_torch_file(path, resave_hint: str = RESAVE_HINT):
+    """``torch.load(path, weights_only=True)`` on the CPU, with every failure as one
+    WeightsError line (see load_state_dict_file). ``resave_hint`` is the fix named for a file
+    that holds Python objects (train.py's resume checkpoints need their own)."""
+    path = Path(path)
     try:
         head = read_file_start(path)
     except OSError as e:
@@ -160,8 +170,8 @@ def load_state_dict_file(path) -> StateDict:
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, EOFError, ... here
         # e.g. a text file: the legacy loader reads its first byte as a pickle opcode and raises
         # KeyError(101) for "e"; a cut zip raises RuntimeError; a cut legacy file IndexError.
-        raise WeightsError(_unreadable_message(path, head, e)) from None
-    return _unwrap(obj, str(path))
+        raise WeightsError(_unreadable_message(path, head, e, resave_hint)) from None
+    return obj
 
 
 def _as_state_dict(source: PathOrStateDict) -> tuple:
@@ -213,9 +223,17 @@ class Candidate(NamedTuple):
 
 
 def _reference(name: str, num_classes: int, options: Mapping[str, int]) -> Dict[str, tuple]:
-    """Key -> shape of a registered network, built on the meta device (no memory, no init)."""
+    """Key -> shape of a registered network, built on the meta device (no memory, no init).
+    The returned dict is shared: read it, do not change it."""
+    return _built_reference(name, num_classes, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _built_reference(name: str, num_classes: int, options: tuple) -> Dict[str, tuple]:
+    # Cached: identifying one unrecorded checkpoint asks for every registered network several
+    # times (candidates, then the message's description), ~1 s per ResNet build even on meta.
     with torch.device("meta"):
-        model = build_network(name, num_classes, **options)
+        model = build_network(name, num_classes, **dict(options))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -315,7 +333,11 @@ def identify_checkpoint(sd: Mapping[str, torch.Tensor], num_classes: int,
        or eps for C) is an error when ``ambiguous_ok`` is False (the caller passes False for
        datasets whose class count is the user's own), unless ``network`` names it.
     Raises WeightsError with the fix; never falls back to another head."""
-    want = normalize_network_name(network) if network else None
+    try:
+        want = normalize_network_name(network) if network else None
+    except KeyError:
+        raise WeightsError(f"unknown --network {network!r}; choose one of "
+                           f"{sorted(NETWORKS)}") from None
     rec = network_record(sd)
     if rec is not None:
         name, c, options = rec["network"], int(rec["num_classes"]), dict(rec.get("options", {}))
@@ -357,6 +379,10 @@ def identify_checkpoint(sd: Mapping[str, torch.Tensor], num_classes: int,
     if cands:
         raise WeightsError(f"{source}: {what}, but the dataset has {num_classes} classes; pass "
                            f"the dataset it was trained on or a checkpoint trained on this one")
+    if any(k.startswith("base.aspp.") for k in sd):  # network/deeplab.py's MSC layout
+        raise WeightsError(f"{source}: a DeepLab-v2 segmentation checkpoint (train_seg.py), not "
+                           f"a classifier; run it with infer_seg.py, and pass infer.py a "
+                           f"classifier (train.py's checkpoint_cls.pth or a released one)")
     raise WeightsError(f"{source}: {what}; pass a trained classifier (train.py's "
                        f"checkpoint_cls.pth or a released one)")
 

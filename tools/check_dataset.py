@@ -38,7 +38,9 @@ from tqdm import tqdm  # noqa: E402
 from data.metadata import MetadataError  # noqa: E402
 from data.pixels import (PixelFormatError, image_to_8bit, is_sixteen_bit,  # noqa: E402
                          saliency_to_8bit)
-from data.registry import DATASETS, DatasetInfo, dataset_root_of, get_dataset  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from data.registry import (DATASETS, DatasetInfo, check_data_root, dataset_root_of,  # noqa: E402
+                           get_dataset)
 from data.saliency import OTHER_ASPECT, RESCALED, size_kind  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
@@ -271,6 +273,9 @@ def get_args_parser():
 
 
 def main(args) -> CheckReport:
+    if args.workers < 1:
+        raise DataError(f"--workers {args.workers} must be >= 1")
+    check_data_root(args.data_root, "--data-root")
     info = get_dataset(args.dataset, metadata_dir=args.metadata_dir, data_root=args.data_root)
     list_name = args.list or info.train_defaults.get("train_list", "train")
     ids = info.read_ids(list_name, keep_duplicates=True)  # the check reports repeats itself

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -82,13 +80,14 @@ def save_training_state(path: Path, *, model_state: Mapping, optimizer, scaler, 
 def load_training_state(path: Path, expect: Mapping[str, object], writer: str) -> Dict:
     """Read a resume checkpoint written by ``writer`` (train.py / train_seg.py) and check that
     its args match ``expect`` (e.g. {"network": "resnet38_eps"}) before anything is built."""
+    # The weights reader's messages (network/weights.py load_torch_file): what the file looks
+    # like, in one line, never torch's advice to load it with weights_only=False.
+    from network.weights import WeightsError, load_torch_file
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-            zipfile.BadZipFile) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read {path} ({first}); it is damaged or not a {writer} "
-                              f"checkpoint: restore it, or start a new run in another folder") from None
+        ckpt = load_torch_file(path, resave_hint=f"{writer} never writes such a file")
+    except WeightsError as e:
+        raise CheckpointError(f"--resume {e} (--resume needs the checkpoint_last.pth that "
+                              f"{writer} writes into its run directory)") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in KEYS):
         raise CheckpointError(f"{path} is not a {writer} checkpoint (expected the entries "
                               f"{', '.join(KEYS)}); to start from plain weights use --weights / --init")

@@ -43,6 +43,26 @@ def report_error(prog: str, message: str) -> None:
     logging.getLogger(prog).error("%s", message, extra={"console": False})
 
 
+# torchrun's own options (torch/distributed/run.py). Given to a script they show that a
+# distributed launch was meant: say how, rather than argparse's bare "unrecognized arguments".
+LAUNCHER_FLAGS = frozenset((
+    "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend",
+    "rdzv_endpoint", "rdzv_id", "rdzv_conf", "standalone", "max_restarts", "monitor_interval",
+    "start_method", "run_path", "no_python", "log_dir", "redirects", "tee", "local_addr"))
+
+
+def refuse_launcher_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """argparse's error (usage, one error line, exit 2) for a torchrun option given to a
+    script that does not define it, with the command that was meant."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if (flag.startswith("--") and flag not in parser._option_string_actions
+                and flag[2:].replace("-", "_") in LAUNCHER_FLAGS):
+            parser.error(f"{flag} is an option of torchrun, not of {parser.prog}: launch as "
+                         f"'torchrun {flag} ... {parser.prog} <its flags>' (docs/training.md, "
+                         f"docs/pipelines.md)")
+
+
 def build_parser(get_args_parser: Callable[[], argparse.ArgumentParser],
                  doc: Optional[str] = None) -> argparse.ArgumentParser:
     parent = get_args_parser()
@@ -60,6 +80,7 @@ def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callab
     from utils.run import setup_logging
 
     parser = build_parser(get_args_parser, doc)
+    refuse_launcher_flags(parser, sys.argv[1:] if argv is None else [str(a) for a in argv])
     args = parser.parse_args(argv)
     setup_logging()
     try:

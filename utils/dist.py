@@ -27,9 +27,23 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 7200.0
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def add_dist_args(parser: argparse.ArgumentParser) -> None:
+    # The deprecated `python -m torch.distributed.launch` appends --local-rank=N to the script's
+    # flags (torch/distributed/run.py, without --use-env); LOCAL_RANK, which every launcher
+    # sets, is what get_local_rank reads, so the flag is accepted and not used.
     parser.add_argument(
-        "--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float,
+        "--local-rank", "--local_rank", dest="launcher_local_rank", type=int, default=None,
+        help="set by python -m torch.distributed.launch; not used (the LOCAL_RANK environment "
+             "variable is). Launch with torchrun instead")
+    parser.add_argument(
+        "--dist-timeout", "--dist_timeout", dest="dist_timeout", type=_positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds a collective (barrier, all-reduce) may wait for the other processes under "
              f"torchrun before the job is aborted (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own "

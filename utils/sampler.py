@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.errors import UserError
+from utils.workers import loader_worker_init
 
 
 class SamplerError(UserError):
@@ -105,4 +106,5 @@ def seeded_loader(dataset: Dataset, *, global_batch: int, seed: int, start_batch
     # creating the iterator does not shift the dropout stream (needed for an exact resume).
     return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=loader_worker_init() if num_workers > 0 else None)

@@ -6,12 +6,18 @@ children are never told. Here every pool worker asks the kernel to send it SIGKI
 parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so the whole tree goes down together; the
 resource tracker then sees its last client gone and exits too.
 
+DataLoader workers need the same (:func:`loader_worker_init`): torch's worker notices a dead
+parent only between batches (torch/utils/data/_utils/worker.py, ManagerWatchdog), and one that
+is blocked handing over a batch nobody reads never gets there. It stayed alive after a kill -9,
+and so did the resource tracker, whose pipe it had inherited.
+
 Pools are started with ``spawn``, never ``fork``: forking a process that has initialised CUDA or
 NCCL copies their threads' locks in an undefined state (the children can hang).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import multiprocessing as mp
 import os
@@ -53,3 +59,12 @@ def executor(workers: int, processes: bool):
     """Threads (the default: zlib / PNG encoding releases the GIL) or processes (for work that
     holds the GIL, such as pydensecrf's ~1 s per image)."""
     return process_pool(workers) if processes else ThreadPoolExecutor(max_workers=max(1, workers))
+
+
+def _loader_worker_init(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
+def loader_worker_init() -> functools.partial:
+    """A DataLoader ``worker_init_fn`` that makes each worker die with this process."""
+    return functools.partial(_loader_worker_init, os.getpid())
