@@ -458,7 +458,8 @@ CASES = [
         r"--weights \S+small_eps\.pth: a small_eps checkpoint for 3 classes.*dataset's 4 classes"
         r".*Pass the ImageNet weights"),
     Case("train-dataset-coco-with-voc-checkpoint", T, lambda w, c: replace_flag(
-        train_argv(w.root, c.out, "--weights", w.voc_eps), "--dataset", "coco"),
+        train_argv(w.root, c.out, "--weights", w.voc_eps, "--metadata-dir", coco_metadata(c)),
+        "--dataset", "coco"),
         r"voc_eps\.pth: fits small_cls for 21 classes.* or small_eps for 20 classes.*; but "
         r"small_eps for the dataset's 80 classes needs other shapes"),
     Case("train-resume-larger-max-iters-on-finished-run", T, lambda w, c: train_argv(
@@ -695,7 +696,7 @@ CASES = [
     Case("train_seg-lr-nan", S, lambda w, c: seg_argv(w.root, c.out, "--lr", "nan"),
          r"--lr, --weight-decay, --momentum and --poly-power must be finite"),
     Case("train_seg-batch-size-0", S, lambda w, c: replace_flag(
-        seg_argv(w.root, c.out), "--batch-size", 0), r"--batch-size must be >= 1"),
+        seg_argv(w.root, c.out), "--batch-size", 0), r"--batch-size and --iter-size must be >= 1"),
     Case("train_seg-max-iters-negative", S, lambda w, c: seg_argv(w.root, c.out, iters=-1),
          r"--max-iters must be >= 1"),
     Case("train_seg-num-workers-negative", S, lambda w, c: replace_flag(

@@ -116,7 +116,7 @@ def test_seg_dataset(root, info, tmp_path):
 # ---------------------------------------------------------------- errors
 def test_missing_image_stops_by_default_and_skip_missing_counts(root, info, caplog):
     (root / "JPEGImages" / "img_b.jpg").unlink()
-    with pytest.raises(DataError, match=r"img_b\.jpg.*skip_missing"):
+    with pytest.raises(DataError, match=r"img_b\.jpg.*--skip-missing"):
         ClsDataset(info, root, "train", crop_size=8)
     with caplog.at_level(logging.WARNING):
         ds = ClsDataset(info, root, "train", crop_size=8, skip_missing=True)
