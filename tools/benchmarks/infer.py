@@ -126,7 +126,8 @@ def _row(device, image, vid, name, timing: Timing, peak_mb, ref, *, reserved_mb=
     row = {"device": device.type, "network": NETWORK, "image": image, "variant": vid,
            "path": name, "default": "yes" if vid == "default" else "",
            "s/image": timing.median, "min s": timing.min, "reps": timing.reps,
-           "speed-up (wall)": ref_timing.median / timing.median}
+           # against the reference at the same image size only (not for the COCO-size row)
+           "speed-up (wall)": ref_timing.median / timing.median if ref_mask is not None else None}
     if device.type == "cpu":
         row.update({"CPU s/image": timing.cpu_median,
                     "speed-up (CPU)": ref_timing.cpu_median / timing.cpu_median})
