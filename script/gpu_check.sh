@@ -72,6 +72,19 @@ record() {
   printf '%s\t%s\t%s\t%s\t%s\n' "${clean[@]}" >> "$STEPS"
 }
 skip_step() { say "skip $1: $2"; record "$1" skipped 0 "$2" ""; }
+# report: write and print $OUT/gpu_check.md and exit with its status (1 when a step failed or did
+# not run). If even the report cannot run (e.g. torch does not import), print steps.tsv instead.
+report() {
+  rm -f "$OUT/gpu_check.md"
+  "$PYTHON" tools/gpu_check.py report --out "$OUT" --device "$DEVICE"
+  local rc=$?
+  if [[ ! -f "$OUT/gpu_check.md" ]]; then
+    echo "error: tools/gpu_check.py report failed (exit $rc); the steps (name, status, seconds, reason, command):" >&2
+    cat "$STEPS" >&2
+    exit 1
+  fi
+  exit "$rc"
+}
 # step NAME LIMIT_S CMD...: run CMD with its output in $LOGS/NAME.log, for at most LIMIT_S
 # seconds and never past the deadline; record pass / FAIL with the time and the reason.
 step() {
@@ -123,6 +136,15 @@ NGPU=0
 if [[ "$DEVICE" == cuda ]]; then
   NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
 fi
+# DataLoader workers hand batches over through /dev/shm, 64 MB each (utils/device.py): with a
+# container's default 64 MB every stage would stop at its check. Use the workers that fit; the
+# report's environment table says whether train.py's default 8 fit.
+SHM_WORKERS=$("$PYTHON" -c 'import os, shutil; print(int(shutil.disk_usage("/dev/shm").free / 2**20 // 64) if os.path.isdir("/dev/shm") else 99)' 2>/dev/null || echo 99)
+if (( WORKERS > SHM_WORKERS || IO_WORKERS > SHM_WORKERS )); then
+  say "/dev/shm has room for $SHM_WORKERS DataLoader workers: using at most that many"
+  (( WORKERS > SHM_WORKERS )) && WORKERS=$SHM_WORKERS
+  (( IO_WORKERS > SHM_WORKERS )) && IO_WORKERS=$SHM_WORKERS
+fi
 # torchrun steps: 2 processes when 2 or more GPUs are visible (NCCL); DEVICE=cpu NPROC=2 runs
 # them on the CPU with gloo (slow: about a minute more).
 NPROC=${NPROC:-$(( NGPU >= 2 ? 2 : 0 ))}
@@ -130,8 +152,7 @@ HAVE_CRF=0
 "$PYTHON" -c 'import pydensecrf.densecrf' >/dev/null 2>&1 && HAVE_CRF=1
 if [[ "$DEVICE" == cuda && "$NGPU" == 0 ]]; then
   say "no usable GPU (see $LOGS/env.log); for a dry run on the CPU: DEVICE=cpu bash script/gpu_check.sh"
-  "$PYTHON" tools/gpu_check.py report --out "$OUT" --device "$DEVICE"
-  exit 1
+  report
 fi
 
 # ---- 1. the CUDA tests -----------------------------------------------------------------------
@@ -229,5 +250,5 @@ fi
 
 # ---- 5. the report ---------------------------------------------------------------------------
 say "all steps done in $(( SECONDS - T0 )) s; report:"
-"$PYTHON" tools/gpu_check.py report --out "$OUT" --device "$DEVICE"
+report
 # -> $OUT/gpu_check.md; exit status 1 when a step failed or did not run

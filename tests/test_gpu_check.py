@@ -196,3 +196,71 @@ def test_report_status_from_the_steps(tmp_path):
     text, status = gpu_check.render(tmp_path, "cuda")
     assert status == 1 and "1 of 3 steps failed or did not run**: train" in text
     assert "| train | FAIL | 3.5 | exit 2: train.py: error: bad |" in text
+
+
+def test_report_of_a_gpu_run(tmp_path):
+    """The report as a GPU run would leave it: versions, step results read from the runs, the
+    CUDA tests with a failure, targets and projections from the benchmark rows."""
+    out = tmp_path
+    env = {"time": "2026-01-01 10:00:00", "host": "gpu1", "python": "3.12.3", "platform": "Linux",
+           "cores": 16, "torch": "2.11.0+cu130", "shm_free_mib": 300,
+           "packages": {"numpy": "2.5.0", "pydensecrf": None},
+           "cuda_env": {"cuda": "13.0", "torch_cuda": "13.0", "cudnn": 91000, "driver": "580.65",
+                        "nccl": "2.27.3", "gpus": [{"index": 0, "name": "NVIDIA H200",
+                                                    "capability": "9.0", "memory_mib": 143771,
+                                                    "multiprocessors": 132}]},
+           "import_failures": {}}
+    (out / "env.json").write_text(json.dumps(env))
+    (out / "steps.tsv").write_text(
+        "env\tpass\t9.0\t\tpython3 tools/gpu_check.py env\n"
+        "tests\tFAIL\t50.0\texit 1: FAILED tests/test_cuda.py::test_pinned_memory_loading\tpython3 -m pytest\n"
+        "train\tpass\t20.0\t\tpython3 train.py\n"
+        "infer\tpass\t12.0\t\tpython3 infer.py\n"
+        "infer_crf\tskipped\t0\tpydensecrf is not installed (pip install pydensecrf2)\t\n"
+        "evaluate\tpass\t3.0\t\tpython3 evaluate.py\n"
+        "train_seg\tpass\t25.0\t\tpython3 train_seg.py\n"
+        "infer_seg\tpass\t9.0\t\tpython3 infer_seg.py\n"
+        "benchmark\tpass\t140.0\t\tpython3 tools/benchmark.py --device cuda\n"
+        "ddp_train\tskipped\t0\tneeds 2 GPUs (1 visible)\t\n")
+    run = out / "runs" / "1gpu"
+    (run / "cls").mkdir(parents=True)
+    (run / "cls" / "metrics.jsonl").write_text(json.dumps(dict(
+        iter=20, loss=0.8, images_per_s=250.0, sec_per_iter=0.032, mem_mb=5100.0)) + "\n")
+    (run / "cls" / "args.json").write_text(json.dumps(dict(
+        network="resnet38_eps", crop_size=96, batch_size=8, max_iters=20)))
+    (run / "pseudo" / "run").mkdir(parents=True)
+    (run / "pseudo" / "run" / "log.txt").write_text("... rank 0: 48 images in 5.9 s (0.123 s/image)\n")
+    (run / "pseudo" / "train_miou.json").write_text(json.dumps({"miou": 0.1234}))
+    (run / "deeplab" / "val_run").mkdir(parents=True)
+    (run / "deeplab" / "metrics.jsonl").write_text(json.dumps(dict(
+        iter=10, loss=4.5, images_per_s=80.0, sec_per_iter=0.1)) + "\n")
+    (run / "deeplab" / "args.json").write_text(json.dumps(dict(
+        arch="deeplabv2_resnet101", init="none", crop_size=97, batch_size=4, iter_size=2,
+        max_iters=10)))
+    (run / "deeplab" / "val_run" / "log.txt").write_text("INFO infer_seg: network: 0.050 s per image over 12 images\n")
+    (run / "deeplab" / "val_eval.json").write_text(json.dumps({"miou": 0.05}))
+    (out / "pytest_cuda.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_cuda" name="test_configure_numerics" time="0.1"/>'
+        '<testcase classname="tests.test_cuda" name="test_pinned_memory_loading" time="2.0">'
+        '<failure message="AssertionError: not pinned">trace</failure></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_ddp" time="0.0">'
+        '<skipped message="needs 2 GPUs"/></testcase></testsuite></testsuites>')
+    (out / "benchmark.json").write_text(json.dumps(bench_record()))
+    (out / "benchmark.md").write_text("# Benchmarks\n\nmachine: x\n\n## Training step\n\n| a |\n|---|\n| 1 |\n")
+    text, status = gpu_check.render(out, "cuda")
+    assert status == 1 and "**1 of 10 steps failed or did not run**: tests" in text
+    assert text.startswith("# GPU check on 1 x NVIDIA H200")
+    assert "| GPUs | 0: NVIDIA H200 (sm_90, 143771 MiB, 132 SMs) |" in text
+    assert "| NVIDIA driver | 580.65 |" in text and "| CUDA / cuDNN / NCCL | 13.0 / 91000 / 2.27.3 |" in text
+    assert "| pydensecrf | not installed |" in text
+    assert "300 MiB: train.py's default 8 workers need about 512: do NOT fit" in text
+    assert "classifier `resnet38_eps` from scratch, crop 96, batch 8, 20 iterations" in text
+    assert "| train | pass | 20 | 20 iterations, loss 0.800, 250.0 img/s, 0.032 s/it (last window), peak 5100 MB |" in text
+    assert "0.123 s/image" in text and "pseudo-mask mIoU 12.3" in text
+    assert "| infer_seg | pass | 9 | 0.050 s/image, val mIoU 5.0 |" in text
+    assert "| tests | FAIL | 50 | 1 passed, 1 FAILED, 1 skipped; exit 1: FAILED" in text
+    assert "| test_pinned_memory_loading | FAILED | 2 | AssertionError: not pinned |" in text
+    assert "| VOC | classifier, train.py (defaults: NCHW fp32) | 20000 | 0.5 | GPU | 2h47m |" in text
+    assert "fits one 24 GB GPU: **yes**" in text
+    assert "### Training step" in text and "# Benchmarks" not in text

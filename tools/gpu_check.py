@@ -27,6 +27,7 @@ import os
 import pkgutil
 import platform
 import re
+import shutil
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils.cli import run_cli  # noqa: E402
+from utils.device import SHM_PER_WORKER_MB  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 # Full recipes (docs/training.md, docs/segmentation.md, docs/pipelines.md; list sizes from
@@ -112,6 +114,8 @@ def collect_env() -> dict:
            "platform": platform.platform(), "cores": os.cpu_count(),
            "torch": torch.__version__, "packages": package_versions()}
     env["cuda_env"] = cuda_environment()
+    if os.path.isdir("/dev/shm"):
+        env["shm_free_mib"] = round(shutil.disk_usage("/dev/shm").free / 2 ** 20)
     return env
 
 
@@ -373,6 +377,13 @@ def environment_section(env: Optional[dict], device: str) -> str:
     rows += [{"": "torch", " ": f"{env.get('torch')} (built for CUDA {c.get('torch_cuda')})"},
              {"": "Python", " ": f"{env.get('python')} on {env.get('platform')}, {env.get('cores')} CPU cores"}]
     rows += [{"": name, " ": v or "not installed"} for name, v in pk.items()]
+    shm = env.get("shm_free_mib")
+    if shm is not None:
+        need = TRAIN_WORKERS * SHM_PER_WORKER_MB
+        rows.append({"": "/dev/shm free", " ": f"{shm} MiB: train.py's default {TRAIN_WORKERS} "
+                     f"workers need about {need}: " + ("fit" if shm >= need else
+                                                       "do NOT fit (start the container with "
+                                                       "--shm-size=8g or --ipc=host)")})
     fails = env.get("import_failures") or {}
     rows.append({"": "project modules", " ": "all import" if not fails else
                  f"{len(fails)} fail: " + "; ".join(f"{k}: {v}" for k, v in fails.items())})

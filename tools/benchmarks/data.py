@@ -12,9 +12,10 @@ folder):
 "1 worker" is measured in this process with one torch thread, which is what a DataLoader worker
 runs with (torch sets 1 thread in workers); the first batch / items are warm-up. The files were
 just written, so they come from the page cache: a cold disk or a network file system can be
-slower. The real loader with W = min(8, cores) worker processes is measured too (batches after
-the first, so worker start-up is excluded): its ratio to W x the 1-worker rate shows how well
-workers scale on this machine (inter-process copies, collation, free cores).
+slower. The real loader with W = min(8, cores, what /dev/shm has room for) worker processes is
+measured too (batches after the first, so worker start-up is excluded): its ratio to W x the
+1-worker rate shows how well workers scale on this machine (inter-process copies, collation,
+free cores).
 
 Headroom = (workers x 1-worker rate) / what the GPU consumes, at each entry point's default
 worker count (train.py --num_workers 8, infer.py --num-workers 2). The GPU's rate comes from
@@ -26,6 +27,7 @@ assumes that many free cores per GPU process (K GPUs with 8 workers each need 8K
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -148,6 +150,15 @@ def infer_rates(info, root: Path, ids, n_items: int, workers: int, pin: bool):
     return dataset, one, many
 
 
+def shm_workers(path: str = "/dev/shm") -> int:
+    """How many workers /dev/shm has room for (workers hand batches over through it; a
+    container's default 64 MB is a bus error with several, utils/device.check_shared_memory)."""
+    from utils.device import SHM_PER_WORKER_MB
+    if not os.path.isdir(path):
+        return TRAIN_WORKERS
+    return int(shutil.disk_usage(path).free / 2 ** 20 // SHM_PER_WORKER_MB)
+
+
 # ------------------------------------------------------------------------------------------------
 # what the GPU consumes
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +210,7 @@ def run(args):
     n_images = 16 if quick else 64
     n_batches = 1 if quick else 4            # per worker, of 8 images
     n_items = 3 if quick else 12             # inference items per worker
-    workers = max(1, min(TRAIN_WORKERS, os.cpu_count() or 1))
+    workers = max(1, min(TRAIN_WORKERS, os.cpu_count() or 1, shm_workers()))
     pin = torch.cuda.is_available() and getattr(args, "device", "cpu") != "cpu"  # as train.py on a GPU
     rows: List[Dict] = []
     train_name = f"train: ClsSalDataset, crop {VOC_CROP}, resize {VOC_RESIZE[0]}-{VOC_RESIZE[1]}"
