@@ -1,15 +1,22 @@
 """Benchmarks: one command that measures the project's speed targets and prints markdown tables.
 
-    python tools/benchmark.py                 # every section
-    python tools/benchmark.py --only eval     # one section
+    python tools/benchmark.py                          # every section, CPU rows
+    python tools/benchmark.py --only eval              # one section
+    python tools/benchmark.py --device cuda --json b.json   # CUDA rows, also as JSON
 
 Each section is a function ``run(args) -> (title, rows)`` in ``tools/benchmarks/<name>.py``;
-rows are dicts with the same keys, printed as one markdown table. Targets live here, never in
-timed unit tests.
+rows are dicts, printed as one markdown table per section. ``--device cpu`` (default) runs the
+CPU rows, ``cuda`` the CUDA rows only (a one-line error without a usable GPU), ``all`` both
+(CUDA when present). The "eval" section measures the evaluator, which always runs on the CPU:
+it runs for cpu/all. The "data" section measures DataLoader workers (CPU processes) against
+what the GPU consumes: it runs for every --device and, run after "train" and "infer", reads
+their CUDA rows (``args.results``). Timing and memory rules: tools/benchmarks/measure.py.
+Targets live here, never in timed unit tests.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -22,7 +29,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from tools.benchmarks import SECTIONS  # noqa: E402
+from tools.benchmarks.measure import cuda_environment  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.io import atomic_write_text  # noqa: E402
 
 
 def markdown_table(rows) -> str:
@@ -41,37 +50,66 @@ def markdown_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_header(threads: int) -> str:
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+def machine_header(threads: int, env: dict) -> str:
+    if env.get("cuda"):
+        gpus = "; ".join(f"{g['name']} (sm_{g['capability'].replace('.', '')}, "
+                         f"{g['memory_mib']} MiB)" for g in env["gpus"])
+        cuda = (f"CUDA devices: {gpus}; driver {env.get('driver') or 'unknown'}, CUDA "
+                f"{env['cuda']}, cuDNN {env['cudnn']}")
+    else:
+        cuda = f"CUDA device: none ({env.get('why')})"
     return (f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
-            f"torch {torch.__version__}; threads {threads}; CUDA device: {cuda}\n")
+            f"torch {torch.__version__}; threads {threads}; {cuda}\n")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("EPS benchmarks", add_help=False)
-    p.add_argument("--only", type=str, nargs="*", default=None, choices=sorted(SECTIONS),
-                   help="sections to run (default: all)")
+    p.add_argument("--only", type=str, nargs="*", default=None, choices=list(SECTIONS),
+                   help=f"sections to run, in this order: {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch CPU threads (default: torch's default)")
     p.add_argument("--device", type=str, default="cpu", choices=["cpu", "cuda", "all"],
-                   help="where to run the model benchmarks; 'all' adds CUDA when present")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repetitions and smaller inputs (a smoke run, not a measurement)")
+                   help="rows to run: cpu, cuda (an error without a usable GPU) or all (CUDA "
+                        "rows when a GPU is usable)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="fewer repetitions and smaller inputs on the CPU, fewer variants on CUDA "
+                        "(a smoke run, not a measurement)")
+    p.add_argument("--gpu-images-per-s", "--gpu_images_per_s", dest="gpu_images_per_s",
+                   type=float, default=None,
+                   help="data section: the training images/s the GPU consumes, for the headroom "
+                        "of the data-loading workers (default: the train section's CUDA rows at "
+                        "batch 8, crop 448, when it runs first)")
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write every row as JSON here, rewritten after each section (a "
+                        "section that fails or is killed keeps the earlier ones)")
     return p
 
 
 def main(args):
+    from tools.benchmarks.measure import bench_devices
+
+    bench_devices(args.device)  # --device cuda without a usable GPU: one line, before any work
     torch.set_num_threads(args.threads)
-    text = "# Benchmarks\n\n" + machine_header(args.threads) + "\n"
+    env = cuda_environment()
+    text = "# Benchmarks\n\n" + machine_header(args.threads, env) + "\n"
     print(text, end="", flush=True)
-    for name in (args.only or list(SECTIONS)):
+    args.results = {}  # rows of the sections run so far, for later sections (data)
+    record = {"machine": {"arch": platform.machine(), "cores": os.cpu_count(),
+                          "threads": args.threads, **env},
+              "args": {"device": args.device, "quick": args.quick}, "sections": {}}
+    # Registry order whatever the order on the command line: "data" reads "train" and "infer".
+    for name in [n for n in SECTIONS if args.only is None or n in args.only]:
         title, rows = SECTIONS[name](args)
+        args.results[name] = rows
         block = f"## {title}\n\n{markdown_table(rows)}\n"
         print(block, end="", flush=True)
         text += block
-    if args.out:
-        args.out.write_text(text)
+        record["sections"][name] = {"title": title, "rows": rows}
+        if args.json:
+            atomic_write_text(args.json, json.dumps(record, indent=1, default=str) + "\n")
+        if args.out:
+            atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Benchmark sections, registered explicitly: name -> run(args) -> (title, rows)."""
+"""Benchmark sections, registered explicitly: name -> run(args) -> (title, rows). They run in
+this order: "data" compares the DataLoader workers with the CUDA rows of "train" and "infer"."""
+from tools.benchmarks import data as data_bench
 from tools.benchmarks import eval as eval_bench
 from tools.benchmarks import infer as infer_bench
 from tools.benchmarks import network as network_bench
@@ -11,4 +13,5 @@ SECTIONS = {
     "train": train_bench.run,
     "infer": infer_bench.run,
     "seg": seg_bench.run,
+    "data": data_bench.run,
 }

@@ -70,6 +70,8 @@ def _timed(fn):
 
 
 def run(args):
+    if getattr(args, "device", "cpu") == "cuda":  # the evaluator has no CUDA rows
+        return "Evaluator", [{"task": "skipped: evaluate.py runs on the CPU (--device cpu or all)"}]
     n = 40 if getattr(args, "quick", False) else 200
     n_cam = 20 if getattr(args, "quick", False) else 100
     rows = []

@@ -55,6 +55,9 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
+    if device.type == "cuda":  # the entry points' numerics: strict fp32 (no TF32), no autotuning
+        from utils.device import configure_numerics
+        configure_numerics(device)
     torch.manual_seed(0)
     # Each network's default freezing: published for the ResNets, BN trained for the small net.
     model = build_network(cfg["network"], 20, checkpointing=cfg["checkpointing"])
@@ -120,14 +123,9 @@ def _run_worker(cfg: dict) -> dict:
 
 
 def _devices(args) -> list:
-    import torch
+    from tools.benchmarks.measure import bench_devices
 
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append("cpu")
-    if args.device in ("cuda", "all") and torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
+    return [d.type for d in bench_devices(args.device)]
 
 
 def run(args):

@@ -1,10 +1,19 @@
-"""Benchmark section "seg": DeepLab-v2 inference seconds per image at VOC size (500x375).
+"""Benchmark section "seg": DeepLab-v2 (ResNet-101, MSC) inference seconds per image at VOC size
+(500x375) and one training iteration of the published recipe.
 
 What infer_seg.py does per image: the MSC network (scales 1, 0.75, 0.5, pixel-wise max), bilinear
 upsampling to the image and softmax, then optionally the dense CRF (DeepLab parameters, 21 labels,
-10 iterations). Weights are random (timing does not depend on them). The full run measures the
-published ResNet-101 in NCHW and channels_last; --quick uses a quarter-size image and one
-repetition (a smoke run, not a measurement). VOC val (1,449 images) takes about
+10 iterations; on the CPU whatever the network's device). What train_seg.py does per iteration:
+--iter-size micro-batches of --batch-size crops (forward of the 4 MSC outputs, the summed CE,
+backward), then one SGD step; published 5 x 2 at crop 321, fp32, cudnn.benchmark on. Weights
+are random (timing does not depend on them).
+
+CPU: the published ResNet-101 in NCHW and channels_last, and a training iteration at batch 1,
+crop 161 (--quick: a quarter-size image, crop 65, one network layout); 3 repetitions after one
+warm-up (1 with --quick). CUDA (tools/benchmarks/measure.py): 2 warm-up calls, then >= 5 calls
+each between two torch.cuda.synchronize calls, median and min, peak memory above what was held
+before; the inference also at COCO's typical 640x480, the training iteration at the published
+5 x 2 / crop 321 in fp32 and with --amp bf16. VOC val (1,449 images) takes about
 1,449 x (network + CRF) seconds per process.
 """
 from __future__ import annotations
@@ -16,54 +25,109 @@ import torch
 
 from infer_seg import crf_labels, predict_probs
 from network.deeplab import build_deeplab
+from tools.benchmarks.measure import (CUDA_REPS, CUDA_WARMUP, PeakMemory, bench_devices, free_cuda,
+                                      oom_errors, time_calls)
+from train_seg import BATCH_SIZE, ITER_SIZE, seg_loss
+from utils.optim import build_optimizer
 
 FULL = (375, 500)   # a typical VOC image (H, W)
+COCO = (480, 640)   # a typical COCO image
 QUICK = (94, 125)
 N_CLASSES = 21
+VOC_VAL = 1449
 
 
-def _devices(args):
-    want = getattr(args, "device", "cpu")
-    devs = ["cpu"] if want in ("cpu", "all") else []
-    if want in ("cuda", "all") and torch.cuda.is_available():
-        devs.append("cuda")
-    return devs
+def _infer_row(model, device, h, w, fmt, warmup, reps, variant, reserved=False):
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    model.to(memory_format=mf)
+    x = (torch.randn(1, 3, h, w, device=device) * 50).contiguous(memory_format=mf)
+    timing, peak = time_calls(lambda: predict_probs(model, x), device, warmup, reps)
+    row = {"stage": "DeepLab-v2 R101 MSC (3 scales), infer_seg.py", "input": f"{h}x{w}",
+           "variant": variant, "device": device.type, "format": fmt, "threads": torch.get_num_threads(),
+           "sec": timing.median, "min sec": timing.min, "reps": timing.reps,
+           "VOC val (1449) min": VOC_VAL * timing.median / 60, "peak MB": peak.alloc_mb}
+    if reserved:
+        row["peak reserved MB"] = peak.reserved_mb
+    return row
 
 
-def _time_net(model, x, reps: int, device: str) -> float:
-    predict_probs(model, x)  # warm-up (allocations, cudnn autotune)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        predict_probs(model, x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+def _train_row(device, crop, batch, iter_size, amp, warmup, reps):
+    """One train_seg.py iteration (its loss and optimizer) on random crops and labels."""
+    torch.manual_seed(0)
+    with PeakMemory(device) as peak:
+        model = build_deeplab("deeplabv2_resnet101", N_CLASSES).to(device).train()
+        opt = build_optimizer(model.get_parameter_groups(), 2.5e-4, 5e-4, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(batch, 3, crop, crop, generator=g) * 50).to(device)
+        y = torch.randint(0, N_CLASSES, (batch, crop, crop), generator=g).to(device)
+        dtype = {"bf16": torch.bfloat16}.get(amp)
+
+        def iteration():
+            opt.zero_grad(set_to_none=True)
+            for _ in range(iter_size):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = model(x)
+                loss, _ = seg_loss(out, y)
+                (loss / iter_size).backward()
+            opt.step()
+
+        timing, _ = time_calls(iteration, device, warmup, reps, memory=False)
+    del model, opt
+    flags = "train_seg.py (defaults)" + (f" --amp {amp}" if amp != "off" else "")
+    row = {"stage": f"DeepLab-v2 R101 training iteration, {flags}",
+           "input": f"{batch}x{iter_size} x {crop}x{crop}", "device": device.type,
+           "format": "nchw", "threads": torch.get_num_threads(), "sec": timing.median,
+           "min sec": timing.min, "reps": timing.reps, "peak MB": peak.alloc_mb,
+           "variant": "train" if amp == "off" else f"train_{amp}",
+           "20k iterations (h)": 20000 * timing.median / 3600}
+    if device.type == "cuda":
+        row["peak reserved MB"] = peak.reserved_mb
+    return row
 
 
 def run(args):
     quick = getattr(args, "quick", False)
-    h, w = QUICK if quick else FULL
-    reps = 1 if quick else 3
     rows = []
     torch.manual_seed(0)
-    for device in _devices(args):
-        if device == "cuda":
-            torch.backends.cudnn.benchmark = True  # as published
+    for device in bench_devices(getattr(args, "device", "cpu")):
+        cuda = device.type == "cuda"
+        if cuda:
+            from utils.device import configure_numerics
+            configure_numerics(device, cudnn_benchmark=True)  # as published (and train_seg.py)
+            warmup, reps = CUDA_WARMUP, CUDA_REPS if quick else 2 * CUDA_REPS
+        else:
+            warmup, reps = 1, 1 if quick else 3
+        h, w = QUICK if quick else FULL
         model = build_deeplab("deeplabv2_resnet101", N_CLASSES).eval().to(device)
-        x = torch.randn(1, 3, h, w, device=device) * 50
-        formats = ["nchw", "channels_last"] if not quick else ["nchw"]
-        for fmt in formats:
-            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-            model.to(memory_format=mf)
-            sec = _time_net(model, x.contiguous(memory_format=mf), reps, device)
-            rows.append({"stage": "DeepLab-v2 R101 MSC (3 scales)", "input HxW": f"{h}x{w}",
-                         "device": device, "format": fmt, "threads": torch.get_num_threads(),
-                         "sec/image": round(sec, 3),
-                         "VOC val (1449) min": round(1449 * sec / 60, 1)})
+        for fmt in (["nchw"] if quick else ["nchw", "channels_last"]):
+            rows.append(_infer_row(model, device, h, w, fmt, warmup, reps,
+                                   "infer" if fmt == "nchw" else "infer_cl", reserved=cuda))
+        if cuda and not quick:
+            rows.append(_infer_row(model, device, *COCO, "nchw", warmup, reps, "infer_coco",
+                                   reserved=True))
         del model
+        free_cuda(device)
+        if cuda:
+            settings = [(321, BATCH_SIZE, ITER_SIZE, amp) for amp in ("off", "bf16")]
+        else:
+            settings = [(65 if quick else 161, 1, 1, "off")]
+        for crop, batch, iter_size, amp in settings:
+            try:
+                if cuda:
+                    configure_numerics(device, cudnn_benchmark=True, amp=amp)
+                rows.append(_train_row(device, crop, batch, iter_size, amp, warmup, reps))
+            except oom_errors() as e:
+                rows.append({"stage": f"DeepLab-v2 training, --amp {amp}", "device": device.type,
+                             "error": "out of memory: " + str(e).splitlines()[0][:80]})
+            except Exception as e:  # noqa: BLE001 - e.g. bf16 refused on a pre-Ampere GPU
+                rows.append({"stage": f"DeepLab-v2 training, --amp {amp}", "device": device.type,
+                             "error": (str(e).splitlines() or [type(e).__name__])[0][:120]})
+            free_cuda(device)
+        if cuda:
+            configure_numerics(device)
     # CRF runs on the CPU whatever the network device is.
+    h, w = QUICK if quick else FULL
+    reps = 1 if quick else 3
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(N_CLASSES), size=(h, w)).transpose(2, 0, 1).astype(np.float32)
     rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -73,9 +137,9 @@ def run(args):
         for _ in range(reps):
             crf_labels(rgb, probs, "rgb")
         sec = (time.perf_counter() - t) / reps
-        rows.append({"stage": "dense CRF (DeepLab params, 10 it)", "input HxW": f"{h}x{w}",
-                     "device": "cpu", "format": "-", "threads": 1, "sec/image": round(sec, 3),
-                     "VOC val (1449) min": round(1449 * sec / 60, 1)})
+        rows.append({"stage": "dense CRF (DeepLab params, 10 it), one process", "input": f"{h}x{w}",
+                     "device": "cpu", "format": "-", "threads": 1, "sec": sec, "reps": reps,
+                     "variant": "crf", "VOC val (1449) min": VOC_VAL * sec / 60})
     except ImportError as e:
-        rows.append({"stage": f"dense CRF skipped ({e})", "input HxW": f"{h}x{w}"})
-    return "Segmentation inference (DeepLab-v2, seconds per image)", rows
+        rows.append({"stage": f"dense CRF skipped ({e})", "input": f"{h}x{w}", "variant": "crf"})
+    return "Segmentation (DeepLab-v2): inference seconds per image, training iteration", rows

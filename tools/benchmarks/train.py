@@ -4,25 +4,33 @@ synthetic batches, for ResNet-38 and the small backbone.
 Rows compare a straightforward re-implementation of the published loop (NCHW, fp32, the
 published EPS loss formulation with boolean-mask indexing, PolyOptimizer semantics, a
 ``loss.item()`` per step) with train.py's step (the head's ``losses`` + ``set_poly_lr``) under
-its flags: channels_last (same fp32 math), AMP (bf16 / fp16) and trunk checkpointing.
-``speedup`` is the published loop's median step time over the row's, measured in the same
-process, interleaved rep by rep to share the machine's noise; on the CPU ``cpu_s`` /
-``speedup_cpu`` use the CPU seconds of all threads instead, which other load on a shared machine
-disturbs much less than wall time. "train.py NCHW fp32" is the identical-math comparison.
-Data loading is excluded (the published pipeline runs in DataLoader workers). Peak memory of a
-row: above what was allocated before its model was built (CUDA max_memory_allocated; on the CPU
-the peak RSS, VmHWM reset through /proc/self/clear_refs; blank where that is not allowed), so it
-covers the model, its gradients and the step's activations.
+its flags, named in the ``flags`` column exactly as they are passed to train.py.
+``speedup`` is the published loop's median step time over the row's. "train.py (defaults)" is
+the identical-math comparison. Data loading is excluded (the published pipeline runs in
+DataLoader workers; the "data" section measures what they supply).
 
-    python tools/benchmark.py --only train [--quick] [--device all]
+CPU rows (small backbone and ResNet-38 at small crops): the variants are built first and timed
+round-robin, rep by rep, so that load changes on a shared machine hit all of them alike;
+``cpu_s`` / ``speedup_cpu`` use the CPU seconds of all threads, which other load disturbs much
+less than wall time. ``peak_alloc_mb``: growth of the peak resident set while the row's model
+was built and warmed up (model, gradients, momentum, one step's activations).
+
+CUDA rows (ResNet-38 EPS at the VOC recipe's batch 8 / crop 448 and the COCO recipe's
+batch 16 / crop 321): one variant at a time, with the numerics train.py sets for those flags
+(utils.device.configure_numerics: TF32 off unless ``--tf32``, cudnn.benchmark off unless
+``--cudnn-benchmark``), 2 warm-up steps, then >= 5 steps each between two
+torch.cuda.synchronize calls (tools/benchmarks/measure.py); median and min. Memory from an
+empty allocator: ``peak_alloc_mb`` (tensors: weights, gradients, momentum, activations),
+``peak_reserved_mb`` (what the caching allocator took) and ``gpu_need_mb`` = reserved + the CUDA
+context and library workspaces, the number to compare with a GPU's memory. A variant that does
+not fit is a row with its error, not a crash.
+
+    python tools/benchmark.py --only train [--quick] [--device cpu|cuda|all]
 """
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the top-level train.py, not this file
@@ -31,6 +39,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from network import build_network  # noqa: E402
+from tools.benchmarks.measure import (CUDA_REPS, CUDA_WARMUP, PeakMemory, Timing,  # noqa: E402
+                                      bench_devices, cuda_overhead_mb, free_cuda, oom_errors,
+                                      time_calls)
 from utils.optim import build_optimizer, set_poly_lr  # noqa: E402
 
 NUM_CLASSES = 20
@@ -117,45 +128,8 @@ class OurLoop:
 
 
 # ---------------------------------------------------------------------------------------------
-# measurement
+# rows
 # ---------------------------------------------------------------------------------------------
-def _proc_status_mb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def _reset_peak(device):
-    """Start a peak-memory window; returns the baseline (MB) or None when not measurable.
-    The earlier rows' models stay alive, so a row reports its peak ABOVE this baseline."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) of this process to the current RSS
-        return _proc_status_mb("VmRSS")
-    except OSError:
-        return None
-
-
-def _peak_mb(device, baseline):
-    if baseline is None:
-        return None
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20 - baseline
-    peak = _proc_status_mb("VmHWM")
-    return None if peak is None else peak - baseline
-
-
-def _cpu_seconds():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _batch(n, crop, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(n, 3, crop, crop, generator=g)
@@ -179,76 +153,135 @@ def _make(arch, variant, device):
         (torch.channels_last if cl else torch.contiguous_format)
 
 
-def _time_rows(arch, crop, batch, variants, device, warmup, reps):
-    """Build every variant, then time them round-robin (rep by rep) so that load changes on a
-    shared machine hit all variants alike; median step time per variant."""
+def _step_fn(loop, x, sal, label):
+    def step():
+        out = loop.step(x, sal, label)
+        if isinstance(out, torch.Tensor):
+            out.item()  # count the same host sync in both loops (the published one reads it)
+    return step
+
+
+def _row(device, arch, crop, batch, v, timing: Timing, warmup, base_median, base_cpu=None):
+    step = timing.median
+    row = {"device": device.type, "network": f"{arch}_eps", "crop": crop, "batch": batch,
+           "variant": v["id"], "flags": v["flags"], "step_s": step, "min_s": timing.min,
+           "reps": timing.reps, "warmup": warmup, "images_per_s": batch / step,
+           "speedup": base_median / step if base_median else None}
+    if device.type == "cpu":  # CPU seconds of all threads: robust to other load on the machine
+        cpu = timing.cpu_median
+        row.update(cpu_s=cpu, speedup_cpu=base_cpu / cpu if base_cpu else None)
+    return row
+
+
+def _cpu_rows(arch, crop, batch, variants, warmup, reps):
+    """Build every variant (peak memory of build + warm-up), then time them round-robin."""
+    device = torch.device("cpu")
     img, sal, label = _batch(batch, crop, device)
-    loops, times, peaks = [], [[] for _ in variants], []
+    steps, peaks = [], []
     for v in variants:
-        ok = _reset_peak(device)
-        loop, mf = _make(arch, v, device)
-        x = img.contiguous(memory_format=mf)
-        for _ in range(warmup):
-            loop.step(x, sal, label)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        peaks.append(_peak_mb(device, ok))
-        loops.append((loop, x))
-    cpu_times = [[] for _ in variants]
+        with PeakMemory(device) as peak:
+            loop, mf = _make(arch, v, device)
+            step = _step_fn(loop, img.contiguous(memory_format=mf), sal, label)
+            for _ in range(warmup):
+                step()
+        steps.append(step)
+        peaks.append(peak.alloc_mb)
+    timings = [Timing() for _ in variants]
     for _ in range(reps):
-        for i, (loop, x) in enumerate(loops):
-            t, c = time.perf_counter(), _cpu_seconds()
-            out = loop.step(x, sal, label)
-            if isinstance(out, torch.Tensor):
-                out.item()  # count the same host sync in both loops
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[i].append(time.perf_counter() - t)
-            cpu_times[i].append(_cpu_seconds() - c)
-    base = statistics.median(times[0])
-    base_cpu = statistics.median(cpu_times[0])
+        for step, timing in zip(steps, timings):
+            timing.add(step, device)
+    base, base_cpu = timings[0].median, timings[0].cpu_median
     rows = []
-    for v, ts, cs, peak in zip(variants, times, cpu_times, peaks):
-        step, cpu = statistics.median(ts), statistics.median(cs)
-        row = {"device": device.type, "network": f"{arch}_eps", "crop": crop, "batch": batch,
-               "loop": v["name"], "step_s": step, "images_per_s": batch / step,
-               "speedup": base / step}
-        if device.type == "cpu":  # CPU seconds of all threads: robust to other load on the machine
-            row.update(cpu_s=cpu, speedup_cpu=base_cpu / cpu)
-        row["peak_mem_mb"] = peak
+    for v, timing, peak in zip(variants, timings, peaks):
+        row = _row(device, arch, crop, batch, v, timing, warmup, base, base_cpu)
+        row["peak_alloc_mb"] = peak
         rows.append(row)
     return rows
 
 
+def _cuda_rows(arch, crop, batch, variants, device, warmup, reps):
+    """One variant at a time from an empty allocator, with train.py's numerics for its flags."""
+    from utils.device import configure_numerics
+
+    img, sal, label = _batch(batch, crop, device)
+    rows, base = [], None
+    for v in variants:
+        free_cuda(device)
+        try:
+            configure_numerics(device, tf32=v.get("tf32", False),
+                               cudnn_benchmark=v.get("cudnn_benchmark", False),
+                               amp=v.get("amp", "off"))
+            with PeakMemory(device) as peak:
+                loop, mf = _make(arch, v, device)
+                timing, _ = time_calls(_step_fn(loop, img.contiguous(memory_format=mf), sal, label),
+                                       device, warmup, reps, memory=False)
+            del loop
+        except oom_errors() as e:
+            rows.append({"device": device.type, "network": f"{arch}_eps", "crop": crop,
+                         "batch": batch, "variant": v["id"], "flags": v["flags"],
+                         "error": "out of memory: " + str(e).splitlines()[0][:80]})
+            continue
+        except Exception as e:  # noqa: BLE001 - e.g. bf16 refused on a pre-Ampere GPU
+            rows.append({"device": device.type, "network": f"{arch}_eps", "crop": crop,
+                         "batch": batch, "variant": v["id"], "flags": v["flags"],
+                         "error": (str(e).splitlines() or [type(e).__name__])[0][:120]})
+            continue
+        if v["loop"] == "published":
+            base = timing.median
+        row = _row(device, arch, crop, batch, v, timing, warmup, base)
+        overhead = cuda_overhead_mb(device)
+        row.update(peak_alloc_mb=peak.alloc_mb, peak_reserved_mb=peak.reserved_mb,
+                   gpu_need_mb=peak.reserved_mb + overhead if overhead is not None else None)
+        rows.append(row)
+    free_cuda(device)
+    configure_numerics(device)  # leave train.py's default numerics for the next section
+    return rows
+
+
+PUBLISHED = {"id": "published", "flags": "published loop (NCHW fp32)", "loop": "published"}
+DEFAULT = {"id": "default", "flags": "train.py (defaults: NCHW fp32)", "loop": "ours"}
 CPU_VARIANTS = [
-    {"name": "published (NCHW fp32)", "loop": "published"},
-    {"name": "train.py NCHW fp32", "loop": "ours"},
-    {"name": "train.py channels_last fp32", "loop": "ours", "channels_last": True},
-    {"name": "train.py bf16 autocast", "loop": "ours", "amp": "bf16"},
-    {"name": "train.py fp32 + checkpointing", "loop": "ours", "checkpointing": True},
+    PUBLISHED, DEFAULT,
+    {"id": "channels_last", "flags": "--channels-last", "loop": "ours", "channels_last": True},
+    {"id": "bf16", "flags": "--amp bf16", "loop": "ours", "amp": "bf16"},
+    {"id": "checkpointing", "flags": "--checkpointing", "loop": "ours", "checkpointing": True},
 ]
+BF16_CL = {"id": "bf16_cl", "flags": "--amp bf16 --channels-last", "loop": "ours", "amp": "bf16",
+           "channels_last": True}
 CUDA_VARIANTS = CPU_VARIANTS[:3] + [
-    {"name": "train.py channels_last bf16", "loop": "ours", "channels_last": True, "amp": "bf16"},
-    {"name": "train.py channels_last fp16", "loop": "ours", "channels_last": True, "amp": "fp16"},
-    {"name": "train.py channels_last + checkpointing", "loop": "ours", "channels_last": True,
-     "checkpointing": True},
+    {"id": "tf32", "flags": "--tf32", "loop": "ours", "tf32": True},
+    CPU_VARIANTS[3],
+    BF16_CL,
+    {"id": "bf16_cl_bench", "flags": "--amp bf16 --channels-last --cudnn-benchmark", "loop": "ours",
+     "amp": "bf16", "channels_last": True, "cudnn_benchmark": True},
+    {"id": "fp16_cl", "flags": "--amp fp16 --channels-last", "loop": "ours", "amp": "fp16",
+     "channels_last": True},
+    CPU_VARIANTS[4],
 ]
+# The recipes the projections of the GPU check need (docs/training.md): VOC batch 8 / crop 448,
+# COCO batch 16 / crop 321.
+VOC_RECIPE, COCO_RECIPE = (448, 8), (321, 16)
 
 
 def run(args):
     quick = getattr(args, "quick", False)
     rows = []
-    warmup, reps = (1, 2) if quick else (2, 7)
-    if args.device in ("cpu", "all"):
-        cpu = torch.device("cpu")
-        variants = CPU_VARIANTS[:3] if quick else CPU_VARIANTS
-        rows += _time_rows("small", 64 if quick else 96, 8, variants, cpu, warmup, reps)
-        rows += _time_rows("resnet38", 64 if quick else 128, 1 if quick else 2, variants, cpu,
-                           warmup, reps)
-    if args.device in ("cuda", "all") and torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        crop, batch = (224, 4) if quick else (448, 8)
-        rows += _time_rows("resnet38", crop, batch, CUDA_VARIANTS, gpu, warmup, reps if not quick else 3)
+    for device in bench_devices(args.device):
+        if device.type == "cpu":
+            warmup, reps = (1, 2) if quick else (2, 7)
+            variants = CPU_VARIANTS[:3] if quick else CPU_VARIANTS
+            rows += _cpu_rows("small", 64 if quick else 96, 8, variants, warmup, reps)
+            rows += _cpu_rows("resnet38", 64 if quick else 128, 1 if quick else 2, variants,
+                              warmup, reps)
+        else:
+            reps = CUDA_REPS if quick else 2 * CUDA_REPS
+            crop, batch = VOC_RECIPE
+            variants = [PUBLISHED, DEFAULT, BF16_CL] if quick else CUDA_VARIANTS
+            rows += _cuda_rows("resnet38", crop, batch, variants, device, CUDA_WARMUP, reps)
+            if not quick:
+                crop, batch = COCO_RECIPE
+                rows += _cuda_rows("resnet38", crop, batch, [DEFAULT, BF16_CL], device,
+                                   CUDA_WARMUP, reps)
     return "Training step (train.py vs the published loop)", rows
 
 
