@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 logger = logging.getLogger("progress")
 
-DEFAULT_INTERVAL_S = 20.0
+DEFAULT_INTERVAL_S = 10.0
 
 
 def format_duration(seconds: float) -> str:
