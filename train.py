@@ -34,18 +34,17 @@ from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
 from network.weights import load_initial_weights, record_network
 from utils import dist
-from utils.checkpoint import (changed_settings, check_ranks_agree, load_training_state,
-                              restore_training_state, save_training_state)
+from utils.checkpoint import (changed_settings, check_ranks_agree, open_run_dir,
+                              restore_training_state, save_training_state, start_run)
 from utils.cli import run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import remove_stale_temps, torch_save
+from utils.io import torch_save
 from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
-from utils.run import (JsonlLogger, check_writable, close_file_log, peak_memory_mb,
-                       resolve_resume, setup_logging, trim_metrics, write_run_info)
+from utils.run import JsonlLogger, close_file_log, peak_memory_mb, setup_logging, write_run_info
 from utils.sampler import seeded_loader
 
 logger = logging.getLogger("train")
@@ -279,28 +278,14 @@ def main(args):
     check_inputs(args, info, network_parts(args.network)[1])
     check_shared_memory(args.num_workers)
     run_dir = Path(args.save_root) / args.session
-    resume_path = resolve_resume(run_dir, args.resume, FINAL_NAME, LAST_NAME,
-                                 dir_flag="--session/--save_root")
-    check_writable(run_dir, "--save_root")
-    ckpt = (load_training_state(resume_path, {"network": args.network, "dataset": args.dataset},
-                                "train.py") if resume_path else None)
-    start_iter = int(ckpt["iter"]) if ckpt else 0
-    if start_iter > args.max_iters:
-        # The loop would not run and the weights of iteration start_iter would be saved as a
-        # run of --max_iters iterations.
-        raise TrainingError(f"--resume {resume_path} is at iteration {start_iter}, beyond "
-                            f"--max_iters {args.max_iters}; pass --max_iters {start_iter} or more "
-                            f"(the run's own value is in {run_dir / 'args.json'})")
-    if (run_dir / FINAL_NAME).exists() and ckpt is not None:
-        if start_iter >= args.max_iters:
-            if dist.is_main_process():
-                remove_stale_temps(run_dir, min_age_s=0)
-            logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
-            return run_dir
-        if not args.extend:
-            raise TrainingError(f"{run_dir} finished at iteration {start_iter}; to train it "
-                                f"further to --max_iters {args.max_iters} pass --extend (the "
-                                f"finished {FINAL_NAME} is kept), or choose another --session")
+    run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
+                    expect={"network": args.network, "dataset": args.dataset}, writer="train.py",
+                    max_iters=args.max_iters, extend=args.extend, dir_flag="--session/--save_root",
+                    iters_flag="--max_iters", root_flag="--save_root")
+    if run.finished:
+        logger.info("%s is finished (iteration %d); nothing to do", run_dir, run.start_iter)
+        return run_dir
+    ckpt, start_iter = run.ckpt, run.start_iter
 
     # 2. model (same seed on every rank; DDP also broadcasts rank 0's weights)
     random.seed(args.seed)
@@ -321,14 +306,7 @@ def main(args):
                            num_workers=args.num_workers, pin_memory=pin_memory(device))
 
     # 4. run directory
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Only this run writes into its run directory, so any temporary file there is left by
-        # a killed predecessor (utils/io.py atomic_path), however recent.
-        remove_stale_temps(run_dir, min_age_s=0)
-        if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
-            (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_cls_iter{start_iter}.pth")
-    dist.barrier()
+    open_run_dir(run_dir, FINAL_NAME, start_iter)
     setup_logging(run_dir / "log.txt")
     try:
         write_run_info(run_dir, args, numerics=numerics)
@@ -337,7 +315,7 @@ def main(args):
             logger.info("%s", dataset.map_report.summary())
         logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir,
                     world, device, args.batch_size // world)
-        return train(args, model, loader, ckpt, run_dir, device, resume_path)
+        return train(args, model, loader, ckpt, run_dir, device, run.resume)
     finally:  # in-process callers (tests, pipelines) must not keep logging into this run's file
         close_file_log(run_dir / "log.txt")
 

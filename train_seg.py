@@ -33,7 +33,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,17 +45,16 @@ from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainT
 from network.deeplab import (MAX_SCALE, MIN_SCALE, MSC_SCALES, SEG_ARCHS, build_deeplab,
                              load_init_weights)
 from utils import dist
-from utils.checkpoint import (changed_settings, load_training_state, restore_training_state,
-                              save_training_state)
+from utils.checkpoint import (changed_settings, open_run_dir, restore_training_state,
+                              save_training_state, start_run)
 from utils.cli import run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import remove_stale_temps, torch_save
+from utils.io import torch_save
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
-from utils.run import (JsonlLogger, check_writable, close_file_log, resolve_resume, setup_logging,
-                       write_run_info)
+from utils.run import JsonlLogger, close_file_log, setup_logging, write_run_info
 from utils.sampler import seeded_loader
 
 logger = logging.getLogger("train_seg")
@@ -315,27 +314,14 @@ def main(args) -> Dict:
     check_args(args, world)
     check_shared_memory(args.num_workers)
     run_dir = args.run_dir
-    resume = resolve_resume(run_dir, args.resume, FINAL_NAME, LAST_NAME)
-    check_writable(run_dir, "--run-dir")
-    ckpt = (load_training_state(resume, {"arch": args.arch, "dataset": args.dataset},
-                                "train_seg.py") if resume else None)
-    start_iter = int(ckpt["iter"]) if ckpt else 0
-    if start_iter > args.max_iters:
-        # The loop would not run and the weights of iteration start_iter would be saved as a
-        # run of --max-iters iterations.
-        raise TrainSegError(f"--resume {resume} is at iteration {start_iter}, beyond --max-iters "
-                            f"{args.max_iters}; pass --max-iters {start_iter} or more (the run's "
-                            f"own value is in {run_dir / 'args.json'})")
-    if (run_dir / FINAL_NAME).exists() and ckpt is not None:
-        if start_iter >= args.max_iters:
-            if dist.is_main_process():
-                remove_stale_temps(run_dir, min_age_s=0)
-            logger.info("%s is finished (iteration %d); nothing to do", run_dir, start_iter)
-            return {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "losses": []}
-        if not args.extend:
-            raise TrainSegError(f"{run_dir} finished at iteration {start_iter}; to train it "
-                                f"further to --max-iters {args.max_iters} pass --extend (the "
-                                f"finished {FINAL_NAME} is kept), or choose another --run-dir")
+    run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
+                    expect={"arch": args.arch, "dataset": args.dataset}, writer="train_seg.py",
+                    max_iters=args.max_iters, extend=args.extend, dir_flag="--run-dir",
+                    iters_flag="--max-iters")
+    if run.finished:
+        logger.info("%s is finished (iteration %d); nothing to do", run_dir, run.start_iter)
+        return {"run_dir": run_dir, "final": run_dir / FINAL_NAME, "losses": []}
+    ckpt, start_iter, resume = run.ckpt, run.start_iter, run.resume
     check_data_root(args.data_root, "--data_root")
     if args.mask_dir is not None and not args.mask_dir.is_dir():
         raise TrainSegError(f"--mask-dir {args.mask_dir}: no such folder; pass the folder of "
@@ -360,14 +346,7 @@ def main(args) -> Dict:
     model = build_model(args, n_classes, init=ckpt is None).to(device)
 
     # 2. run directory
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Only this run writes into its run directory, so any temporary file there is left by
-        # a killed predecessor (utils/io.py atomic_path), however recent.
-        remove_stale_temps(run_dir, min_age_s=0)
-        if (run_dir / FINAL_NAME).exists():  # --extend: keep the finished weights
-            (run_dir / FINAL_NAME).rename(run_dir / f"checkpoint_final_iter{start_iter}.pth")
-    dist.barrier()
+    open_run_dir(run_dir, FINAL_NAME, start_iter)
     setup_logging(run_dir / "log.txt")
     try:
         write_run_info(run_dir, args, numerics=numerics)

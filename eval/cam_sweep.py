@@ -102,7 +102,7 @@ def evaluate_cams(ids: Sequence[str], gt_paths: Sequence, cam_paths: Sequence, n
     ids, gt_paths, cam_paths, missing = split_missing(ids, gt_paths, cam_paths, "CAM", skip_missing)
     if not ids:
         raise EvalError(f"no image left to evaluate: every id misses a file (first: "
-                        f"{missing[0]['path']}); check the {what} and ground-truth folders and "
+                        f"{missing[0]['path']}); check the CAM and ground-truth folders and "
                         f"the id list")
     fn = functools.partial(_sweep_chunk, num_classes=int(num_classes), thresholds=thr)
     total = np.zeros((len(thr), num_classes, num_classes + 1), dtype=np.int64)

@@ -169,7 +169,7 @@ def evaluate_folders(ids: Sequence[str], gt_paths: Sequence, pred_paths: Sequenc
                                                        skip_missing)
     if not ids:
         raise EvalError(f"no image left to evaluate: every id misses a file (first: "
-                        f"{missing[0]['path']}); check the {what} and ground-truth folders and "
+                        f"{missing[0]['path']}); check the prediction and ground-truth folders and "
                         f"the id list")
     conf = accumulate_confusion(gt_paths, pred_paths, num_classes, workers, progress)
     scores = compute_scores(conf, ignore_invalid=ignore_invalid)

@@ -1,7 +1,6 @@
 """train.py on a tiny generated dataset in the VOC layout ('custom'), with the small CPU nets."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +137,7 @@ def test_refuses_to_overwrite_a_finished_run(data_root, tmp_path):
     assert torch.equal(final_state(tmp_path / "run")["fc8.weight"], last["model"]["fc8.weight"])
     # Extending a finished run is explicit, and keeps the finished weights.
     longer = base_argv(data_root, tmp_path, network="small_cls", iters=3)
-    with pytest.raises(train.TrainingError, match="pass --extend"):
+    with pytest.raises(CheckpointError, match="pass --extend"):
         run_main(longer + ["--resume"])
     assert (tmp_path / "run" / train.FINAL_NAME).read_bytes() == before
     run_main(longer + ["--resume", "--extend"])

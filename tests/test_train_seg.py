@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.errors import UserError
 from utils.run import RunDirError
 import infer_seg
 import train_seg
@@ -125,7 +126,7 @@ def test_cli_train_resume_infer_crf_evaluate(data, tmp_path, capsys):
     with pytest.raises(RunDirError, match="finished run"):
         train_seg.main(parse(train_seg.get_args_parser, train_argv(data, run)))
     # extending a finished run must be explicit ...
-    with pytest.raises(train_seg.TrainSegError, match="pass --extend"):
+    with pytest.raises(UserError, match="pass --extend"):
         train_seg.main(parse(train_seg.get_args_parser, train_argv(
             data, run, max_iters=6, extra=["--resume"])))
     # ... --resume --extend with a longer schedule continues from checkpoint_last (iteration 4)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.metadata import MetadataError, write_image_labels  # noqa: E402
+from data.metadata import write_image_labels  # noqa: E402
 from data.registry import DATASETS, get_dataset  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402

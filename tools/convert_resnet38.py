@@ -22,7 +22,6 @@ from network import mxnet_params  # noqa: E402
 from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.io import torch_save  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.run import check_writable  # noqa: E402
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data.metadata import MetadataError, atomic_write_text  # noqa: E402
+from data.metadata import atomic_write_text  # noqa: E402
 from data.registry import get_dataset  # noqa: E402
-from eval import EvalError, evaluate_folders, read_label_png  # noqa: E402
+from eval import evaluate_folders, read_label_png  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 from tools.make_demo_dataset import count_context_errors, read_context_names  # noqa: E402
 from utils import vis  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.metadata import MetadataError, read_id_list  # noqa: E402
+from data.metadata import read_id_list  # noqa: E402
 from tools.make_cls_labels import (COCO_KEY_FORMAT, LabelToolError, coco_category_ranks,  # noqa: E402
                                    coco_split_of, load_coco_json)
 from utils.cli import run_cli  # noqa: E402

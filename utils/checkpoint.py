@@ -13,14 +13,15 @@ import hashlib
 import logging
 import random
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from utils import dist
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import remove_stale_temps, torch_save
+from utils.run import check_writable, resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,59 @@ def set_rng_state(state: Dict) -> None:
 def json_args(args) -> Dict:
     """argparse values as plain JSON types (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# how a run starts: fresh, resumed, finished, extended (both training stages)
+# ------------------------------------------------------------------------------------------------
+class RunStart(NamedTuple):
+    resume: Optional[Path]      # the checkpoint a resumed run continues from
+    ckpt: Optional[Dict]        # its content (load_training_state)
+    start_iter: int
+    finished: bool              # the run is complete at --max-iters: nothing to do
+
+
+def start_run(run_dir: Path, *, resume, final_name: str, last_name: str, expect: Mapping,
+              writer: str, max_iters: int, extend: bool, dir_flag: str, iters_flag: str,
+              root_flag: Optional[str] = None) -> RunStart:
+    """Decide, before anything is built or written, how a training run in ``run_dir`` starts.
+
+    Never overwrites: a finished run is left alone (``--resume`` then does nothing), training it
+    further needs ``--extend`` (and keeps its final weights, see :func:`open_run_dir`), and a
+    checkpoint beyond ``max_iters`` is refused (its weights would be saved as a shorter run).
+    ``dir_flag`` names the flags that choose the folder, ``root_flag`` the one whose folder must
+    be writable (default: ``dir_flag``)."""
+    resume_path = resolve_resume(run_dir, resume, final_name, last_name, dir_flag=dir_flag)
+    check_writable(run_dir, root_flag or dir_flag)
+    ckpt = load_training_state(resume_path, expect, writer) if resume_path else None
+    start = int(ckpt["iter"]) if ckpt else 0
+    if start > max_iters:
+        raise CheckpointError(f"--resume {resume_path} is at iteration {start}, beyond "
+                              f"{iters_flag} {max_iters}; pass {iters_flag} {start} or more (the "
+                              f"run's own value is in {Path(run_dir) / 'args.json'})")
+    finished = ckpt is not None and (Path(run_dir) / final_name).exists()
+    if finished and start < max_iters and not extend:
+        raise CheckpointError(f"{run_dir} finished at iteration {start}; to train it further to "
+                              f"{iters_flag} {max_iters} pass --extend (the finished {final_name} "
+                              f"is kept), or choose another {dir_flag}")
+    if finished and start >= max_iters and dist.is_main_process():
+        remove_stale_temps(run_dir, min_age_s=0)
+    return RunStart(resume_path, ckpt, start, finished and start >= max_iters)
+
+
+def open_run_dir(run_dir: Path, final_name: str, start_iter: int) -> None:
+    """Create the run directory (rank 0), once every check passed. Only this run writes there,
+    so any temporary file is left by a killed predecessor (utils/io.py atomic_path), however
+    recent; and an extended run keeps its finished weights as ``<final>_iter<N>.pth``. A
+    collective: every rank calls it."""
+    if dist.is_main_process():
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir, min_age_s=0)
+        final = run_dir / final_name
+        if final.exists():
+            final.rename(run_dir / f"{final.stem}_iter{start_iter}{final.suffix}")
+    dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------
