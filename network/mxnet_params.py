@@ -279,15 +279,23 @@ def load_params(path, *, keep_prefix: bool = False) -> Dict[str, np.ndarray]:
     return out
 
 
-if __name__ == "__main__":
+def get_args_parser():
     import argparse
+    p = argparse.ArgumentParser("List the arrays of an MXNet .params file", add_help=False)
+    p.add_argument("params", type=Path, help="an MXNet .params file, e.g. the ImageNet ResNet-38")
+    return p
 
-    parser = argparse.ArgumentParser(description="List the arrays of an MXNet .params file.")
-    parser.add_argument("params", type=Path, help="an MXNet .params file")
-    a = parser.parse_args()
-    try:
-        arrays = load_params(a.params, keep_prefix=True)
-    except (OSError, MXNetParamsError) as e:
-        raise SystemExit(f"error: {e}") from None
-    for key, value in arrays.items():
+
+def main(args) -> None:
+    """Print every array's name, dtype and shape (python -m network.mxnet_params FILE)."""
+    if not args.params.is_file():
+        raise MXNetParamsError(f"{args.params}: file not found")
+    for key, value in load_params(args.params, keep_prefix=True).items():
         print(f"{key:50s} {str(value.dtype):8s} {tuple(value.shape)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from utils.cli import run_cli
+    sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -260,12 +260,13 @@ def get_args_parser():
     p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
                    help="folder with labels.txt, image_labels.txt and lists (default: metadata/<dataset>; "
                         "for custom: the dataset root)")
-    p.add_argument("--gt", action="store_true", help="also check the GT masks (SegmentationClassAug / "
+    p.add_argument("--gt", action=argparse.BooleanOptionalAction, default=False,
+                   help="also check the GT masks (SegmentationClassAug / "
                                                      "SegmentationClass) exist and match the image size")
     p.add_argument("--gt-dir", type=Path, default=None, help="GT folder (implies --gt; default: the dataset's)")
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
                    help="check that every id has image labels with >= 1 class (default on)")
-    p.add_argument("--decode", action="store_true",
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
                    help="fully decode every file (catches truncated images; slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading file headers (default 8)")
     p.add_argument("--show", type=int, default=3, help="offending files listed per problem (default 3)")

@@ -81,8 +81,10 @@ def get_args_parser():
                    help="dataset whose labels.txt gives C and the class names (voc12: C=20, coco: C=80)")
     p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
                    help="folder with labels.txt (needed for --dataset custom)")
-    p.add_argument("--sort", action="store_true", help="sort ids (default: keep the dict's order)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--sort", action=argparse.BooleanOptionalAction, default=False,
+                   help="sort ids (default: keep the dict's order)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an existing output file")
     return p
 
 

@@ -179,7 +179,8 @@ def get_args_parser():
     p.add_argument("--list-dir", type=Path, default=None,
                    help="COCO: also write <list-dir>/<split>.txt (train.txt, val.txt) with the "
                         "images that have >= 1 annotation")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace existing output files")
     return p
 
 

@@ -145,7 +145,7 @@ def get_args_parser():
                         "ignore = 255 (not scored), skip = leave out")
     p.add_argument("--ids", type=Path, default=None,
                    help="only images whose id is in this list file (e.g. metadata/coco/train.txt)")
-    p.add_argument("--all-images", action="store_true",
+    p.add_argument("--all-images", action=argparse.BooleanOptionalAction, default=False,
                    help="also write all-background masks for images without annotations "
                         "(default: only the images with >= 1 annotation, as in the EPS lists)")
     p.add_argument("--key-format", type=str, default=COCO_KEY_FORMAT,
@@ -153,7 +153,8 @@ def get_args_parser():
     p.add_argument("--palette", action=argparse.BooleanOptionalAction, default=True,
                    help="write VOC-palette PNGs (pixel values are the class indices either way)")
     p.add_argument("--workers", type=int, default=4, help="parallel worker processes (0 = in-process)")
-    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="rewrite masks that already exist")
     return p
 
 
