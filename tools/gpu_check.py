@@ -42,10 +42,10 @@ from utils.errors import UserError  # noqa: E402
 
 # Full recipes (docs/training.md, docs/segmentation.md, docs/pipelines.md; list sizes from
 # metadata/): what the projections multiply the measured times by.
-VOC = dict(iters=20000, batch=8, crop=448, pseudo_images=10582, pseudo_list="train_aug",
-           val_images=1449, image="500x375")
-COCO = dict(iters=256500, batch=16, crop=321, pseudo_images=82081, pseudo_list="train",
-            val_images=40137, image="640x480")
+VOC = dict(network="resnet38_eps", iters=20000, batch=8, crop=448, pseudo_images=10582,
+           pseudo_list="train_aug", val_images=1449, image="500x375")
+COCO = dict(network="resnet38_eps", iters=256500, batch=16, crop=321, pseudo_images=82081,
+            pseudo_list="train", val_images=40137, image="640x480")
 SEG_ITERS = 20000                  # DeepLab-v2, both datasets (coco_eps.sh uses the VOC recipe)
 TRAIN_WORKERS, INFER_WORKERS = 8, 2   # train.py / infer.py defaults
 GPU_24GB_MIB = 23000               # usable memory of the smallest common 24 GB card (an A10: 23,028 MiB)
@@ -262,8 +262,9 @@ def measured(bench: Optional[dict], device: str) -> dict:
            if r.get("variant") == "crf" and r.get("sec")]
     m: Dict[str, Optional[dict]] = {}
     for name, recipe in (("voc", VOC), ("coco", COCO)):
-        at = [r for r in train if r.get("network") == "resnet38_eps" and r.get("crop") == recipe["crop"]
-              and r.get("batch") == recipe["batch"] and r.get("step_s")]
+        at = [r for r in train if r.get("network") == recipe["network"]
+              and r.get("crop") == recipe["crop"] and r.get("batch") == recipe["batch"]
+              and r.get("step_s")]
         m[f"{name}_fp32"] = _find(at, variant="default")
         bf16 = [r for r in at if str(r.get("variant", "")).startswith("bf16")]
         m[f"{name}_bf16"] = min(bf16, key=lambda r: r["step_s"]) if bf16 else None
@@ -476,7 +477,9 @@ def render(out: Path, device: str) -> Tuple[str, int]:
     cls = read_json(out / "runs" / "1gpu" / "cls" / "args.json") or {}
     seg = read_json(out / "runs" / "1gpu" / "deeplab" / "args.json") or {}
     if dry:
-        small = str(cls.get("network", "small")).startswith("small")
+        # networks trained from scratch here stand in for the ImageNet-initialised ones
+        from network import network_parts
+        small = not network_parts(cls.get("network", "small_eps"))[0].expects_pretrained
         parts.append("A dry run on the CPU: "
                      + ("small networks (small_eps, deeplabv2_small) instead of ResNet-38 / "
                         "ResNet-101, which are too slow on a few CPU cores; " if small else "")
