@@ -55,3 +55,25 @@ def test_seeded_samples_are_reproducible_and_leave_global_rng_alone():
     np.random.seed(0)
     ds[(4, 2)]
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_seeded_samples_never_touch_the_gpu_generators(monkeypatch):
+    """With num_workers 0 the samples are drawn in the training process: reseeding the GPU's
+    generator there (torch.manual_seed does) would reset the dropout stream at every image, and
+    fork_rng(devices=[]) would not restore it. Only the CPU generator is seeded."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return float(torch.rand(()))
+
+    ds = SeededSamples(Draw(), seed=3)
+    assert ds[(1, 0)] == ds[(1, 0)]
+    assert calls == []
+    torch.manual_seed(0)  # the guard sees what torch.manual_seed does
+    assert calls

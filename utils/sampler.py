@@ -88,7 +88,9 @@ class SeededSamples(Dataset):
             with torch.random.fork_rng(devices=[]):
                 random.seed(int(s[0]))
                 np.random.seed(int(s[1]))
-                torch.manual_seed(int(s[2]))
+                # the CPU generator only: torch.manual_seed would also reseed the GPU's, which
+                # fork_rng(devices=[]) does not restore (dropout on the GPU, num_workers 0)
+                torch.default_generator.manual_seed(int(s[2]))
                 return self.dataset[index]
         finally:
             random.setstate(py_state)
