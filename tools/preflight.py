@@ -238,7 +238,7 @@ def check_infer_seg(stage: Stage, module, args) -> None:
     ids = _ids(stage, info, args.list)
     _sample_images(stage, info, args.data_root, ids)
     weights = Path(args.weights)
-    stage.need(weights / module.FINAL_NAME if weights.suffix != ".pth" else weights,
+    stage.need(weights / "checkpoint_final.pth" if weights.suffix != ".pth" else weights,
                "DeepLab checkpoint (--weights)", "made by the seg stage")
     if args.evaluate and args.gt_dir is not None:
         stage.need(args.gt_dir, "val ground truth (--gt_dir)",
