@@ -17,8 +17,10 @@ Outputs (all optional, written atomically, one file per image):
   --vis-dir              <id>.png for the first --vis-num ids of the list: image, mask, CAMs
 A rerun skips ids whose requested outputs all exist (resume); --overwrite recomputes them. Each
 output folder records the settings that made it, and a rerun with other settings is refused.
-Under torchrun every rank takes ids[rank::world] and writes into the same folders; ranks finish
-independently (no collective waits on the slowest one).
+Under torchrun every rank takes ids[rank::world] and writes into the same folders. No process
+group is joined: the ranks finish independently, and rank 0 returns only once every rank's
+outputs exist (a file poll bounded by --dist-timeout), so that the evaluation that follows it in
+the pipelines scores the whole list, also when the other ranks run on another node.
 """
 from __future__ import annotations
 
@@ -412,8 +414,8 @@ def main(args):
     if args.amp and device.type != "cuda":
         logger.info("--amp is ignored on the CPU (float32 keeps the published numbers)")
         args.amp = False
-    dist.init_distributed(device, args.dist_timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # No process group: the ranks share nothing but the list and the folders (utils/dist.py)
+    rank, world = dist.launched_rank(), dist.launched_world_size()
     if args.n_gpus is not None or args.n_processes_per_gpu is not None:
         logger.info("--n_gpus / --n_processes_per_gpu are ignored: for several GPUs or processes "
                     "launch with torchrun --nproc_per_node N infer.py ...")
@@ -453,11 +455,13 @@ def main(args):
 
     # 2. outputs: folders, settings records, run records. Temporary files a killed run left
     #    go; other ranks or jobs may be writing here now, so only those older than
-    #    utils.io.STALE_AFTER_S.
-    if dist.is_main_process():
+    #    utils.io.STALE_AFTER_S. EVERY rank records the (identical) settings, atomically, before
+    #    it writes a result: with no barrier between the ranks, a folder that holds a result
+    #    then always holds its record too, whichever rank checks it and when.
+    if rank == 0:
         for folder in outputs.folders() + [run_dir]:
             remove_stale_temps(folder)
-        record_settings(outputs, args)
+    record_settings(outputs, args)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
     logger.info("network %s (%s) from %s", found.network, found, args.weights)
@@ -480,9 +484,15 @@ def main(args):
         t0 = time.time()
         n = make_cams(prepared, loader, outputs, thr=args.thr, bg_from_eps=args.bg_from_eps,
                       total=len(dataset), writer_threads=args.writer_threads,
-                      progress=dist.is_main_process())
+                      progress=rank == 0)
         dt = time.time() - t0
         logger.info("rank %d: %d images in %.1f s (%.3f s/image)", rank, n, dt, dt / max(n, 1))
+    if world > 1 and rank == 0:
+        # 4. rank 0 returns when the whole list is written, whichever rank or node wrote it
+        present = ids if not args.skip_missing else InferDataset(
+            info, args.img_root, ids, skip_missing=True).ids
+        dist.wait_for_outputs(present, outputs.complete, what="images' outputs",
+                              timeout_s=args.dist_timeout)
     logger.info("rank %d done; outputs: %s", rank, ", ".join(str(d) for d in outputs.folders()))
 
 

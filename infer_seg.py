@@ -203,7 +203,7 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
     pool = process_pool(crf_workers) if (crf_dir is not None and crf_workers > 0) else None
     pending: List[cf.Future] = []
     t_net, n = 0.0, 0
-    bar = Progress(len(todo), "infer_seg", enabled=dist.is_main_process() and bool(todo),
+    bar = Progress(len(todo), "infer_seg", enabled=dist.launched_rank() == 0 and bool(todo),
                    unit="img")
     try:
         for img_id, chw, rgb in loader:
@@ -265,21 +265,6 @@ def newest_png(folder: Path) -> int:
     return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.png")), default=0)
 
 
-def wait_for_outputs(folders, ids, poll_s: float) -> None:
-    """Rank 0, before evaluating: wait until every id's PNG exists in every folder. The other
-    ranks write them at their own pace; a file poll (not a collective) has no timeout to hit,
-    and torchrun stops every rank if one of them fails."""
-    missing = [(f, i) for f in folders for i in ids if not (f / f"{i}.png").is_file()]
-    t0, last_log = time.time(), 0.0
-    while missing:
-        if time.time() - last_log > 60:
-            logger.info("waiting for the other ranks: %d PNGs to go (%.0f s)", len(missing),
-                        time.time() - t0)
-            last_log = time.time()
-        time.sleep(poll_s)
-        missing = [(f, i) for f, i in missing if not (f / f"{i}.png").is_file()]
-
-
 # Settings that change the PNGs: existing outputs are only re-used when these are unchanged.
 OUTPUT_SETTINGS = ("weights", "msc_scales", "flip", "crf_image", "dataset")
 
@@ -307,7 +292,8 @@ def main(args) -> Dict:
                             f"[{MIN_SCALE}, {MAX_SCALE}] (paper: 0.5 0.75)")
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
-    dist.init_distributed(device, args.dist_timeout)
+    # No process group: the ranks share nothing but the list and the folders (utils/dist.py)
+    rank, world = dist.launched_rank(), dist.launched_world_size()
     out_dir = args.out_dir
     crf_dir = (args.crf_dir or out_dir.with_name(out_dir.name + "_crf")) if args.crf else None
     run_dir = out_dir.with_name(out_dir.name + "_run")  # args.json, env.json, log.txt
@@ -324,7 +310,7 @@ def main(args) -> Dict:
     info = get_dataset(args.dataset, args.metadata_dir, data_root)
     list_path = info.list_path(args.list)
     ids = info.read_ids(list_path)
-    dataset = ImageList(info, args.data_root, ids[dist.get_rank()::dist.get_world_size()],
+    dataset = ImageList(info, args.data_root, ids[rank::world],
                         args.skip_missing)
     if args.check_data:
         check_files([i for i, _ in dataset.items], [p for _, p in dataset.items])
@@ -351,7 +337,7 @@ def main(args) -> Dict:
                           crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
                           channels_last=args.channels_last, num_workers=args.num_workers)
     result = dict(stats, miou=None, miou_crf=None)
-    if not dist.is_main_process() or not args.evaluate:
+    if rank != 0 or not args.evaluate:
         return result
     # 3. rank 0 scores every rank's PNGs once they are all written
     has_gt = args.gt_dir is not None or all(info.gt_path(data_root, i).is_file() for i in ids[:20])
@@ -359,8 +345,11 @@ def main(args) -> Dict:
         logger.info("no ground truth for %s: skipping evaluation", list_path)
         return result
     present = [i for i, _ in ImageList(info, args.data_root, ids, skip_missing=True).items]
-    if dist.get_world_size() > 1:
-        wait_for_outputs([d for d in (out_dir, crf_dir) if d is not None], present, args.wait_poll)
+    if world > 1:
+        folders = [d for d in (out_dir, crf_dir) if d is not None]
+        dist.wait_for_outputs(present, lambda i: all((f / f"{i}.png").is_file() for f in folders),
+                              what="prediction PNGs", timeout_s=args.dist_timeout,
+                              poll_s=args.wait_poll)
     # The published number (data/registry.py) printed beside ours.
     published = info.spec.published_miou.get("deeplab_eps")
     anchor = (f"published, EPS masks, DeepLab-v2 R101 (COCO init): {published} val mIoU"

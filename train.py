@@ -249,8 +249,8 @@ def build_dataset(args, info, head):
                   skip_missing=args.skip_missing)
     if not head.needs_saliency:
         dataset = ClsDataset(info, args.data_root, args.train_list, **common)
-        if args.check_data:  # header reads: a bad image stops the run before any compute
-            check_files(dataset.ids, dataset.image_paths)
+        if args.check_data:  # header reads on rank 0: a bad image stops every rank before any compute
+            dist.check_on_main(lambda: check_files(dataset.ids, dataset.image_paths))
         return dataset
     sal_root = args.saliency_root or default_saliency_root(info, args.data_root)
     if not Path(sal_root).is_dir():
@@ -259,9 +259,9 @@ def build_dataset(args, info, head):
                             f"{sal_root} is not a folder (README 'Downloads': PFAN saliency maps)")
     dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list,
                             stretch_saliency=args.stretch_saliency, **common)
-    if args.check_data:  # header reads: a bad map stops the run before any compute
-        dataset.map_report = check_saliency_maps(dataset, args.stretch_saliency, log=False,
-                                                 progress=dist.is_main_process())
+    if args.check_data:  # header reads on rank 0: a bad map stops every rank before any compute
+        dataset.map_report = dist.check_on_main(
+            lambda: check_saliency_maps(dataset, args.stretch_saliency, log=False, progress=True))
     return dataset
 
 
@@ -338,6 +338,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
         if changed:
             logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
+        # the loaded tensors are a second copy of model + optimizer state: free them for the run
+        ckpt.clear()
     metrics = JsonlLogger(run_dir / "metrics.jsonl")
     metrics.trim(start_iter)  # drop records a killed run wrote after its last checkpoint
     hparams = {k: getattr(args, k) for k in model.hparams}

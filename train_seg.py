@@ -243,6 +243,30 @@ EFFECTIVE_BATCH = BATCH_SIZE * ITER_SIZE  # published 5 x 2
 MAX_PER_PROCESS = BATCH_SIZE              # images per process and pass of the published run
 
 
+def resume_start_batch(start_iter: int, old_batch: int, old_iter_size: int, new_batch: int,
+                       new_iter_size: int) -> Tuple[int, str]:
+    """(first micro-batch of the resumed run, a note when it is not an exact continuation).
+
+    The sampler counts micro-batches of the global --batch-size; a checkpoint written with
+    another split (5 x 2 on 1 process, 10 x 1 on 2) has consumed ``start_iter * old_batch *
+    old_iter_size`` images, which is where the resumed run starts. Only the epoch boundaries
+    (drop_last of a different batch) can then shift by a few images."""
+    consumed = start_iter * old_batch * old_iter_size
+    start_batch = consumed // new_batch
+    if (old_batch, old_iter_size) == (new_batch, new_iter_size):
+        return start_iter * new_iter_size, ""
+    note = (f"resuming with batch {new_batch} x {new_iter_size} accumulated (checkpoint: "
+            f"{old_batch} x {old_iter_size}); the data continues after the {consumed} images "
+            f"already seen")
+    if consumed % new_batch:
+        note += f" (rounded down to {start_batch * new_batch})"
+    if old_batch * old_iter_size != new_batch * new_iter_size:
+        note += "; the effective batch changed, so iterations are no longer comparable"
+    else:
+        note += "; the order can differ from an uninterrupted run by a few images per epoch"
+    return start_batch, note
+
+
 def resolve_batch(batch_size: Optional[int], iter_size: Optional[int], world: int,
                   effective: int = EFFECTIVE_BATCH) -> Tuple[int, int]:
     """(global batch per pass, accumulation) for ``world`` processes.
@@ -333,13 +357,24 @@ def main(args) -> Dict:
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
-    if args.check_data:
-        check_files(dataset.ids, dataset.image_paths, [e["mask"] for e in dataset.extra_paths],
-                    num_classes=n_classes, ignore_label=args.ignore_label)
+    if args.check_data:  # header reads on rank 0; every rank raises its error
+        dist.check_on_main(lambda: check_files(
+            dataset.ids, dataset.image_paths, [e["mask"] for e in dataset.extra_paths],
+            num_classes=n_classes, ignore_label=args.ignore_label))
     # One sampler step = one micro-batch of --batch-size images (global); an optimizer step
-    # takes --iter-size of them, so iteration k starts at micro-batch k * iter_size.
+    # takes --iter-size of them, so iteration k starts at micro-batch k * iter_size, counted in
+    # the checkpoint's micro-batches when it was written on another number of processes.
+    start_batch = start_iter * args.iter_size
+    if ckpt is not None:
+        old = ckpt.get("args", {})
+        start_batch, note = resume_start_batch(
+            start_iter, old.get("batch_size", args.batch_size), old.get("iter_size", args.iter_size),
+            args.batch_size, args.iter_size)
+        if note:
+            logger.warning("%s (checkpoint: %d process(es), now %d)", note,
+                           ckpt.get("world_size", world), world)
     loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
-                           start_batch=start_iter * args.iter_size, rank=rank, world_size=world,
+                           start_batch=start_batch, rank=rank, world_size=world,
                            num_workers=args.num_workers, pin_memory=pin_memory(device),
                            flag="--batch-size")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -376,6 +411,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device, n_classes: int, resu
         if changed:
             logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume, start_iter)
+        # the loaded tensors are a second copy of model + optimizer state: free them for the run
+        ckpt.clear()
     jsonl = JsonlLogger(run_dir / "metrics.jsonl")
     jsonl.trim(start_iter)
     model.train()

@@ -3,6 +3,8 @@
 * every collective goes through utils/dist.py, which puts tensors where the backend needs them
   (NCCL takes CUDA tensors only; gloo, which these tests use, would hide a CPU tensor);
 * ranks with very uneven work never wait on a collective (a 5 s --dist-timeout must not fire);
+  inference joins no process group, and its rank 0 waits for the other ranks' files instead;
+* a bad training file found by rank 0's check stops every rank with the same message;
 * a run resumed on another number of processes continues with the same data;
 * two "nodes" on 127.0.0.1 (two torchrun launchers, the pipeline scripts' NNODES/NODE_RANK).
 """
@@ -86,7 +88,8 @@ def test_timeout_flag_everywhere():
 @pytest.mark.timeout(300)
 def test_uneven_ranks_never_wait_on_a_collective(tmp_path):
     """Rank 1 has nothing to do (its images are done), rank 0 has ~20 s of work; with a 5 s
-    --dist-timeout a final barrier would abort the job. infer.py has none: ranks finish alone."""
+    --dist-timeout a final barrier would abort the job. infer.py joins no process group: ranks
+    finish alone (rank 0 then finds rank 1's files already written)."""
     from test_infer import IDS, make_checkpoint, make_dataset
     import numpy as np
     from PIL import Image
@@ -137,3 +140,59 @@ def test_resume_on_another_world_size(tmp_path):
     a, b = final_state(tmp_path / "runs" / "moved"), final_state(single)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_inference_joins_no_process_group():
+    """infer.py and infer_seg.py split the list by RANK / WORLD_SIZE and never join a process
+    group: a rank that fails or finishes early can then never leave the others in a collective,
+    and the multi-node evaluation waits on files (utils.dist.wait_for_outputs), not on NCCL."""
+    joins = re.compile(r"\b(init_distributed|barrier|all_reduce_\w+|all_gather_object|"
+                       r"broadcast_object|check_on_main|wrap_ddp)\s*\(")
+    for name in ("infer.py", "infer_seg.py"):
+        text = (REPO / name).read_text()
+        assert not joins.findall(text), f"{name} calls {joins.findall(text)}"
+        assert "launched_rank()" in text and "launched_world_size()" in text, name
+
+
+def test_wait_for_outputs(tmp_path, monkeypatch):
+    """Rank 0's wait: returns once every item is done, files appearing while it polls; after the
+    timeout, one error that says how many are missing and which."""
+    import threading
+    from utils.errors import UserError
+    names = [f"x{i}" for i in range(4)]
+    done = lambda n: (tmp_path / n).is_file()  # noqa: E731
+
+    def writer():
+        for n in names:
+            (tmp_path / n).write_text("")
+    t = threading.Timer(0.3, writer)
+    t.start()
+    dist.wait_for_outputs(names, done, what="files", timeout_s=30, poll_s=0.05)
+    t.join()
+    with pytest.raises(UserError, match=r"waited 0 s .*--dist-timeout.* 2 still missing, e.g. y0, y1"):
+        dist.wait_for_outputs(names + ["y0", "y1"], done, what="files", timeout_s=0.3, poll_s=0.05)
+
+
+@pytest.mark.timeout(300)
+def test_bad_file_stops_every_rank_with_one_message(tmp_path):
+    """The training list's file check runs on rank 0 only (not N times the same I/O); its error
+    reaches every rank, and each rank prints it once, prefixed with its rank: no rank is left
+    waiting in a collective, none dies with a traceback."""
+    from test_train import base_argv, make_tiny_dataset
+    root = make_tiny_dataset(tmp_path / "data", n=8)
+    (root / "JPEGImages" / "img_005.jpg").write_bytes(b"not a jpeg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train.py")] + base_argv(root, tmp_path / "runs", session="bad") + [
+           "--dist-timeout", "60"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert sorted(e.split("]")[0] for e in errors) == ["train.py: error: [rank 0",
+                                                       "train.py: error: [rank 1"], r.stderr[-3000:]
+    assert len({e.split("] ", 1)[1] for e in errors}) == 1 and "img_005" in errors[0]
+    # torchrun's own launcher prints a ChildFailedError traceback of its frames; no frame of ours
+    # (a worker's traceback) may appear
+    ours = [line for line in r.stderr.splitlines()
+            if line.strip().startswith('File "') and str(REPO) in line and ".venv" not in line]
+    assert not ours, r.stderr[-3000:]
+    assert not (tmp_path / "runs" / "bad").exists()

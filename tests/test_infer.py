@@ -20,6 +20,7 @@ from network.inference import SpeedOptions, prepare_for_inference
 from network.weights import record_network
 from utils import dist
 from utils.cli import run_cli
+from utils.errors import UserError
 from network import build_network
 from utils import cam as camlib
 from utils.io import load_npz
@@ -257,19 +258,28 @@ def test_outputs_are_atomic(env, tmp_path, monkeypatch):
 
 
 def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
+    """Under torchrun (RANK / WORLD_SIZE; no process group) rank r takes ids[r::world], and rank
+    0 returns only when every rank's outputs exist: the evaluation that follows it on node 0 must
+    not score a half-written folder written by another node. It waits at most --dist-timeout."""
     out = tmp_path / "out"
     seen = {}
     real_make = infer.make_cams
 
     def spy(model, items, *a, **k):
-        seen[dist.get_rank()] = list(items.dataset.ids)
+        seen[dist.launched_rank()] = list(items.dataset.ids)
         return real_make(model, items, *a, **k)
 
     monkeypatch.setattr(infer, "make_cams", spy)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    for rank in (0, 1):
-        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
-        run(env, env["cls"], "--png-dir", out)
+    monkeypatch.setattr(dist.time, "sleep", lambda s: None)  # the poll, without the wait
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=r"--dist-timeout.*2 still missing, e.g. img_b, img_d"):
+        run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")
+    assert sorted(p.stem for p in out.glob("*.png")) == ["img_a", "img_c"]
+    monkeypatch.setenv("RANK", "1")
+    run(env, env["cls"], "--png-dir", out)
+    monkeypatch.setenv("RANK", "0")
+    run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")  # all there: returns
     assert seen == {0: ["img_a", "img_c"], 1: ["img_b", "img_d"]}
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
 

@@ -194,6 +194,17 @@ def test_resume_matches_uninterrupted_run(data, tmp_path):
     assert full["losses"][2:] == rest["losses"]
 
 
+def test_resume_start_batch_counts_images_not_iterations():
+    """The sampler counts micro-batches of the global batch: a checkpoint written with another
+    split continues after the images it has already consumed (published 5 x 2 on 1 process,
+    10 x 1 on 2 processes)."""
+    assert train_seg.resume_start_batch(300, 5, 2, 5, 2) == (600, "")
+    start, note = train_seg.resume_start_batch(300, 5, 2, 10, 1)  # 1 process -> 2 processes
+    assert start == 300 and "3000 images already seen" in note and "few images" in note
+    start, note = train_seg.resume_start_batch(7, 10, 1, 4, 1)  # 70 images; 4 does not divide
+    assert start == 17 and "rounded down to 68" in note and "effective batch changed" in note
+
+
 def test_bad_mask_value_names_the_file(tmp_path):
     root = tmp_path / "d"
     make_dataset(root, n_train=2, n_val=1)

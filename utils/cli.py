@@ -9,8 +9,11 @@ Each script defines ``get_args_parser()`` (a reusable parent parser, ``add_help=
 :func:`run_cli` parses the flags (abbreviations off: ``--max_iter`` must not silently mean
 ``--max_iters``), sets up logging, runs ``main`` and turns a :class:`~utils.errors.UserError`
 into one line on stderr, ``<prog>: error: <message>`` (also written to the run's log file when
-one is open), with exit status 2 instead of a traceback; Ctrl-C exits with 130. A distributed process group is always torn down. Booleans are
-``argparse.BooleanOptionalAction`` flags (``--overwrite`` / ``--no-overwrite``) everywhere.
+one is open), with exit status 2 instead of a traceback; Ctrl-C exits with 130. A distributed
+process group is torn down after a success only: after an error the other ranks may still be
+inside a collective, and NCCL's teardown can wait on them; the process exits and torchrun stops
+the rest. Booleans are ``argparse.BooleanOptionalAction`` flags (``--overwrite`` /
+``--no-overwrite``) everywhere.
 """
 from __future__ import annotations
 
@@ -32,12 +35,12 @@ def one_line(message: str) -> str:
 
 def report_error(prog: str, message: str) -> None:
     """``<prog>: error: <message>`` on stderr, and into the log file of the run when one is open.
-    Under torchrun, an error before the process group exists is the same on every rank (printed
-    by rank 0); after it, each rank prints its own, prefixed with its rank."""
+    Under torchrun every rank prints its own error, prefixed with its rank: an error only one
+    rank meets (its share of the list, its GPU) would otherwise vanish when that rank is not 0."""
     from utils import dist
-    if dist.get_world_size() > 1:
+    if dist.launched_world_size() > 1:
         print(f"{prog}: error: [rank {dist.get_rank()}] {message}", file=sys.stderr, flush=True)
-    elif dist.is_main_process():
+    else:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     # console=False: the log file gets it, the console already has it (utils/run.py)
     logging.getLogger(prog).error("%s", message, extra={"console": False})
@@ -91,6 +94,5 @@ def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callab
     except KeyboardInterrupt:
         report_error(parser.prog, "interrupted")
         return 130
-    finally:
-        dist.cleanup()
+    dist.cleanup()
     return exit_code(result) if exit_code is not None else 0

@@ -10,13 +10,18 @@ Why one module:
   NCCL's 10 minutes, and the entry points never put a collective after uneven per-rank work
   (inference ranks finish independently; see infer.py and infer_seg.py).
 * Single-process runs call the same functions, which then do nothing.
+* Inference (infer.py, infer_seg.py) joins no process group at all: each rank takes its share
+  of the list from RANK / WORLD_SIZE, and rank 0 waits for the others' files with
+  :func:`wait_for_outputs`, a file poll that no rank's early exit can turn into a hang.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
-from typing import Any, List, Optional
+import time
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,8 @@ import torch.distributed as dist
 # the 82k COCO saliency maps before training, or writing a 1.3 GB checkpoint to a slow disk):
 # a hang is still reported, after 2 hours instead of NCCL's 10 minutes.
 DEFAULT_TIMEOUT_S = 7200.0
+
+_logger = logging.getLogger("dist")
 
 
 def _positive_seconds(text: str) -> float:
@@ -46,8 +53,9 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
         "--dist-timeout", "--dist_timeout", dest="dist_timeout", type=_positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds a collective (barrier, all-reduce) may wait for the other processes under "
-             f"torchrun before the job is aborted (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own "
-             f"default of 600 is too short for rank 0's checks of a COCO-sized list)")
+             f"torchrun before the job is aborted, and inference's rank 0 waits for the other "
+             f"ranks' files (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own default of 600 is too "
+             f"short for rank 0's checks of a COCO-sized list)")
 
 
 def is_dist() -> bool:
@@ -157,6 +165,63 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_on_main(check: Callable[[], Any]) -> Any:
+    """Run a whole-dataset check (file headers of the training list) on rank 0 only, and let
+    every rank raise its UserError: N ranks reading the same 82k files would be N times the I/O,
+    and an error on one rank alone would leave the others waiting in the next collective.
+    Returns the check's result on rank 0, None elsewhere."""
+    import pickle
+
+    from utils.errors import UserError
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = check()
+        except UserError as e:
+            error = e
+    if is_dist():
+        try:
+            pickle.dumps(error)
+        except Exception:  # an exception class that cannot travel: its message can
+            error = UserError(str(error))
+        error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def launched_rank() -> int:
+    """RANK of the torchrun launch, whether or not a process group was joined (0 without
+    torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def wait_for_outputs(items: Sequence, done: Callable[[Any], bool], *, what: str,
+                     timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = 5.0) -> None:
+    """Block until ``done(item)`` holds for every item: rank 0 of an inference launch waiting
+    for the files the other ranks (on this node or another one sharing the folder) write at their
+    own pace, so that whatever runs next (the evaluation) sees the whole list. A poll, not a
+    collective: a rank that dies is reported by torchrun, and a node torchrun cannot see is
+    reported here after ``timeout_s`` (--dist-timeout), naming what is still missing."""
+    from utils.errors import UserError
+    pending = [i for i in items if not done(i)]
+    t0 = last_log = time.monotonic()
+    while pending:
+        now = time.monotonic()
+        if now - t0 > timeout_s:
+            raise UserError(
+                f"waited {timeout_s:.0f} s (--dist-timeout) for the other ranks' {what}; "
+                f"{len(pending)} still missing, e.g. {', '.join(map(str, pending[:3]))}. Check "
+                f"the other ranks' logs (a node that died, or a folder that is not shared "
+                f"between the nodes), then rerun: finished outputs are kept")
+        if now - last_log >= 60:
+            _logger.info("waiting for the other ranks: %d %s to go (%.0f s)", len(pending), what,
+                         now - t0)
+            last_log = now
+        time.sleep(max(0.0, min(poll_s, timeout_s - (now - t0))))
+        pending = [i for i in pending if not done(i)]
 
 
 def rank_suffix(rank: Optional[int] = None) -> str:
