@@ -2,6 +2,12 @@
 # Helpers shared by script/{voc12,coco}_{cls,eps}.sh and script/demo.sh. Sourced, not run.
 # Only sequencing lives here: every check and computation is a Python entry point.
 
+# Name references (local -n) and empty arrays under `set -u` need bash 4.4 (macOS ships 3.2).
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+  echo "error: these scripts need bash >= 4.4, this is $BASH_VERSION; install a newer bash (on macOS: brew install bash) and run them with it" >&2
+  exit 2
+fi
+
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 # Without a passive wait policy, PyTorch on a few cores can run 40x slower next to another busy
@@ -35,21 +41,29 @@ positive_int() { [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= ${3:-1} )) || die "$1=$2: ex
 
 # launch PROCS SCRIPT ARGS...: one process, or PROCS processes per node with torchrun: on one
 # machine (--standalone), or on NNODES machines that run the same script with their own
-# NODE_RANK and a common MASTER_ADDR:MASTER_PORT (static rendezvous; a node that arrives first
-# waits up to RDZV_TIMEOUT seconds). The entry points read the torchrun environment and split the
-# work / the global batch themselves.
-launch() {
+# NODE_RANK and a common MASTER_ADDR (static rendezvous; a node that arrives first waits up to
+# RDZV_TIMEOUT seconds). The port is STAGE_PORT when set (run_stage gives every stage its own,
+# so that a node that finished a stage early never joins the previous stage's rendezvous, still
+# open on node 0), else MASTER_PORT. The entry points read the torchrun environment and split
+# the work / the global batch themselves.
+launch() (  # a subshell: the OMP_NUM_THREADS it may set stays with this stage
   local procs=$1; shift
+  # torchrun sets OMP_NUM_THREADS=1 for every process when it is unset: right next to a GPU,
+  # 1/16 of the machine for a CPU run. CPU processes share the cores instead.
+  if [[ "${DEVICE:-}" == cpu && -z "${OMP_NUM_THREADS:-}" ]] && (( procs > 1 || NNODES > 1 )); then
+    local cores; cores=$(nproc 2>/dev/null || echo 1)
+    export OMP_NUM_THREADS=$(( cores / procs > 1 ? cores / procs : 1 ))
+  fi
   if (( NNODES > 1 )); then
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-      --nproc_per_node "$procs" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-      --rdzv_conf "timeout=$RDZV_TIMEOUT" "$@"
+      --nproc_per_node "$procs" --master_addr "$MASTER_ADDR" \
+      --master_port "${STAGE_PORT:-$MASTER_PORT}" --rdzv_conf "timeout=$RDZV_TIMEOUT" "$@"
   elif (( procs > 1 )); then
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$procs" "$@"
   else
     "$PYTHON" "$@"
   fi
-}
+)
 
 # main_node: true on the node that runs the single-process stages (evaluation, the results table)
 main_node() { (( NODE_RANK == 0 )); }

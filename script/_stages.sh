@@ -19,8 +19,11 @@ set_hardware() {
   NGPUS=${NGPUS:-1}               # processes per node (GPUs with DEVICE=cuda)
   NNODES=${NNODES:-1}             # machines; each runs this script with its own NODE_RANK
   NODE_RANK=${NODE_RANK:-0}
+  if (( ${NNODES:-1} > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
+    die "NNODES=$NNODES needs MASTER_ADDR, the address of the NODE_RANK=0 machine, the same on every node (docs/pipelines.md 'Several machines')"
+  fi
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-  MASTER_PORT=${MASTER_PORT:-29500}
+  MASTER_PORT=${MASTER_PORT:-29500}   # stage k of a multi-node run uses MASTER_PORT + k
   RDZV_TIMEOUT=${RDZV_TIMEOUT:-3600}  # s a node waits for the others at each stage's start
   SEG_NGPUS=${SEG_NGPUS:-$NGPUS}  # DeepLab keeps its effective batch 10 on 1, 2, 5 or 10 processes
   DEVICE=${DEVICE:-cuda}          # cpu: NGPUS CPU processes (gloo); cuda never falls back to cpu
@@ -28,6 +31,8 @@ set_hardware() {
   CHECK_ONLY=${CHECK_ONLY:-0}
   positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"; positive_int SEG_NGPUS "$SEG_NGPUS"
   positive_int NODE_RANK "$NODE_RANK" 0; positive_int NUM_WORKERS "$NUM_WORKERS" 0
+  positive_int MASTER_PORT "$MASTER_PORT"
+  (( MASTER_PORT <= 65530 )) || die "MASTER_PORT=$MASTER_PORT: the stages use MASTER_PORT..MASTER_PORT+5, keep it <= 65530"
   (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
   [[ "$DEVICE" == cpu || "$DEVICE" == cuda || "$DEVICE" == auto ]] || die "DEVICE=$DEVICE: cpu, cuda or auto"
 }
@@ -124,7 +129,7 @@ build_commands() {
   SEGEVAL_CMD=("$REPO/infer_seg.py" "${common[@]}" --data_root "$DATASET_ROOT"
                --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth"
                --out-dir "$SEG_PRED" --evaluate --num-workers "$NUM_WORKERS")
-  if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$NUM_WORKERS}"); fi
+  if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$(( NUM_WORKERS / NGPUS > 1 ? NUM_WORKERS / NGPUS : 1 ))}"); fi
   opt SEGEVAL_CMD --gt_dir "${SEG_GT_DIR:-}"
   words x "${SEGINFER_ARGS:-}"; SEGEVAL_CMD+=("${x[@]}")
 }
@@ -147,15 +152,23 @@ run_preflight() {
     --procs "*=$NGPUS" "seg=$SEG_NGPUS" "eval=1" -- "${args[@]}" || exit 2
 }
 
-# 4. one stage
+# 4. one stage, on its own rendezvous port: every node computes the same port for a stage
+# whatever it skipped, and a node that finished a stage early cannot join the previous one
+stage_port() {
+  local i=0 s
+  for s in train infer eval pseudo seg segeval; do
+    if [[ $s == "$1" ]]; then echo $(( MASTER_PORT + i )); return; fi
+    i=$(( i + 1 ))
+  done
+}
 run_stage() {
   local s=$1
   stage_cmd "$s"
   say "$s: ${CMD[*]}"
   case $s in
     eval) "$PYTHON" "${CMD[@]}" ;;
-    seg) launch "$SEG_NGPUS" "${CMD[@]}" ;;
-    *) launch "$NGPUS" "${CMD[@]}" ;;
+    seg) STAGE_PORT=$(stage_port "$s") launch "$SEG_NGPUS" "${CMD[@]}" ;;
+    *) STAGE_PORT=$(stage_port "$s") launch "$NGPUS" "${CMD[@]}" ;;
   esac
 }
 

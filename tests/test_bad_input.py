@@ -1033,3 +1033,20 @@ def test_kill_9_of_infer_with_crf_writers_leaves_no_process(world, tmp_path):
         proc.stderr.close()
         for pid in marked_processes(marker.encode()):  # this test's own processes only
             os.kill(pid, signal.SIGKILL)
+
+
+def test_small_shared_memory_is_refused_for_all_local_processes(tmp_path, monkeypatch):
+    """/dev/shm is shared by every process torchrun starts on a machine: the need scales with
+    LOCAL_WORLD_SIZE, and the refusal names the count and a flag every entry point accepts."""
+    from utils.device import SHM_PER_WORKER_MB, DeviceError, check_shared_memory
+    free = 3 * SHM_PER_WORKER_MB * 2 ** 20
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, 0, free))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    check_shared_memory(2, path=str(tmp_path))  # one process, 2 workers: 128 of 192 MB
+    check_shared_memory(0, path=str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(DeviceError, match=r"2 processes x 2 data-loading workers need about 256 MB"
+                                          r".*--shm-size=8g.*--num-workers 0"):
+        check_shared_memory(2, path=str(tmp_path))
+    for script in ("train.py", "train_seg.py", "infer.py"):  # the fix it names is a real flag
+        assert '"--num-workers"' in (REPO / script).read_text(), script

@@ -209,6 +209,9 @@ def test_ngpus_launches_torchrun(voc, tmp_path):
     ("coco_cls.sh", dict(METADATA_DIR="/nonexistent/meta"), "make_cls_labels.py"),
     ("coco_cls.sh", dict(DATASET_ROOT="/nonexistent/coco"), "train2014.zip"),
     ("voc12_cls.sh", dict(STAGES="train bogus"), "unknown stage 'bogus'"),
+    # a second node that defaulted to 127.0.0.1 would wait RDZV_TIMEOUT for a master of its own
+    ("voc12_cls.sh", dict(NNODES="2", NODE_RANK="1"), "NNODES=2 needs MASTER_ADDR"),
+    ("voc12_cls.sh", dict(MASTER_PORT="65534"), "stages use MASTER_PORT..MASTER_PORT+5"),
 ])
 def test_missing_input_stops_at_once(voc, coco, tmp_path, script, override, expect):
     data = coco if script.startswith("coco") else voc

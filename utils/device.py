@@ -164,13 +164,17 @@ SHM_PER_WORKER_MB = 64
 
 
 def check_shared_memory(num_workers: int, path: str = "/dev/shm") -> None:
-    """Refuse, with the fix, a /dev/shm too small for ``num_workers`` DataLoader workers."""
+    """Refuse, with the fix, a /dev/shm too small for ``num_workers`` DataLoader workers in each
+    of the processes torchrun started on this machine (they all share one /dev/shm)."""
     if num_workers <= 0 or not os.path.isdir(path):
         return
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     free_mb = shutil.disk_usage(path).free / 2 ** 20
-    need_mb = SHM_PER_WORKER_MB * num_workers
+    need_mb = SHM_PER_WORKER_MB * num_workers * procs
     if free_mb < need_mb:
+        who = (f"{num_workers} data-loading workers" if procs == 1 else
+               f"{procs} processes x {num_workers} data-loading workers")
         raise DeviceError(
-            f"{path} has {free_mb:.0f} MB free, but {num_workers} data-loading workers need about "
-            f"{need_mb} MB (a container's default 64 MB ends in a bus error): start the container "
-            f"with --shm-size=8g or --ipc=host, or pass --num_workers 0")
+            f"{path} has {free_mb:.0f} MB free, but {who} need about {need_mb} MB (a "
+            f"container's default 64 MB ends in a bus error): start the container with "
+            f"--shm-size=8g or --ipc=host, or pass --num-workers 0")
