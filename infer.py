@@ -18,9 +18,9 @@ Outputs (all optional, written atomically, one file per image):
 A rerun skips ids whose requested outputs all exist (resume); --overwrite recomputes them. Each
 output folder records the settings that made it, and a rerun with other settings is refused.
 Under torchrun every rank takes ids[rank::world] and writes into the same folders. No process
-group is joined: the ranks finish independently, and rank 0 returns only once every rank's
-outputs exist (a file poll bounded by --dist-timeout), so that the evaluation that follows it in
-the pipelines scores the whole list, also when the other ranks run on another node.
+group is joined: the ranks finish independently. When the launch spans several nodes, rank 0
+returns only once every rank's outputs exist (a file poll; --dist-timeout without a new file
+stops it), so that the evaluation that follows it on node 0 scores the whole list.
 """
 from __future__ import annotations
 
@@ -416,6 +416,11 @@ def main(args):
         args.amp = False
     # No process group: the ranks share nothing but the list and the folders (utils/dist.py)
     rank, world = dist.launched_rank(), dist.launched_world_size()
+    if args.overwrite and dist.spans_nodes():
+        # rank 0 waits for the other nodes' files by their presence: old ones would satisfy it
+        raise InferError("--overwrite cannot be used across several nodes (rank 0 could not tell "
+                         "the other nodes' new outputs from the old ones): delete the output "
+                         "folders, or write to new ones, and run without --overwrite")
     if args.n_gpus is not None or args.n_processes_per_gpu is not None:
         logger.info("--n_gpus / --n_processes_per_gpu are ignored: for several GPUs or processes "
                     "launch with torchrun --nproc_per_node N infer.py ...")
@@ -487,8 +492,9 @@ def main(args):
                       progress=rank == 0)
         dt = time.time() - t0
         logger.info("rank %d: %d images in %.1f s (%.3f s/image)", rank, n, dt, dt / max(n, 1))
-    if world > 1 and rank == 0:
-        # 4. rank 0 returns when the whole list is written, whichever rank or node wrote it
+    if dist.spans_nodes() and rank == 0:
+        # 4. rank 0 returns when the whole list is written, whichever node wrote it (on one
+        #    node, torchrun itself returns only when every rank has finished)
         present = ids if not args.skip_missing else InferDataset(
             info, args.img_root, ids, skip_missing=True).ids
         dist.wait_for_outputs(present, outputs.complete, what="images' outputs",

@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,8 +170,53 @@ def test_wait_for_outputs(tmp_path, monkeypatch):
     t.start()
     dist.wait_for_outputs(names, done, what="files", timeout_s=30, poll_s=0.05)
     t.join()
-    with pytest.raises(UserError, match=r"waited 0 s .*--dist-timeout.* 2 still missing, e.g. y0, y1"):
+    with pytest.raises(UserError, match=r"waited 0 s \(--dist-timeout\) without a new file.* 2 "
+                                        r"still missing, e.g. y0, y1"):
         dist.wait_for_outputs(names + ["y0", "y1"], done, what="files", timeout_s=0.3, poll_s=0.05)
+    # a slow rank that keeps writing is waited for well beyond the timeout (its files reset it)
+    slow = [f"z{i}" for i in range(8)]
+
+    def slow_writer():
+        for n in slow:
+            time.sleep(0.15)
+            (tmp_path / n).write_text("")
+    t = threading.Thread(target=slow_writer)
+    t0 = time.monotonic()
+    t.start()
+    dist.wait_for_outputs(slow, done, what="files", timeout_s=0.5, poll_s=0.02)
+    t.join()
+    assert time.monotonic() - t0 > 1.0  # 8 x 0.15 s: twice the timeout
+
+
+def test_launched_rank_ignores_a_stray_rank(monkeypatch):
+    """A RANK left in the environment of a single-process run must not shift its share of the
+    list (ids[rank::1]) or make it skip rank 0's checks."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist.launched_rank() == 0 and not dist.spans_nodes()
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert dist.launched_rank() == 3 and dist.spans_nodes()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert not dist.spans_nodes()
+
+
+def test_check_on_main_sends_errors_that_cannot_be_rebuilt_as_their_message(monkeypatch):
+    """An exception with a custom __init__ pickles but cannot be unpickled on the other ranks:
+    they get a UserError with the same message instead of a TypeError traceback."""
+    from data.pixels import PixelFormatError
+    from utils.errors import UserError
+    sent = []
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "is_main_process", lambda: True)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj: sent.append(obj) or obj)
+    err = PixelFormatError("saliency map", "/d/x.png", "16-bit palette")
+
+    def check():
+        raise err
+    with pytest.raises(UserError) as info:
+        dist.check_on_main(check)
+    assert type(sent[0]) is UserError and str(sent[0]) == str(err) and str(info.value) == str(err)
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
 """infer.py on generated data with fixed-seed small networks: the fast path against a
 straightforward per-view implementation written here, CLI outputs, resume, atomic writes,
 distributed splitting and bad input."""
+import functools
 import json
 import os
 from pathlib import Path
@@ -258,9 +259,10 @@ def test_outputs_are_atomic(env, tmp_path, monkeypatch):
 
 
 def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
-    """Under torchrun (RANK / WORLD_SIZE; no process group) rank r takes ids[r::world], and rank
-    0 returns only when every rank's outputs exist: the evaluation that follows it on node 0 must
-    not score a half-written folder written by another node. It waits at most --dist-timeout."""
+    """Under torchrun (RANK / WORLD_SIZE; no process group) rank r takes ids[r::world]. On two
+    nodes (LOCAL_WORLD_SIZE 1) rank 0 returns only when every rank's outputs exist: the
+    evaluation that follows it on node 0 must not score a half-written folder written by another
+    node. It waits at most --dist-timeout without a new file."""
     out = tmp_path / "out"
     seen = {}
     real_make = infer.make_cams
@@ -270,9 +272,14 @@ def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
         return real_make(model, items, *a, **k)
 
     monkeypatch.setattr(infer, "make_cams", spy)
-    monkeypatch.setattr(dist.time, "sleep", lambda s: None)  # the poll, without the wait
+    monkeypatch.setattr(dist, "wait_for_outputs", functools.partial(dist.wait_for_outputs,
+                                                                    poll_s=0.01))
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
+    with pytest.raises(infer.InferError, match="--overwrite cannot be used across several nodes"):
+        run(env, env["cls"], "--png-dir", out, "--overwrite")
+    assert not out.exists()
     with pytest.raises(UserError, match=r"--dist-timeout.*2 still missing, e.g. img_b, img_d"):
         run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")
     assert sorted(p.stem for p in out.glob("*.png")) == ["img_a", "img_c"]
@@ -282,6 +289,10 @@ def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
     run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")  # all there: returns
     assert seen == {0: ["img_a", "img_c"], 1: ["img_b", "img_d"]}
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
+    # one node (LOCAL_WORLD_SIZE = WORLD_SIZE): torchrun waits for every rank, rank 0 does not
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    run(env, env["cls"], "--png-dir", tmp_path / "one_node", "--dist-timeout", "0.2")
+    assert sorted(p.stem for p in (tmp_path / "one_node").glob("*.png")) == ["img_a", "img_c"]
 
 
 def test_crf_outputs(env, tmp_path):

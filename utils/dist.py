@@ -53,8 +53,8 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
         "--dist-timeout", "--dist_timeout", dest="dist_timeout", type=_positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds a collective (barrier, all-reduce) may wait for the other processes under "
-             f"torchrun before the job is aborted, and inference's rank 0 waits for the other "
-             f"ranks' files (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own default of 600 is too "
+             f"torchrun before the job is aborted, and inference's rank 0 waits for the next file "
+             f"of the other ranks (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own default of 600 is too "
              f"short for rank 0's checks of a COCO-sized list)")
 
 
@@ -182,9 +182,9 @@ def check_on_main(check: Callable[[], Any]) -> Any:
         except UserError as e:
             error = e
     if is_dist():
-        try:
-            pickle.dumps(error)
-        except Exception:  # an exception class that cannot travel: its message can
+        try:  # the other ranks must be able to rebuild it (custom __init__ signatures cannot)
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # an exception that cannot travel: its message can
             error = UserError(str(error))
         error = broadcast_object(error)
     if error is not None:
@@ -194,8 +194,13 @@ def check_on_main(check: Callable[[], Any]) -> Any:
 
 def launched_rank() -> int:
     """RANK of the torchrun launch, whether or not a process group was joined (0 without
-    torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    torchrun, also when a stray RANK is left in the environment of a single-process run)."""
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
+
+
+def spans_nodes() -> bool:
+    """True when the torchrun launch has processes on other machines too."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", launched_world_size())) < launched_world_size()
 
 
 def wait_for_outputs(items: Sequence, done: Callable[[Any], bool], *, what: str,
@@ -204,24 +209,29 @@ def wait_for_outputs(items: Sequence, done: Callable[[Any], bool], *, what: str,
     for the files the other ranks (on this node or another one sharing the folder) write at their
     own pace, so that whatever runs next (the evaluation) sees the whole list. A poll, not a
     collective: a rank that dies is reported by torchrun, and a node torchrun cannot see is
-    reported here after ``timeout_s`` (--dist-timeout), naming what is still missing."""
+    reported here once ``timeout_s`` (--dist-timeout) pass WITHOUT a new output, naming what is
+    still missing (a slow but working rank resets the clock with every file it writes)."""
     from utils.errors import UserError
     pending = [i for i in items if not done(i)]
-    t0 = last_log = time.monotonic()
+    t0 = last_new = last_log = time.monotonic()
     while pending:
         now = time.monotonic()
-        if now - t0 > timeout_s:
+        if now - last_new > timeout_s:
             raise UserError(
-                f"waited {timeout_s:.0f} s (--dist-timeout) for the other ranks' {what}; "
-                f"{len(pending)} still missing, e.g. {', '.join(map(str, pending[:3]))}. Check "
-                f"the other ranks' logs (a node that died, or a folder that is not shared "
-                f"between the nodes), then rerun: finished outputs are kept")
+                f"waited {timeout_s:.0f} s (--dist-timeout) without a new file of the other "
+                f"ranks' {what}; {len(pending)} still missing, e.g. "
+                f"{', '.join(map(str, pending[:3]))}. Check the other ranks' logs (a node that "
+                f"died, or a folder that is not shared between the nodes), then rerun: finished "
+                f"outputs are kept")
         if now - last_log >= 60:
             _logger.info("waiting for the other ranks: %d %s to go (%.0f s)", len(pending), what,
                          now - t0)
             last_log = now
-        time.sleep(max(0.0, min(poll_s, timeout_s - (now - t0))))
-        pending = [i for i in pending if not done(i)]
+        time.sleep(max(0.0, min(poll_s, timeout_s - (now - last_new))))
+        still = [i for i in pending if not done(i)]
+        if len(still) < len(pending):
+            last_new = time.monotonic()
+        pending = still
 
 
 def rank_suffix(rank: Optional[int] = None) -> str:
