@@ -19,9 +19,7 @@ set_hardware() {
   NGPUS=${NGPUS:-1}               # processes per node (GPUs with DEVICE=cuda)
   NNODES=${NNODES:-1}             # machines; each runs this script with its own NODE_RANK
   NODE_RANK=${NODE_RANK:-0}
-  if (( ${NNODES:-1} > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
-    die "NNODES=$NNODES needs MASTER_ADDR, the address of the NODE_RANK=0 machine, the same on every node (docs/pipelines.md 'Several machines')"
-  fi
+  local master_addr_given=${MASTER_ADDR:+1}
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   MASTER_PORT=${MASTER_PORT:-29500}   # stage k of a multi-node run uses MASTER_PORT + k
   RDZV_TIMEOUT=${RDZV_TIMEOUT:-3600}  # s a node waits for the others at each stage's start
@@ -32,6 +30,9 @@ set_hardware() {
   positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"; positive_int SEG_NGPUS "$SEG_NGPUS"
   positive_int NODE_RANK "$NODE_RANK" 0; positive_int NUM_WORKERS "$NUM_WORKERS" 0
   positive_int MASTER_PORT "$MASTER_PORT"
+  if (( NNODES > 1 )) && [[ -z "$master_addr_given" ]]; then
+    die "NNODES=$NNODES needs MASTER_ADDR, the address of the NODE_RANK=0 machine, the same on every node (docs/pipelines.md 'Several machines')"
+  fi
   (( MASTER_PORT <= 65530 )) || die "MASTER_PORT=$MASTER_PORT: the stages use MASTER_PORT..MASTER_PORT+5, keep it <= 65530"
   (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
   [[ "$DEVICE" == cpu || "$DEVICE" == cuda || "$DEVICE" == auto ]] || die "DEVICE=$DEVICE: cpu, cuda or auto"
@@ -129,7 +130,7 @@ build_commands() {
   SEGEVAL_CMD=("$REPO/infer_seg.py" "${common[@]}" --data_root "$DATASET_ROOT"
                --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth"
                --out-dir "$SEG_PRED" --evaluate --num-workers "$NUM_WORKERS")
-  if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$(( NUM_WORKERS / NGPUS > 1 ? NUM_WORKERS / NGPUS : 1 ))}"); fi
+  if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$(( NUM_WORKERS == 0 ? 0 : NUM_WORKERS / NGPUS > 1 ? NUM_WORKERS / NGPUS : 1 ))}"); fi
   opt SEGEVAL_CMD --gt_dir "${SEG_GT_DIR:-}"
   words x "${SEGINFER_ARGS:-}"; SEGEVAL_CMD+=("${x[@]}")
 }

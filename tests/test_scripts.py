@@ -276,14 +276,35 @@ def test_process_counts_that_cannot_split_the_batch_are_refused_up_front(voc, tm
     assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in out
 
 
+def free_port_range(n: int) -> int:
+    """A port p such that p .. p + n - 1 are all free on 127.0.0.1 now."""
+    import socket
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(port, port + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 @pytest.mark.timeout(400)
 def test_two_nodes_on_localhost(voc, tmp_path):
     """NNODES=2: two launchers on 127.0.0.1, as two machines would run the same script with their
     own NODE_RANK (one process each, gloo); the nodes train one model together."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port_range(6)  # stage k meets on MASTER_PORT + k
     env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", STAGES="train infer eval", NNODES=2,
                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, MAX_ITERS=3, RDZV_TIMEOUT=120)
     full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
