@@ -243,27 +243,30 @@ EFFECTIVE_BATCH = BATCH_SIZE * ITER_SIZE  # published 5 x 2
 MAX_PER_PROCESS = BATCH_SIZE              # images per process and pass of the published run
 
 
-def resume_start_batch(start_iter: int, old_batch: int, old_iter_size: int, new_batch: int,
-                       new_iter_size: int) -> Tuple[int, str]:
+def resume_start_batch(start_iter: int, n_samples: int, old_batch: int, old_iter_size: int,
+                       new_batch: int, new_iter_size: int) -> Tuple[int, str]:
     """(first micro-batch of the resumed run, a note when it is not an exact continuation).
 
-    The sampler counts micro-batches of the global --batch-size; a checkpoint written with
-    another split (5 x 2 on 1 process, 10 x 1 on 2) has consumed ``start_iter * old_batch *
-    old_iter_size`` images, which is where the resumed run starts. Only the epoch boundaries
-    (drop_last of a different batch) can then shift by a few images."""
-    consumed = start_iter * old_batch * old_iter_size
-    start_batch = consumed // new_batch
+    The sampler (utils/sampler.py) counts micro-batches of the global --batch-size, ``n_samples
+    // batch`` per epoch. A checkpoint written with another split (5 x 2 on 1 process, 10 x 1 on
+    2) stopped ``k`` micro-batches into epoch ``e``; the resumed run starts in the same epoch
+    (same permutation, same augmentation seeds) at the first batch of the new size that does not
+    skip an image of the old position. Only the end of each epoch (drop_last of another batch
+    size) differs from an uninterrupted run, and the difference does not add up over epochs."""
     if (old_batch, old_iter_size) == (new_batch, new_iter_size):
         return start_iter * new_iter_size, ""
+    epoch, k = divmod(start_iter * old_iter_size, n_samples // old_batch)
+    seen = k * old_batch  # images of epoch `epoch` already used
+    start_batch = epoch * (n_samples // new_batch) + seen // new_batch
     note = (f"resuming with batch {new_batch} x {new_iter_size} accumulated (checkpoint: "
-            f"{old_batch} x {old_iter_size}); the data continues after the {consumed} images "
-            f"already seen")
-    if consumed % new_batch:
-        note += f" (rounded down to {start_batch * new_batch})"
+            f"{old_batch} x {old_iter_size}); the data continues in epoch {epoch} after its "
+            f"{seen} images already seen")
+    if seen % new_batch:
+        note += f" (from image {seen // new_batch * new_batch}: a few are seen twice)"
     if old_batch * old_iter_size != new_batch * new_iter_size:
         note += "; the effective batch changed, so iterations are no longer comparable"
     else:
-        note += "; the order can differ from an uninterrupted run by a few images per epoch"
+        note += "; each epoch's last images can differ from an uninterrupted run's (drop_last)"
     return start_batch, note
 
 
@@ -368,8 +371,8 @@ def main(args) -> Dict:
     if ckpt is not None:
         old = ckpt.get("args", {})
         start_batch, note = resume_start_batch(
-            start_iter, old.get("batch_size", args.batch_size), old.get("iter_size", args.iter_size),
-            args.batch_size, args.iter_size)
+            start_iter, len(dataset), old.get("batch_size", args.batch_size),
+            old.get("iter_size", args.iter_size), args.batch_size, args.iter_size)
         if note:
             logger.warning("%s (checkpoint: %d process(es), now %d)", note,
                            ckpt.get("world_size", world), world)

@@ -194,15 +194,24 @@ def test_resume_matches_uninterrupted_run(data, tmp_path):
     assert full["losses"][2:] == rest["losses"]
 
 
-def test_resume_start_batch_counts_images_not_iterations():
-    """The sampler counts micro-batches of the global batch: a checkpoint written with another
-    split continues after the images it has already consumed (published 5 x 2 on 1 process,
-    10 x 1 on 2 processes)."""
-    assert train_seg.resume_start_batch(300, 5, 2, 5, 2) == (600, "")
-    start, note = train_seg.resume_start_batch(300, 5, 2, 10, 1)  # 1 process -> 2 processes
-    assert start == 300 and "3000 images already seen" in note and "few images" in note
-    start, note = train_seg.resume_start_batch(7, 10, 1, 4, 1)  # 70 images; 4 does not divide
-    assert start == 17 and "rounded down to 68" in note and "effective batch changed" in note
+def test_resume_start_batch_continues_the_epoch():
+    """The sampler counts micro-batches of the global batch, n // batch per epoch: a checkpoint
+    written with another split continues in its epoch after the images it has already used
+    (published 5 x 2 on 1 process, 10 x 1 on 2 processes), without drifting over epochs."""
+    from utils.sampler import InfiniteBatchSampler
+    assert train_seg.resume_start_batch(300, 10582, 5, 2, 5, 2) == (600, "")
+    # 1 process -> 2: 600 micro-batches of 5 = 3000 images, all in epoch 0
+    start, note = train_seg.resume_start_batch(300, 10582, 5, 2, 10, 1)
+    assert start == 300 and "epoch 0 after its 3000 images" in note and "drop_last" in note
+    # n = 23: 4 batches of 5 (old) but 2 of 10 (new) per epoch; 7 iterations x 2 = 14 batches
+    # of 5 = epoch 3, batch 2: 10 images into epoch 3 -> new batch 3 * 2 + 1 = 7
+    start, note = train_seg.resume_start_batch(7, 23, 5, 2, 10, 1)
+    assert start == 7 and "epoch 3 after its 10 images" in note
+    old, new = InfiniteBatchSampler(23, 5, seed=0), InfiniteBatchSampler(23, 10, seed=0)
+    assert new.batch(start) == old.batch(14) + old.batch(15)  # the same images, same epoch
+    start, note = train_seg.resume_start_batch(3, 40, 10, 1, 4, 1)  # 30 images; 4 does not divide
+    assert start == 7 and "from image 28: a few are seen twice" in note
+    assert "effective batch changed" in note
 
 
 def test_bad_mask_value_names_the_file(tmp_path):
