@@ -367,15 +367,15 @@ def main(args) -> Dict:
     # One sampler step = one micro-batch of --batch-size images (global); an optimizer step
     # takes --iter-size of them, so iteration k starts at micro-batch k * iter_size, counted in
     # the checkpoint's micro-batches when it was written on another number of processes.
-    start_batch = start_iter * args.iter_size
+    start_batch, split_note = start_iter * args.iter_size, ""
     if ckpt is not None:
         old = ckpt.get("args", {})
-        start_batch, note = resume_start_batch(
+        start_batch, split_note = resume_start_batch(
             start_iter, len(dataset), old.get("batch_size", args.batch_size),
             old.get("iter_size", args.iter_size), args.batch_size, args.iter_size)
-        if note:
-            logger.warning("%s (checkpoint: %d process(es), now %d)", note,
-                           ckpt.get("world_size", world), world)
+        if split_note:
+            split_note += (f" (checkpoint: {ckpt.get('world_size', world)} process(es), "
+                           f"now {world})")
     loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
                            start_batch=start_batch, rank=rank, world_size=world,
                            num_workers=args.num_workers, pin_memory=pin_memory(device),
@@ -392,6 +392,8 @@ def main(args) -> Dict:
         logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: "
                     "5 x 2)", args.batch_size * args.iter_size, args.batch_size, args.iter_size,
                     args.batch_size // world)
+        if split_note:  # in the run's log.txt too, beside the resume it explains
+            logger.warning("%s", split_note)
         result = train(args, model, loader, ckpt, run_dir, device, n_classes, resume)
     finally:
         close_file_log(run_dir / "log.txt")

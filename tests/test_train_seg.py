@@ -214,6 +214,21 @@ def test_resume_start_batch_continues_the_epoch():
     assert "effective batch changed" in note
 
 
+def test_resume_with_another_batch_split(data, tmp_path):
+    """A checkpoint of 2 x 2 accumulated (1 process) resumed as 4 x 1 (as on 2 processes): the
+    run continues in the checkpoint's epoch, says so, and finishes."""
+    run = tmp_path / "run"
+    train_seg.main(parse(train_seg.get_args_parser, train_argv(
+        data, run, max_iters=4, extra=["--stop-after", "2"])))
+    rest = train_seg.main(parse(train_seg.get_args_parser, train_argv(
+        data, run, max_iters=4, extra=["--resume", "--batch-size", 4, "--iter-size", 1])))
+    # 6 images: 2 iterations x 2 micro-batches of 2 = epoch 1 (3 per epoch), 2 images in
+    log = (run / "log.txt").read_text()
+    assert "resuming with batch 4 x 1 accumulated (checkpoint: 2 x 2)" in log
+    assert "continues in epoch 1 after its 2 images already seen (from image 0" in log
+    assert rest["final"] is not None and len(rest["losses"]) == 2
+
+
 def test_bad_mask_value_names_the_file(tmp_path):
     root = tmp_path / "d"
     make_dataset(root, n_train=2, n_val=1)
