@@ -38,10 +38,16 @@ def report_error(prog: str, message: str) -> None:
     Under torchrun every rank prints its own error, prefixed with its rank: an error only one
     rank meets (its share of the list, its GPU) would otherwise vanish when that rank is not 0."""
     from utils import dist
-    if dist.launched_world_size() > 1:
-        print(f"{prog}: error: [rank {dist.get_rank()}] {message}", file=sys.stderr, flush=True)
-    else:
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    who = f"[rank {dist.launched_rank()}] " if dist.launched_world_size() > 1 else ""
+    line = f"{prog}: error: {who}{message}\n".encode(errors="backslashreplace")
+    # One write(2) of the whole line: the ranks share one stderr pipe, and a line up to PIPE_BUF
+    # (4 KiB) written at once is never split by another rank's (print() may write twice)
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line)
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (tests)
+        sys.stderr.write(line.decode())
+        sys.stderr.flush()
     # console=False: the log file gets it, the console already has it (utils/run.py)
     logging.getLogger(prog).error("%s", message, extra={"console": False})
 
