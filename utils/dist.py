@@ -63,7 +63,7 @@ def is_dist() -> bool:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if is_dist() else launched_rank()
 
 
 def get_world_size() -> int:
@@ -77,6 +77,12 @@ def get_local_rank() -> int:
 def launched_world_size() -> int:
     """WORLD_SIZE of the torchrun launch (1 when started without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """RANK of the torchrun launch, whether or not a process group was joined (0 without
+    torchrun, also when a stray RANK is left in the environment of a single-process run)."""
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
 def is_main_process() -> bool:
@@ -190,12 +196,6 @@ def check_on_main(check: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
-
-
-def launched_rank() -> int:
-    """RANK of the torchrun launch, whether or not a process group was joined (0 without
-    torchrun, also when a stray RANK is left in the environment of a single-process run)."""
-    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
 def spans_nodes() -> bool:
