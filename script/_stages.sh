@@ -19,8 +19,6 @@ set_hardware() {
   NGPUS=${NGPUS:-1}               # processes per node (GPUs with DEVICE=cuda)
   NNODES=${NNODES:-1}             # machines; each runs this script with its own NODE_RANK
   NODE_RANK=${NODE_RANK:-0}
-  local master_addr_given=${MASTER_ADDR:+1}
-  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   MASTER_PORT=${MASTER_PORT:-29500}   # stage k of a multi-node run uses MASTER_PORT + k
   RDZV_TIMEOUT=${RDZV_TIMEOUT:-3600}  # s a node waits for the others at each stage's start
   SEG_NGPUS=${SEG_NGPUS:-$NGPUS}  # DeepLab keeps its effective batch 10 on 1, 2, 5 or 10 processes
@@ -30,7 +28,7 @@ set_hardware() {
   positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"; positive_int SEG_NGPUS "$SEG_NGPUS"
   positive_int NODE_RANK "$NODE_RANK" 0; positive_int NUM_WORKERS "$NUM_WORKERS" 0
   positive_int MASTER_PORT "$MASTER_PORT"
-  if (( NNODES > 1 )) && [[ -z "$master_addr_given" ]]; then
+  if (( NNODES > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
     die "NNODES=$NNODES needs MASTER_ADDR, the address of the NODE_RANK=0 machine, the same on every node (docs/pipelines.md 'Several machines')"
   fi
   (( MASTER_PORT <= 65530 )) || die "MASTER_PORT=$MASTER_PORT: the stages use MASTER_PORT..MASTER_PORT+5, keep it <= 65530"
