@@ -19,7 +19,6 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from data.errors import DataError
 from data.saliency import OTHER_ASPECT, size_kind
@@ -94,8 +93,12 @@ def hflip(img: Image.Image) -> Image.Image:
     return img.transpose(Image.FLIP_LEFT_RIGHT)
 
 
-def default_color_jitter() -> T.ColorJitter:
-    """ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1), as published."""
+def default_color_jitter():
+    """torchvision ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1), as
+    published. torchvision is imported here, not at the top: importing it costs about 2 s (it
+    pulls in torch._dynamo), which infer.py, evaluate.py and the tools never need."""
+    from torchvision import transforms as T
+
     return T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
 
 

@@ -43,6 +43,17 @@ def test_weight_transform_by_hand():
         transform_weight(torch.randn(5, 7, 1, 1))
 
 
+def test_weight_transform_is_g_g_gt_per_channel_pair(monkeypatch):
+    # the chunked (G kron G) product equals G g G^T for every (o, c), across chunk borders
+    import network.cpu.winograd as wg
+    monkeypatch.setattr(wg, "_TRANSFORM_CHUNK", 4)
+    w = torch.randn(3, 5, 3, 3)
+    g = torch.tensor(wg._G, dtype=torch.float64)
+    want = torch.stack([torch.stack([(g @ w[o, c].double() @ g.t()).float().flatten()
+                                     for c in range(5)], 1) for o in range(3)], 1)
+    assert torch.equal(transform_weight(w), want)
+
+
 @pytest.mark.parametrize("shape,dilation", [
     ((1, 8, 7, 9), 1), ((2, 6, 10, 13), 2), ((1, 4, 5, 3), 4), ((1, 3, 1, 1), 1),
     ((1, 5, 2, 17), 2), ((2, 9, 12, 12), 4), ((1, 16, 47, 63), 1)])
