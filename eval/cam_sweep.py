@@ -16,7 +16,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from eval.evaluator import EvalError, check_size, read_label_png, run_chunked, split_missing
+from eval.evaluator import (CAM_ITEMS_PER_WORKER, EvalError, check_size, read_label_png, run_chunked,
+                            split_missing)
 from eval.metrics import compute_scores, sweep_confusion_matrices
 from utils.io import load_npz
 
@@ -89,8 +90,9 @@ def _sweep_chunk(chunk, num_classes: int, thresholds: Tuple[float, ...]):
 
 def evaluate_cams(ids: Sequence[str], gt_paths: Sequence, cam_paths: Sequence, num_classes: int,
                   thresholds: Sequence[float], workers: int = 0, *, skip_missing: bool = False,
-                  progress: bool = True) -> Dict:
-    """Score the pseudo-masks of saved CAMs at every threshold.
+                  progress: bool = True, min_per_worker: int = CAM_ITEMS_PER_WORKER) -> Dict:
+    """Score the pseudo-masks of saved CAMs at every threshold (``workers`` processes at most,
+    each with at least ``min_per_worker`` CAMs; eval/evaluator.py pool_size).
 
     Returns {"thresholds": sorted unique list, "scores": [compute_scores dict per threshold],
     "miou": float64 (T,), "best_index", "best_threshold", "confusions" (T, n, n + 1),
@@ -107,7 +109,8 @@ def evaluate_cams(ids: Sequence[str], gt_paths: Sequence, cam_paths: Sequence, n
     fn = functools.partial(_sweep_chunk, num_classes=int(num_classes), thresholds=thr)
     total = np.zeros((len(thr), num_classes, num_classes + 1), dtype=np.int64)
     pairs = [(str(g), str(c)) for g, c in zip(gt_paths, cam_paths)]
-    for conf in run_chunked(fn, pairs, workers, desc="CAM sweep", progress=progress):
+    for conf in run_chunked(fn, pairs, workers, desc="CAM sweep", progress=progress,
+                            min_per_worker=min_per_worker):
         total += conf
     scores = [compute_scores(c) for c in total]
     miou = np.array([s["miou"] for s in scores])

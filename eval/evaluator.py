@@ -103,17 +103,40 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
+# A worker process costs about 0.25 s of start-up (spawned: a fresh interpreter importing the
+# evaluator's modules, numpy and PIL; torch is kept out of them) and repays it only when its
+# share of the list takes longer than that. Per item on one core of the development machine: a
+# VOC-size PNG pair 1.6-2.1 ms, one CAM .npz swept over 19 thresholds about 20 ms. With W workers
+# on W idle cores the pool wins when n x per-item x (1 - 1/W) > start-up: for 2 workers from
+# about 280 PNG pairs or 25 CAMs (tools/benchmarks/eval.py measures both sides). Each worker
+# therefore gets at least this many items, and a shorter list runs in this process.
+PNG_ITEMS_PER_WORKER = 250
+CAM_ITEMS_PER_WORKER = 25
+
+
+def pool_size(workers: int, n_items: int, min_per_worker: int = 1) -> int:
+    """Worker processes worth starting for ``n_items``: at most ``workers``, each with at least
+    ``min_per_worker`` items. 0 or 1 means: run in this process."""
+    return max(0, min(int(workers), n_items // max(1, int(min_per_worker))))
+
+
 def run_chunked(fn: Callable, items: Sequence, workers: int, desc: str,
-                progress: bool = True) -> Iterable:
+                progress: bool = True, min_per_worker: int = 1) -> Iterable:
     """Apply ``fn(chunk) -> (result, n_items)`` to chunks of ``items`` and yield the results.
 
-    workers <= 1 runs in this process (easy to debug, no start-up cost); otherwise a process pool
-    with ``imap_unordered`` over chunks (sums are order independent). ``fn`` must be picklable
-    (a module-level function or a functools.partial of one). Worker errors re-raise here."""
+    Up to ``workers`` processes, but only as many as get ``min_per_worker`` items each
+    (:func:`pool_size`); one or none runs in this process (easy to debug, no start-up cost).
+    Otherwise a process pool with ``imap_unordered`` over chunks (sums are order independent).
+    ``fn`` must be picklable (a module-level function or a functools.partial of one). Worker
+    errors re-raise here."""
     items = list(items)
     if not items:
         return
-    workers = max(0, int(workers))
+    requested = max(0, int(workers))
+    workers = pool_size(requested, len(items), min_per_worker)
+    if requested > 1 and workers <= 1:
+        logger.info("%s: %d items, too few to repay worker start-up (%d per worker): running in "
+                    "this process", desc, len(items), min_per_worker)
     # About 8 chunks per worker balances the load; at most 32 items so the bar moves.
     size = max(1, min(32, math.ceil(len(items) / (max(1, workers) * 8))))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
@@ -147,23 +170,27 @@ def _confusion_chunk(chunk, num_classes: int):
 
 
 def accumulate_confusion(gt_paths: Sequence, pred_paths: Sequence, num_classes: int,
-                         workers: int = 0, progress: bool = True) -> np.ndarray:
+                         workers: int = 0, progress: bool = True,
+                         min_per_worker: int = PNG_ITEMS_PER_WORKER) -> np.ndarray:
     """Summed (n, n + 1) confusion over image pairs (files must exist; see split_missing)."""
     fn = functools.partial(_confusion_chunk, num_classes=int(num_classes))
     total = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
     pairs = [(str(g), str(p)) for g, p in zip(gt_paths, pred_paths)]
-    for conf in run_chunked(fn, pairs, workers, desc="evaluate", progress=progress):
+    for conf in run_chunked(fn, pairs, workers, desc="evaluate", progress=progress,
+                            min_per_worker=min_per_worker):
         total += conf
     return total
 
 
 def evaluate_folders(ids: Sequence[str], gt_paths: Sequence, pred_paths: Sequence,
                      num_classes: int, workers: int = 0, *, skip_missing: bool = False,
-                     ignore_invalid: bool = False, progress: bool = True) -> dict:
+                     ignore_invalid: bool = False, progress: bool = True,
+                     min_per_worker: int = PNG_ITEMS_PER_WORKER) -> dict:
     """mIoU and friends of prediction PNGs against GT PNGs (one pair per id).
 
     num_classes counts the background (21 for VOC). ``ignore_invalid`` reproduces the published
-    dropping of predictions >= num_classes (default: counted as wrong). Returns the
+    dropping of predictions >= num_classes (default: counted as wrong). ``workers`` processes
+    at most, each with at least ``min_per_worker`` pairs (:func:`pool_size`). Returns the
     ``compute_scores`` dict plus ``confusion`` (n, n + 1), ``num_images`` and ``missing``."""
     ids, gt_paths, pred_paths, missing = split_missing(ids, gt_paths, pred_paths, "prediction",
                                                        skip_missing)
@@ -171,7 +198,8 @@ def evaluate_folders(ids: Sequence[str], gt_paths: Sequence, pred_paths: Sequenc
         raise EvalError(f"no image left to evaluate: every id misses a file (first: "
                         f"{missing[0]['path']}); check the prediction and ground-truth folders and "
                         f"the id list")
-    conf = accumulate_confusion(gt_paths, pred_paths, num_classes, workers, progress)
+    conf = accumulate_confusion(gt_paths, pred_paths, num_classes, workers, progress,
+                                min_per_worker)
     scores = compute_scores(conf, ignore_invalid=ignore_invalid)
     scores.update(confusion=conf, num_images=len(ids), missing=missing)
     return scores

@@ -304,9 +304,21 @@ def test_evaluate_folders_parallel_equals_serial_and_hand_values(tmp_path):
     one = evaluate_folders(ids[:1], gts[:1], preds[:1], 4, workers=0, progress=False)
     np.testing.assert_array_equal(one["confusion"], CONF)
     serial = evaluate_folders(ids, gts, preds, 4, workers=0, progress=False)
-    parallel = evaluate_folders(ids, gts, preds, 4, workers=2, progress=False)
+    parallel = evaluate_folders(ids, gts, preds, 4, workers=2, progress=False, min_per_worker=1)
     np.testing.assert_array_equal(serial["confusion"], parallel["confusion"])
     assert serial["num_images"] == 6
+
+
+def test_pool_size_starts_workers_only_for_long_lists():
+    from eval.evaluator import PNG_ITEMS_PER_WORKER, pool_size
+    assert pool_size(2, 400, 250) == 1        # in this process
+    assert pool_size(2, 500, 250) == 2
+    assert pool_size(8, 1449, 250) == 5       # each worker gets at least 250
+    assert pool_size(0, 10_000, 250) == 0     # --num-workers 0 stays in this process
+    assert pool_size(2, 3, 1) == 2
+    # the default for PNG pairs: the 1,464 VOC train masks use 2 workers, a 100-mask demo none
+    assert pool_size(2, 1464, PNG_ITEMS_PER_WORKER) == 2
+    assert pool_size(2, 100, PNG_ITEMS_PER_WORKER) <= 1
 
 
 def test_size_mismatch_is_an_error_naming_the_file(tmp_path):
@@ -334,3 +346,13 @@ def test_read_label_png_modes(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(EvalError, match="broken.png"):
         read_label_png(tmp_path / "broken.png")
+
+
+def test_worker_errors_reach_the_caller(tmp_path):
+    # a size mismatch found inside a worker process is the same one-line EvalError
+    pairs = [_pair(tmp_path, f"i{k}", np.zeros((4, 6)), np.zeros((4, 6 if k else 5)))
+             for k in range(4)]
+    gts, preds = [g for g, _ in pairs], [p for _, p in pairs]
+    with pytest.raises(EvalError, match=r"pred/i0\.png: prediction size 5x4 .*differs"):
+        evaluate_folders([f"i{k}" for k in range(4)], gts, preds, 21, workers=2, progress=False,
+                         min_per_worker=1)

@@ -177,3 +177,32 @@ def test_every_flag_has_type_and_help():
         # booleans are --flag / --no-flag switches (the project's one boolean style)
         assert action.type is not None or isinstance(action, argparse.BooleanOptionalAction), \
             action.dest
+
+
+def test_evaluate_never_imports_torch(tmp_path):
+    # torch is ~2 s of import that the evaluator never uses (utils/run.py -> utils/dist.py
+    # imports it lazily): a PNG evaluation and a CAM sweep, a user error, and the CLI wrapper
+    # leave it unimported.
+    datalist, gt, pred = make_voc_case(tmp_path)
+    save_npz(tmp_path / "cam" / f"{IDS[0]}.npz", keys=np.array([0]),
+             cams=np.linspace(0, 1, 24, dtype=np.float32).reshape(1, 4, 6))
+    save_npz(tmp_path / "cam" / f"{IDS[1]}.npz", keys=np.array([14]),
+             cams=np.ones((1, 4, 6), np.float32))
+    code = f"""
+import sys
+sys.argv = ["evaluate.py"]
+import evaluate
+from utils.cli import run_cli
+common = ["--datalist", {str(datalist)!r}, "--gt_dir", {str(gt)!r}, "--no-progress"]
+rcs = [run_cli(evaluate.get_args_parser, evaluate.main, argv=common + [
+           "--pred_dir", {str(pred)!r}, "--save_path", {str(tmp_path / 'a.txt')!r}]),
+       run_cli(evaluate.get_args_parser, evaluate.main, argv=common + [
+           "--cam-dir", {str(tmp_path / 'cam')!r}, "--save_path", {str(tmp_path / 's.txt')!r}]),
+       run_cli(evaluate.get_args_parser, evaluate.main, argv=common + [
+           "--pred_dir", {str(tmp_path / 'nowhere')!r}])]
+print("RCS", rcs, "TORCH", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert r.returncode == 0, r.stderr
+    assert "RCS [0, 0, 2] TORCH []" in r.stdout, r.stdout + r.stderr

@@ -18,13 +18,29 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
-import torch
-import torch.distributed as dist
+
+class _LazyModule:
+    """A module imported at its first attribute access. torch takes about 2 s to import, and the
+    entry points that never use it (evaluate.py, the tools) reach this module only through
+    utils/cli.py and utils/run.py, for the launch environment (RANK, WORLD_SIZE): they must not
+    pay for it (tests/test_evaluate_cli.py checks that evaluate.py runs without importing torch)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _LazyModule("torch")
+dist = _LazyModule("torch.distributed")
 
 # Long enough for the slowest step that separates two collectives in any stage (rank 0 checking
 # the 82k COCO saliency maps before training, or writing a 1.3 GB checkpoint to a slow disk):
@@ -59,7 +75,9 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
 
 
 def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    # No process group can exist before torch.distributed is imported (importing torch imports
+    # it), and a torch-free process must not import it to learn that.
+    return "torch.distributed" in sys.modules and dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
