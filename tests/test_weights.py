@@ -303,3 +303,29 @@ def test_load_network_from_checkpoint(tmp_path):
     assert model.head_type == "cls" and model.num_classes == 4
     with pytest.raises(WeightsError, match="pass --network"):
         load_network(custom.state_dict(), 4, ambiguous_ok=False)
+
+
+def test_load_network_skips_the_random_init_and_loads_every_tensor(tmp_path, monkeypatch):
+    # load_network builds on the meta device and loads into uninitialised memory: the result
+    # must equal a normally built network loaded with the same file, frozen flags included
+    from network.weights import build_for_loading
+    torch.manual_seed(0)
+    trained = build_network("small_eps", 20, width=8, blocks=2)
+    sd = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model, _ = load_network(sd, 20, "small_eps")
+    fresh = build_network("small_eps", 20, width=8, blocks=2)
+    fresh.load_state_dict(trained.state_dict())
+    for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), k  # num_batches_tracked: 0, as in a fresh build
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in fresh.parameters()]
+    assert model.training == fresh.training
+    # a network with state that a load does not restore is built normally (initialised)
+    import network.weights as nw
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+    monkeypatch.setattr(nw, "build_network", lambda *a, **k: WithConstant())
+    assert torch.equal(build_for_loading("x", 1).scale, torch.full((3,), 2.0))
