@@ -3,14 +3,16 @@
     python tools/benchmark.py                          # every section, CPU rows
     python tools/benchmark.py --only eval              # one section
     python tools/benchmark.py --device cuda --json b.json   # CUDA rows, also as JSON
+    python tools/benchmark.py --only published --eps-repo ../EPS   # ratios to the published code
 
 Each section is a function ``run(args) -> (title, rows)`` in ``tools/benchmarks/<name>.py``;
 rows are dicts, printed as one markdown table per section. ``--device cpu`` (default) runs the
 CPU rows, ``cuda`` the CUDA rows only (a one-line error without a usable GPU), ``all`` both
 (CUDA when present). The "eval" section measures the evaluator, which always runs on the CPU:
-it runs for cpu/all. The "data" section measures DataLoader workers (CPU processes) against
-what the GPU consumes: it runs for every --device and, run after "train" and "infer", reads
-their CUDA rows (``args.results``). Timing and memory rules: tools/benchmarks/measure.py.
+it runs for cpu/all, and so does "published" (whole processes against the published
+programs: the ratios that show a regression the day it lands). The "data" section measures
+DataLoader workers (CPU processes) against what the GPU consumes: it runs for every --device
+and, run after "train" and "infer", reads their CUDA rows (``args.results``). Timing and memory rules: tools/benchmarks/measure.py.
 Targets live here, never in timed unit tests.
 """
 from __future__ import annotations
@@ -79,6 +81,10 @@ def get_args_parser():
                    help="data section: the training images/s the GPU consumes, for the headroom "
                         "of the data-loading workers (default: the train section's CUDA rows at "
                         "batch 8, crop 448, when it runs first)")
+    p.add_argument("--eps-repo", type=Path, default=None,
+                   help="published section: a checkout of github.com/halbielee/EPS; its infer.py "
+                        "and evaluate_png.py then run too (from a patched temporary copy: CPU, "
+                        "Pillow >= 10, numpy >= 1.24), besides tools/benchmarks/ref_*.py")
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     p.add_argument("--json", type=Path, default=None,
                    help="also write every row as JSON here, rewritten after each section (a "
