@@ -148,11 +148,11 @@ def get_args_parser():
                    help="fast path on the CPU: an inference-only copy of the network with its "
                         "conv-BN pairs folded (network/cpu/), run as the Winograd graph "
                         "(--winograd) or as a frozen TorchScript graph with pre-packed oneDNN "
-                        "weights (--no-winograd); CAMs equal within ~2e-6")
+                        "weights (--no-winograd); CAMs equal within 2.1e-6 (docs/inference.md)")
     g.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                    help="with --fuse on the CPU: 3x3 convs with >= 256 input channels as Winograd "
                         "F(2x2,3x3) (2.25x fewer multiply-adds), the other convs with pre-packed "
-                        "oneDNN weights; same function, CAMs within ~2e-6, 1.5-1.7x less CPU time "
+                        "oneDNN weights; same function, CAMs within 2.1e-6, 1.5-1.7x less CPU time "
                         "per VOC image than --no-fast on 2 threads, about 0.8 GB more memory at "
                         "scale 2 (--no-winograd: direct convolutions)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,

@@ -360,7 +360,7 @@ def main(args) -> Dict:
         record = evaluate_dir(args, folder, list_path)
         result[key] = record["miou"]
         tag = "with CRF" if key == "miou_crf" else "without CRF"
-        # deeplab-pytorch's scores.py averages only over classes present in the GT
+        # deeplab-pytorch's scores() (libs/utils/metric.py) averages only over classes present in the GT
         gt_only = record.get("miou_gt_classes")
         extra = (f" (GT-present classes only, deeplab-pytorch convention: {gt_only * 100:.2f})"
                  if gt_only is not None and abs(gt_only - record["miou"]) > 1e-9 else "")

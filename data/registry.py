@@ -29,8 +29,10 @@ VOC12_TRAIN_DEFAULTS = dict(train_list="train_aug", infer_list="train", crop_siz
 COCO_TRAIN_DEFAULTS = dict(train_list="train", infer_list="train", crop_size=321,
                            resize_size=(256, 448), batch_size=16, max_iters=256500, lr=0.01,
                            wt_dec=5e-4, tau=0.4, lam=0.9, seg_list="train", seg_eval_list="val")
-# Published mIoU (%): pseudo-masks on the infer list per head (EPS README "Train(mIoU)"), and the
-# DeepLab-v2 ResNet-101 val mIoU on EPS pseudo-masks (EPS paper, with CRF); none for COCO DeepLab.
+# Published mIoU (%): pseudo-masks on the infer list per head (EPS README "Train(mIoU)": the released
+# checkpoints, not the paper's networks, EPS issue #10), and the DeepLab-v2 ResNet-101 val mIoU on
+# EPS pseudo-masks (the paper, as PapersWithCode records it; with or without CRF is not known). No
+# COCO DeepLab anchor: PapersWithCode's 35.7 is unchecked (docs/pipelines.md "Expected numbers").
 VOC12_PUBLISHED = {"cls": 47.05, "eps": 69.22, "deeplab_eps": 70.9}
 COCO_PUBLISHED = {"cls": 31.23, "eps": 37.15}
 

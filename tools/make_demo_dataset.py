@@ -6,7 +6,7 @@ co-occur perfectly with their class, so a classifier trained with image labels a
 them and its CAM labels railroad pixels as train. The saliency maps (imperfect, like an
 off-the-shelf detector's) tell EPS where the objects end.
 
-    python tools/make_demo_dataset.py --out demo_data            # ~2 s for 1,800 images
+    python tools/make_demo_dataset.py --out demo_data    # 1,800 images, ~15 s of one core (docs/demo.md)
 
 Layout (the ``custom`` dataset of data/registry.py, i.e. the VOC layout):
 
