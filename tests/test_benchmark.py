@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,91 @@ def test_timing_and_peak_memory_on_the_cpu():
         block[::4096] = b"x" * len(block[::4096])
     if big.alloc_mb is not None:  # None where /proc/self/clear_refs cannot be written
         assert big.alloc_mb > 150
+
+
+# ---------------------------------------------------------------- the "published" section
+def _fake_eps_tree(root: Path, drop: str = None) -> Path:
+    """The few lines of an EPS checkout that the patches change (no EPS code is in this repo)."""
+    from tools.benchmarks.published import INFER_PATCHES
+    texts = {}
+    for rel, old, _, _ in INFER_PATCHES:
+        if old != drop:
+            texts[rel] = texts.get(rel, "") + f"line with {old}\n"
+    for rel, text in texts.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "evaluate_png.py").write_text("print('eval')\n")
+    (root / ".git").mkdir()
+    return root
+
+
+def test_published_patches_apply_and_a_different_checkout_is_one_error(tmp_path):
+    from tools.benchmarks.published import INFER_PATCHES, PatchError, patched_eps_copy
+    src = _fake_eps_tree(tmp_path / "eps")
+    dst = patched_eps_copy(src, tmp_path / "copy")
+    assert not (dst / ".git").exists() and (dst / "evaluate_png.py").is_file()
+    for rel, old, new, _ in INFER_PATCHES:
+        text = (dst / rel).read_text()
+        assert old not in text or old in new  # "Image.CUBIC" is inside "PIL.Image.CUBIC"
+    assert ".cuda(" not in (dst / "infer.py").read_text()
+    assert "np.array([c[0] for c in cam_list])" in (dst / "infer.py").read_text()
+    assert (src / "infer.py").read_text() != (dst / "infer.py").read_text()  # the copy only
+    other = _fake_eps_tree(tmp_path / "other", drop="Image.CUBIC")
+    with pytest.raises(PatchError, match=r"infer.py has no 'Image.CUBIC' to change"):
+        patched_eps_copy(other, tmp_path / "copy2")
+    with pytest.raises(PatchError, match="no infer.py"):
+        patched_eps_copy(tmp_path / "nowhere", tmp_path / "copy3")
+
+
+def test_published_runs_interleave_and_ratios_are_of_medians():
+    from tools.benchmarks.published import interleaved, summary_rows
+    order = []
+    times = {"ref": iter([(10.0, 20.0), (12.0, 22.0), (14.0, 30.0)]),
+             "ours": iter([(5.0, 10.0), (6.0, 11.0), (7.0, 40.0)])}
+    runs = interleaved({k: (lambda k=k: order.append(k) or next(times[k])) for k in times}, reps=3)
+    assert order == ["ref", "ours", "ours", "ref", "ref", "ours"]  # ABBA: load falls on both
+    rows = summary_rows("t", 2, runs, "ours", ["ref"], 1.5, load=1.0, same={"ref": "yes"})
+    ref, ours = rows
+    assert ref["program"] == "ref" and ref["speed-up CPU"] is None
+    assert ours["vs"] == "ref" and ours["speed-up wall"] == pytest.approx(12 / 6)
+    assert ours["speed-up CPU"] == pytest.approx(22 / 11)
+    assert ours["target"] == ">= 1.5x: met" and ours["same result"] == "yes"
+    slow = summary_rows("t", 2, runs, "ours", ["ref"], 3.0, load=1.0)
+    assert slow[1]["target"] == ">= 3x: NOT met"
+    quick = summary_rows("t", 2, runs, "ours", ["ref"], 3.0, load=1.0, verdict=False)
+    assert quick[1]["target"] == ">= 3x: no verdict (--quick)"
+
+
+def test_reference_evaluator_writes_the_same_table_as_evaluate(tmp_path):
+    # tools/benchmarks/ref_eval.py (the published evaluation process, for timing) must compute
+    # what evaluate.py computes, or the ratio compares two different jobs
+    from tools.benchmarks.published import tables_differ
+    from utils.io import save_label_png
+    rng = np.random.default_rng(0)
+    ids = [f"i{k}" for k in range(3)]
+    for i in ids:
+        gt = rng.choice([0, 1, 15, 255], size=(7, 9)).astype(np.uint8)
+        save_label_png(tmp_path / "gt" / f"{i}.png", gt)
+        save_label_png(tmp_path / "pred" / f"{i}.png", rng.choice([0, 1, 15], size=(7, 9)))
+    (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
+    flags = ["--dataset", "voc12", "--datalist", tmp_path / "list.txt", "--gt_dir",
+             tmp_path / "gt", "--pred_dir", tmp_path / "pred"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    for script, out in (("tools/benchmarks/ref_eval.py", "ref.txt"), ("evaluate.py", "ours.txt")):
+        r = subprocess.run([sys.executable, script, *map(str, flags), "--save_path",
+                            str(tmp_path / out)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert tables_differ(tmp_path / "ours.txt", tmp_path / "ref.txt") == "yes"
+
+
+@pytest.mark.slow
+def test_published_section_quick_runs_both_programs_with_the_same_results(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_benchmark("--only", "published", "--quick", "--json", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["sections"]["published"]["rows"]
+    ours = [r for r in rows if r["vs"]]
+    assert {r["program"] for r in ours} == {"infer.py", "evaluate.py"}
+    assert all(r["same result"] == "yes" and r["speed-up CPU"] > 0 for r in ours), ours
+    assert all("no verdict" in r["target"] for r in ours)
