@@ -986,6 +986,7 @@ def marked_processes(marker: bytes) -> List[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 @pytest.mark.timeout(300)
 def test_kill_9_of_infer_with_crf_writers_leaves_no_process(world, tmp_path):

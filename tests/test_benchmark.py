@@ -24,6 +24,7 @@ def run_benchmark(*argv, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_benchmark_prints_markdown_tables(tmp_path):
     out = tmp_path / "bench.md"
     proc = run_benchmark("--only", "eval", "--quick", "--threads", "1", "--out", str(out))
@@ -34,6 +35,7 @@ def test_benchmark_prints_markdown_tables(tmp_path):
     assert "| task | workers | images | seconds | images/s |" in text
 
 
+@pytest.mark.slow
 def test_data_section_quick_and_json(tmp_path):
     """The data section on generated VOC-size files: a per-worker rate for the training and the
     inference pipeline, the real loader's rate, and the headroom over a given GPU rate."""
@@ -80,6 +82,7 @@ def test_sections_are_registered_with_data_last():
     assert list(SECTIONS)[-1] == "data" and {"train", "infer"} <= set(SECTIONS)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_device_cuda_without_a_gpu_is_one_line_error():
     proc = run_benchmark("--only", "train", "--device", "cuda", timeout=120)

@@ -36,6 +36,7 @@ def test_format_report_delta_and_percent_rows():
     assert lines[4] == "| seg | - | 30.0 |  |"   # no delta without both numbers
 
 
+@pytest.mark.slow
 def test_demo_script_tiny(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DEMO_VARS}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",

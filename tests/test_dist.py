@@ -86,6 +86,7 @@ def test_timeout_flag_everywhere():
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_uneven_ranks_never_wait_on_a_collective(tmp_path):
     """Rank 1 has nothing to do (its images are done), rank 0 has ~20 s of work; with a 5 s
@@ -122,6 +123,7 @@ def test_uneven_ranks_never_wait_on_a_collective(tmp_path):
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_resume_on_another_world_size(tmp_path):
     """Killed after 2 of 4 iterations on 2 processes, resumed on 1: the data order is the same
@@ -219,6 +221,7 @@ def test_check_on_main_sends_errors_that_cannot_be_rebuilt_as_their_message(monk
     assert type(sent[0]) is UserError and str(sent[0]) == str(err) and str(info.value) == str(err)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bad_file_stops_every_rank_with_one_message(tmp_path):
     """The training list's file check runs on rank 0 only (not N times the same I/O); its error

@@ -34,6 +34,7 @@ def steps(out: Path) -> dict:
     return {s["name"]: s for s in gpu_check.read_steps(out / "steps.tsv")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "check"
@@ -69,6 +70,7 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert len(list((out / "runs" / "1gpu" / "deeplab" / "val").glob("*.png"))) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failed_step_does_not_stop_the_others(tmp_path):
     """The dataset step fails: the stages that need its files are 'not run', the benchmark

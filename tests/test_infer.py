@@ -357,6 +357,7 @@ def test_cli_returns_error_code_with_message(env, tmp_path, caplog):
         run(env, env["cls"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_two_ranks_share_the_output_folder(env, tmp_path):
     import subprocess

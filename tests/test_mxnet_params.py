@@ -239,6 +239,7 @@ def test_empty_text_and_random_files(tmp_path):
     _one_line_error(tmp_path / "random.params", r"it starts with bytes de ad be ef ")
 
 
+@pytest.mark.slow
 def test_unreadable_params_reach_the_user_as_one_line(tmp_path):
     """load_pretrained (train.py --weights x.params) raises a WeightsError, which the entry points
     report as one line; the converter prints one "error:" line and a non-zero status."""
@@ -354,6 +355,7 @@ def converted(full_params, tmp_path_factory):
     return out, main(args), args
 
 
+@pytest.mark.slow
 def test_convert_tool_end_to_end(full_params, converted):
     from tools.convert_resnet38 import ConversionError, main
 
@@ -370,6 +372,7 @@ def test_convert_tool_end_to_end(full_params, converted):
         main(args)
 
 
+@pytest.mark.slow
 def test_convert_tool_output_is_byte_reproducible(full_params, converted, tmp_path, capsys):
     """The printed sha256 identifies the weights: converting the same file again, to another name
     in another folder, gives identical bytes (the archive inside no longer carries the random

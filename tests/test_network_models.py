@@ -179,7 +179,8 @@ def test_parameter_groups_trained_bn():
     assert groups["10x"] == [model.fc8.weight]
 
 
-@pytest.mark.parametrize("name", ["small_eps", "resnet38_cls", "resnet101_eps"])
+@pytest.mark.parametrize("name", ["small_eps", pytest.param("resnet38_cls", marks=pytest.mark.slow),
+                                  pytest.param("resnet101_eps", marks=pytest.mark.slow)])
 def test_checkpointing_gives_identical_results(name):
     """Same outputs, gradients and BN statistics with and without activation checkpointing,
     dropout included (checkpoint replays the RNG state) and with training-mode BN (the

@@ -120,6 +120,7 @@ def coco(demo) -> dict:
 # ------------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
     env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1)
     out = ok(run_script("voc12_eps.sh", **env))
@@ -150,6 +151,7 @@ def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
     assert result_rows(out2) == rows
 
 
+@pytest.mark.slow
 def test_voc12_cls_default_stages(voc, tmp_path):
     out = ok(run_script("voc12_cls.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_cls"))
     run = tmp_path / "voc12_cls"
@@ -159,6 +161,7 @@ def test_voc12_cls_default_stages(voc, tmp_path):
     assert pseudo[:2] == ("train", "47.05") and is_number(pseudo[2])
 
 
+@pytest.mark.slow
 def test_coco_eps_all_stages(coco, tmp_path):
     out = ok(run_script("coco_eps.sh", **coco, SAVE_ROOT=tmp_path, NETWORK="small_eps"))
     run = tmp_path / "coco_eps"
@@ -170,6 +173,7 @@ def test_coco_eps_all_stages(coco, tmp_path):
     assert is_number(rows["DeepLab-v2"][2]) and "DeepLab-v2 + CRF" not in rows
 
 
+@pytest.mark.slow
 def test_coco_cls_default_stages(coco, tmp_path):
     out = ok(run_script("coco_cls.sh", **coco, SAVE_ROOT=tmp_path, NETWORK="small_cls"))
     pseudo = result_rows(out)["pseudo-masks (thr 0.20, no CRF)"]
@@ -177,6 +181,7 @@ def test_coco_cls_default_stages(coco, tmp_path):
     assert (tmp_path / "coco_cls" / "result" / "train_miou.txt").is_file()
 
 
+@pytest.mark.slow
 def test_unfinished_training_is_resumed(voc, tmp_path):
     env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", STAGES="train", MAX_ITERS=3)
     ok(run_script("voc12_cls.sh", **env, TRAIN_ARGS="--stop-after 1"))  # a job slot ran out
@@ -187,6 +192,7 @@ def test_unfinished_training_is_resumed(voc, tmp_path):
     assert "resumed from" in (run / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_ngpus_launches_torchrun(voc, tmp_path):
     """NGPUS=2 goes through torchrun (gloo on the CPU); the global batch is split, not doubled."""
     out = ok(run_script("voc12_cls.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_cls", NGPUS=2))
@@ -199,6 +205,7 @@ def test_ngpus_launches_torchrun(voc, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Input checks: bash stops before any Python runs, saying what to download and where
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script, override, expect", [
     ("voc12_eps.sh", dict(DATASET_ROOT="/nonexistent/VOC2012"), "VOCtrainval_11-May-2012.tar"),
     ("voc12_eps.sh", dict(SALIENCY_ROOT="/nonexistent/sal"), "PFAN saliency maps"),
@@ -260,6 +267,7 @@ def test_every_missing_input_is_named_in_one_run(tmp_path):
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_process_counts_that_cannot_split_the_batch_are_refused_up_front(voc, tmp_path):
     # batch 8 on 3 processes: refused with the counts that work, before any stage runs
     proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=3,
@@ -300,6 +308,7 @@ def free_port_range(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_nodes_on_localhost(voc, tmp_path):
     """NNODES=2: two launchers on 127.0.0.1, as two machines would run the same script with their
@@ -326,6 +335,7 @@ def test_two_nodes_on_localhost(voc, tmp_path):
     assert "| voc12_cls |" not in outs[1][0] and "eval: " not in outs[1][0]
 
 
+@pytest.mark.slow
 def test_eval_released_end_to_end_and_refusals(tmp_path):
     """script/eval_released.sh on a released-style checkpoint (plain state dict) for VOC's 20
     classes, with real VOC ids; nothing is written when an input is missing."""

@@ -87,6 +87,7 @@ def final_state(run_dir):
 # ---------------------------------------------------------------------------------------------
 # command line, end to end
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["small_cls", "small_eps"])
 def test_cli_end_to_end(data_root, tmp_path, network):
     argv = base_argv(data_root, tmp_path / "runs", network=network, session=network, iters=3)

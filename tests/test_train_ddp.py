@@ -20,6 +20,7 @@ from test_train import base_argv, final_state, make_tiny_dataset, run_main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_two_processes_match_one(tmp_path):
     root = make_tiny_dataset(tmp_path / "data", n=12)

@@ -248,6 +248,7 @@ def test_resnet101_without_init_is_refused(data, tmp_path):
         train_seg.main(args)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(data, tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "infer_seg.py", "--dataset", "custom", "--data_root",
