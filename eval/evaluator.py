@@ -7,6 +7,7 @@ so inter-process traffic is one small array per chunk, not per image.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -103,13 +104,15 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
-# A worker process costs about 0.25 s of start-up (spawned: a fresh interpreter importing the
-# evaluator's modules, numpy and PIL; torch is kept out of them) and repays it only when its
-# share of the list takes longer than that. Per item on one core of the development machine: a
-# VOC-size PNG pair 1.6-2.1 ms, one CAM .npz swept over 19 thresholds about 20 ms. With W workers
-# on W idle cores the pool wins when n x per-item x (1 - 1/W) > start-up: for 2 workers from
-# about 280 PNG pairs or 25 CAMs (tools/benchmarks/eval.py measures both sides). Each worker
-# therefore gets at least this many items, and a shorter list runs in this process.
+# A spawned worker costs about 0.25 s of start-up (a fresh interpreter importing the evaluator's
+# modules, numpy and PIL; torch is kept out of them) and repays it only when its share of the list
+# takes longer than that. Per item on one core of the development machine: a VOC-size PNG pair
+# 1.6-2.1 ms, one CAM .npz swept over 19 thresholds about 20 ms. With W workers on W idle cores
+# the pool wins when n x per-item x (1 - 1/W) > start-up: for 2 workers from about 280 PNG pairs
+# or 25 CAMs. Each worker therefore gets at least this many items, and a shorter list runs in this
+# process. evaluate.py's workers are forked (utils/workers.py mp_pool), which costs milliseconds,
+# so there the thresholds are conservative: what decides is whether idle cores exist (on the
+# shared 2-core development machine, with other jobs running, 2 workers gave no gain at 1,449).
 PNG_ITEMS_PER_WORKER = 250
 CAM_ITEMS_PER_WORKER = 25
 
@@ -140,22 +143,19 @@ def run_chunked(fn: Callable, items: Sequence, workers: int, desc: str,
     # About 8 chunks per worker balances the load; at most 32 items so the bar moves.
     size = max(1, min(32, math.ceil(len(items) / (max(1, workers) * 8))))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
-    # A bar only on a terminal: in a log file it is carriage-return noise (utils/progress.py).
-    bar = tqdm(total=len(items), desc=desc, unit="img", leave=False,
-               disable=not progress or not is_terminal())
-    try:
-        if workers <= 1:
-            for c in chunks:
-                result, done = fn(c)
-                bar.update(done)
-                yield result
-        else:
-            with mp_pool(min(workers, len(chunks))) as pool:
-                for result, done in pool.imap_unordered(fn, chunks):
-                    bar.update(done)
-                    yield result
-    finally:
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        # The pool first: forked when this process is torch-free and single-threaded
+        # (evaluate.py), which the progress bar's monitor thread would no longer be; a forked
+        # worker costs milliseconds instead of a fresh interpreter (utils/workers.py).
+        pool = (stack.enter_context(mp_pool(min(workers, len(chunks)), fork_if_safe=True))
+                if workers > 1 else None)
+        # A bar only on a terminal: in a log file it is carriage-return noise (utils/progress.py).
+        bar = stack.enter_context(tqdm(total=len(items), desc=desc, unit="img", leave=False,
+                                       disable=not progress or not is_terminal()))
+        results = pool.imap_unordered(fn, chunks) if pool is not None else map(fn, chunks)
+        for result, done in results:
+            bar.update(done)
+            yield result
 
 
 def _confusion_chunk(chunk, num_classes: int):

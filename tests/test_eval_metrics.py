@@ -356,3 +356,10 @@ def test_worker_errors_reach_the_caller(tmp_path):
     with pytest.raises(EvalError, match=r"pred/i0\.png: prediction size 5x4 .*differs"):
         evaluate_folders([f"i{k}" for k in range(4)], gts, preds, 21, workers=2, progress=False,
                          min_per_worker=1)
+
+
+def test_fork_only_where_it_is_safe():
+    # this test process has imported torch: its evaluator pools are spawned, never forked
+    import sys
+    from utils.workers import fork_is_safe
+    assert "torch" in sys.modules and not fork_is_safe()

@@ -193,6 +193,17 @@ import sys
 sys.argv = ["evaluate.py"]
 import evaluate
 from utils.cli import run_cli
+# a fresh torch-free, single-threaded process (no tqdm monitor thread yet) forks its
+# evaluator workers (utils/workers.py)
+from eval.evaluator import evaluate_folders
+from utils.workers import fork_is_safe
+ids = {IDS!r}
+gts = [{str(gt)!r} + f"/{{i}}.png" for i in ids]
+preds = [{str(pred)!r} + f"/{{i}}.png" for i in ids]
+forked = fork_is_safe()
+pooled = evaluate_folders(ids, gts, preds, 21, workers=2, progress=False, min_per_worker=1)
+alone = evaluate_folders(ids, gts, preds, 21, workers=0, progress=False)
+print("FORK", forked, (pooled["confusion"] == alone["confusion"]).all())
 common = ["--datalist", {str(datalist)!r}, "--gt_dir", {str(gt)!r}, "--no-progress"]
 rcs = [run_cli(evaluate.get_args_parser, evaluate.main, argv=common + [
            "--pred_dir", {str(pred)!r}, "--save_path", {str(tmp_path / 'a.txt')!r}]),
@@ -206,3 +217,4 @@ print("RCS", rcs, "TORCH", sorted(m for m in sys.modules if m == "torch" or m.st
                        timeout=120, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     assert r.returncode == 0, r.stderr
     assert "RCS [0, 0, 2] TORCH []" in r.stdout, r.stdout + r.stderr
+    assert ("FORK True True" if sys.platform.startswith("linux") else "True") in r.stdout
