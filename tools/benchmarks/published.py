@@ -19,9 +19,11 @@ Timing: the programs run in turn, rep by rep, with the order reversed every othe
 so that the load of other jobs on a shared machine falls on both alike. Each run is one
 subprocess; wall seconds, and CPU seconds = user + system time of the process and all its
 children (resource.RUSAGE_CHILDREN: the forked inference child, DataLoader and evaluator
-workers). Medians over the reps; the speed-ups are ratios of medians. CPU time is the number
-to trust on a shared machine (wall time moves with other jobs; CPU time much less), so the
-target is judged on it. The weights are random (fixed seed): the timings do not depend on
+workers). Medians over the reps; the speed-ups are ratios of medians, and the target is judged
+on both. Wall time is what a user waits for, but on a shared machine it moves with other jobs
+(each row gives the 1-minute load average before its runs): trust it only at low load. CPU time
+moves much less (other jobs still slow the caches and memory), but it also counts the work of
+parallel workers, which the wall time of an idle machine does not see. The weights are random (fixed seed): the timings do not depend on
 their values. Generated data (VOC ids with their labels from metadata/voc12, so both programs
 take the same command line); every program writes into its own fresh folder.
 """
@@ -118,8 +120,8 @@ def summary_rows(task: str, n: int, runs: Dict[str, List[Tuple[float, float]]], 
                  references: Sequence[str], target: float, load: float,
                  verdict: bool = True, same: Optional[Dict[str, str]] = None) -> List[dict]:
     """One row per reference program, then one row per (ours vs reference) with the speed-ups
-    (ratios of medians) and whether the target (on CPU time) is met (``verdict=False``: a
-    --quick run, whose small inputs measure mostly start-up, gives none). ``same``: per
+    (ratios of medians) and whether they meet the target, on CPU time and on wall time
+    (``verdict=False``: a --quick run, whose small inputs measure mostly start-up, gives none). ``same``: per
     reference, whether ours wrote the same result (a benchmark of two programs that disagree
     would mean nothing)."""
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
@@ -133,8 +135,11 @@ def summary_rows(task: str, n: int, runs: Dict[str, List[Tuple[float, float]]], 
         if vs is not None:
             r["speed-up wall"] = med[vs][0] / wall
             r["speed-up CPU"] = med[vs][1] / cpu
-            r["target"] = (f">= {target:g}x: {'met' if r['speed-up CPU'] >= target else 'NOT met'}"
-                           if verdict else f">= {target:g}x: no verdict (--quick)")
+            if verdict:
+                ok = {k: "met" if r[f"speed-up {k}"] >= target else "NOT met" for k in ("CPU", "wall")}
+                r["target"] = f">= {target:g}x: CPU {ok['CPU']}, wall {ok['wall']}"
+            else:
+                r["target"] = f">= {target:g}x: no verdict (--quick)"
         r["same result"] = (same or {}).get(vs, "") if vs is not None else ""
         return r
 
@@ -270,4 +275,4 @@ def run(args):
         eps_copy = patched_eps_copy(eps, root / "eps") if eps is not None else None
         rows = eval_rows(root, args, eps_copy) + infer_rows(root, args, eps_copy)
     return ("Whole process against the published programs (speed-up = their median / ours; "
-            "target judged on CPU time)", rows)
+            "wall time is trustworthy only at a low load)", rows)
