@@ -2,6 +2,9 @@
 or the Winograd / pre-packed eager graph) computes the same CAMs as the eager network, at sizes
 the trace never saw, leaves the original model untouched and refuses to train."""
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from network import build_network
 from network.cpu.fuse import (FusedNetwork, PackedConv2d, fold_conv_bn, fuse_for_inference,
                           optimise_cpu_graph)
 from network.cpu.winograd import WinogradConv2d
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +208,27 @@ def test_building_leaves_the_models_mode_alone(winograd):
     model = make("small_eps").train()
     fuse_for_inference(model, winograd=winograd, min_winograd_channels=0)
     assert model.training
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
+    # a 256 MB block allocated, freed and allocated again: by default the second one is a fresh
+    # mmap that faults in every page; after keep_freed_memory it is reused from the heap
+    code = """
+import resource, sys, torch
+from network.cpu.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+x = torch.ones(64, 1024, 1024); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(64, 1024, 1024)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        faults[mode] = int(r.stdout.split()[-1])
+    assert faults["default"] > 50_000 and faults["keep"] < faults["default"] // 10, faults
