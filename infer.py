@@ -480,9 +480,10 @@ def main(args):
         speed = SpeedOptions(fast=args.fast, fuse=args.fuse, winograd=args.winograd,
                              channels_last=args.channels_last, amp=args.amp,
                              batch_views={"auto": None, "on": True, "off": False}[args.batch_views])
-        if device.type == "cpu":
-            # activations reused from the heap instead of page-faulted in anew per layer
-            # (network/cpu/memory.py: about 5 s less system time per VOC image)
+        if device.type == "cpu" and args.fast and args.fuse and args.winograd:
+            # the default CPU path: activations reused from the heap instead of page-faulted in
+            # anew per layer (network/cpu/memory.py: ~5% less time, ~1 GB more peak memory;
+            # --no-winograd stays the low-memory path)
             from network.cpu.memory import keep_freed_memory
             keep_freed_memory()
         prepared = prepare_for_inference(model, device, speed)
