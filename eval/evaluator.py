@@ -107,14 +107,14 @@ def default_workers() -> int:
 # A spawned worker costs about 0.25 s of start-up (a fresh interpreter importing the evaluator's
 # modules, numpy and PIL; torch is kept out of them) and repays it only when its share of the list
 # takes longer than that. Per item on one core of the development machine: a VOC-size PNG pair
-# 1.6-2.1 ms, one CAM .npz swept over 19 thresholds about 20 ms. With W workers on W idle cores
-# the pool wins when n x per-item x (1 - 1/W) > start-up: for 2 workers from about 280 PNG pairs
-# or 25 CAMs. Each worker therefore gets at least this many items, and a shorter list runs in this
-# process. evaluate.py's workers are forked (utils/workers.py mp_pool), which costs milliseconds,
+# 1.0-2.1 ms, one CAM .npz swept over 19 thresholds 10-20 ms. With W workers on W idle cores the
+# pool wins when n x per-item x (1 - 1/W) > start-up: for 2 workers from about 250-500 PNG pairs
+# or 25-50 CAMs. Each worker therefore gets at least this many items, and a shorter list runs in
+# this process. evaluate.py's workers are forked (utils/workers.py mp_pool), which costs milliseconds,
 # so there the thresholds are conservative: what decides is whether idle cores exist (on the
 # shared 2-core development machine, with other jobs running, 2 workers gave no gain at 1,449).
 PNG_ITEMS_PER_WORKER = 250
-CAM_ITEMS_PER_WORKER = 25
+CAM_ITEMS_PER_WORKER = 50
 
 
 def pool_size(workers: int, n_items: int, min_per_worker: int = 1) -> int:
