@@ -8,10 +8,11 @@
 The published EPS main.py command line (its underscore spellings, --data_root ...) runs unchanged.
 
 Defaults reproduce the published runs (EPS main.py and script/*.sh; docs/training.md): the
-dataset's recipe from data/registry.py, SGD with the published parameter groups, poly decay per
-step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/optim.py), and the
-losses the network's head defines (network/heads.py: multilabel soft margin, + the EPS saliency
-loss for EPS).
+dataset's training recipe from data/registry.py, the method's hyper-parameters from its head
+(network/heads.py: EPS --tau / --lam per dataset), SGD with the published parameter groups, poly
+decay per step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/optim.py),
+and the losses the network's head defines (multilabel soft margin, + the EPS saliency loss for
+EPS).
 
 Run directory ``<save-root>/<session>``: args.json, env.json, log.txt, metrics.jsonl, loss.png,
 ``checkpoint_last.pth`` (full state for --resume) and, at the end, ``checkpoint_cls.pth`` (plain
@@ -35,6 +36,7 @@ from data.datasets import ClsDataset, ClsSalDataset, check_files, default_salien
 from data.registry import DATASETS, check_data_root, get_dataset
 from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
+from network.heads import flag_of
 from network.weights import load_initial_weights, record_network
 from utils import dist, flags
 from utils.checkpoint import (changed_settings, check_ranks_agree, open_run_dir,
@@ -54,7 +56,8 @@ logger = logging.getLogger("train")
 
 FINAL_NAME = "checkpoint_cls.pth"   # published name, used for cls and eps alike (EPS main.py)
 LAST_NAME = "checkpoint_last.pth"   # full training state, rewritten every --ckpt-every steps
-# Flags whose default comes from the dataset's recipe (data/registry.py); the heads add theirs.
+# Flags whose default comes from the dataset's recipe (data/registry.py); the heads declare theirs
+# (Head.hparams, network/heads.py).
 RECIPE_KEYS = ("train_list", "crop_size", "resize_size", "batch_size", "max_iters", "lr", "wt_dec")
 
 
@@ -102,9 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--max-iters", type=int, default=None,
         help="training iterations; also the poly schedule length (published: VOC 20000, COCO 256500)")
     flags.add_num_workers(p, 8, "data loading processes per training process (published 8)")
-    heads = p.add_argument_group("method hyper-parameters (added by the heads, network/heads.py)")
-    for add_args in {h.add_args.__func__: h for h in HEADS.values()}.values():
-        add_args.add_args(heads)
+    add_head_flags(p.add_argument_group(
+        "method hyper-parameters (declared by the heads, network/heads.py; default: the "
+        "head's value for --dataset)"), HEADS.values())
     # --- new flags ---
     add("--momentum", type=float, default=PUBLISHED_MOMENTUM,
         help="SGD momentum. Default 5e-4 because the published optimizer passed its weight decay "
@@ -138,8 +141,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_head_flags(group, heads) -> None:
+    """One flag per hyper-parameter name over every registered head (network/heads.py HParam):
+    a head that inherits or shares a name (a subclass of EpsHead: --tau, --lam) adds no second
+    flag. The flag's default is None; resolve_args fills in the run's head's value for the
+    dataset. The help lists each head's defaults where they differ."""
+    declared: dict = {}
+    for head in heads:
+        for name, hp in head.hparams.items():
+            declared.setdefault(name, []).append((head, hp))
+    for name, decls in declared.items():
+        first = decls[0][1]
+        clash = [h.name for h, hp in decls if (hp.type, hp.choices) != (first.type, first.choices)]
+        if clash:
+            raise TypeError(f"heads {[h.name for h, _ in decls]} declare {flag_of(name)} with "
+                            f"different types or choices; rename one of them")
+        defaults = {hp.describe_default(): None for _, hp in decls}
+        where = (first.describe_default() if len(defaults) == 1 else
+                 "; ".join(f"{h.name}: {hp.describe_default()}" for h, hp in decls))
+        add_flag(group, flag_of(name), type=first.type, default=None, choices=first.choices,
+                 help=f"{first.help}. Default: {where}")
+
+
 def resolve_args(args, info, world: int) -> argparse.Namespace:
-    """Fill recipe flags left at None from the dataset registry and check every value (no
+    """Fill the shared recipe flags left at None from the dataset registry and the method's
+    hyper-parameters from the head (its per-dataset defaults), and check every value (no
     compute, no files written)."""
     try:
         args.network = normalize_network_name(args.network)
@@ -148,11 +174,16 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                             f"{sorted(NETWORKS)}") from None
     backbone, head = network_parts(args.network)
     recipe = info.train_defaults
-    for key in RECIPE_KEYS + head.hparams + tuple(k for k in recipe if hasattr(args, k)):
+    for key in RECIPE_KEYS:
         if getattr(args, key, None) is None:
-            if key not in recipe:
-                raise TrainingError(f"--{key} is needed by --network {args.network}; pass it")
             setattr(args, key, recipe[key])
+    try:
+        hparams = head.resolve_hparams({k: getattr(args, k, None) for k in head.hparams},
+                                       info.name)
+    except ValueError as e:
+        raise TrainingError(f"{e} (--network {args.network})") from None
+    for key, value in hparams.items():
+        setattr(args, key, value)
     args.resize_size = [int(v) for v in args.resize_size]
     checks = [(args.crop_size > 0, "--crop_size must be positive"),
               (0 < args.resize_size[0] <= args.resize_size[1],
@@ -173,8 +204,6 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
               (args.log_every > 0 and args.ckpt_every > 0, "--log-every/--ckpt-every must be > 0"),
               (args.num_workers >= 0, "--num_workers must be >= 0"),
               (args.stop_after is None or args.stop_after > 0, "--stop-after must be positive")]
-    problem = head.check_hparams(**{k: getattr(args, k) for k in head.hparams})
-    checks.append((problem is None, problem))
     for ok, msg in checks:
         if not ok:
             raise TrainingError(msg)
@@ -219,7 +248,17 @@ def check_inputs(args, info, head) -> None:
 
 
 def build_dataset(args, info, head):
-    """The training set of the head's method: images (+ saliency maps when it needs them)."""
+    """The training set of the head's method: images (+ saliency maps when it needs them), +
+    what the head's ``sample_extras`` hook adds to each sample."""
+    dataset = _build_dataset(args, info, head)
+    if head.sample_extras is not None:
+        # a static or class method of the head: loader workers run it, without the model
+        dataset.sample_extras = head.sample_extras
+        dataset.sample_hparams = {k: getattr(args, k) for k in head.hparams}
+    return dataset
+
+
+def _build_dataset(args, info, head):
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
                   skip_missing=args.skip_missing)
     if not head.needs_saliency:
@@ -309,7 +348,7 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
     if ckpt:
         start_iter = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
                                             seed=args.seed)
-        changed = changed_settings(ckpt, args, RECIPE_KEYS + model.hparams)
+        changed = changed_settings(ckpt, args, RECIPE_KEYS + tuple(model.hparams))
         if changed:
             logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
@@ -328,21 +367,35 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
     progress = Progress(args.max_iters, f"train {args.session}", initial=start_iter,
                         enabled=dist.is_main_process())
 
-    # 7. the loop
+    def step():
+        scaler.step(optimizer)
+        scaler.update()
+
+    # 7. the loop. The head's hooks (network/heads.py): sample_extras adds a dict as the last
+    #    entry of each batch, handed to losses as extras=; around_step runs step() with what the
+    #    method does around it. Without them this is the published step, bit for bit.
+    has_extras = model.sample_extras is not None
     for it in range(start_iter, end_iter):
         batch = next(loader_iter)  # an endless sampler: never StopIteration
         lr = set_poly_lr(optimizer, it, args.max_iters)  # poly lr of this 0-based step, before SGD
+        extra = {}
+        if has_extras:
+            batch, extras = batch[:-1], batch[-1]
+            extra = {"extras": {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                for k, v in extras.items()}}
         img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
         label = batch[-1].to(device, non_blocking=True)
         sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = net(img)
-        losses = model.losses(out, label, sal, **hparams)  # the head's terms, in fp32
+        losses = model.losses(out, label, sal, **extra, **hparams)  # the head's terms, in fp32
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if model.around_step is None:
+            step()
+        else:
+            model.around_step(step, it, **hparams)
         terms = terms or list(losses)
         stats = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
         window = stats if window is None else window + stats

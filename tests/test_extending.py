@@ -28,7 +28,7 @@ import train
 from data.registry import get_dataset
 from network import registry
 from network.base import Backbone
-from network.heads import Head
+from network.heads import EpsHead, Head, HParam
 from network.losses import cls_loss
 from network.registry import build_network, register_backbone, register_head, registered
 from network.weights import identify_checkpoint, load_pretrained, network_record
@@ -54,7 +54,8 @@ class ToyHead(Head):
     name = "toy"                 # networks <backbone>_toy
     needs_saliency = True        # batches carry saliency maps
     has_background = True        # cam_probs: C class maps, then the background map
-    hparams = ("toy_weight",)    # train.py passes args.toy_weight to losses()
+    hparams = {"toy_weight": HParam(default=0.5, low=0, help="toy method: weight of the "
+                                    "saliency-agreement loss (>= 0)")}  # --toy-weight
     classifier_key = "classifier.weight"  # not fc8: C of an unrecorded file is read from here
 
     def __init__(self, num_classes: int, **backbone_kwargs):
@@ -84,14 +85,49 @@ class ToyHead(Head):
         return {"cls": cls_loss(pred[:, :-1].float(), labels),
                 "agree": toy_weight * agreement_loss(cam, saliency)}
 
-    @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--toy-weight", "--toy_weight", type=float, default=0.5,
-                            help="toy method: weight of the saliency-agreement loss (>= 0)")
+
+# ------------------------------------------------------------------------------------------------
+# 1b. a built-in method extended by subclassing: EPS + one loss term, with both hooks
+# ------------------------------------------------------------------------------------------------
+class EpsConsistency(EpsHead):
+    """EPS plus a cross-view consistency term: the class scores of the image should match those
+    an exponential moving average (EMA) of the classifier gives on a second augmented view.
+    ``sample_extras`` adds the second view to each sample; ``around_step`` updates the EMA after
+    each optimizer step. Inherits --tau / --lam (and their per-dataset values) from EpsHead."""
+
+    name = "epscons"             # networks <backbone>_epscons
+    hparams = {                  # only what this head adds: tau and lam are inherited
+        "cons_weight": HParam(default=0.1, per_dataset={"voc12": 0.1, "coco": 0.05}, low=0,
+                              help="weight of the cross-view consistency term (>= 0)"),
+        "ema": HParam(default=0.99, low=0, high=1,
+                      help="momentum of the EMA classifier, in [0, 1]"),
+    }
+
+    def __init__(self, num_classes: int, **backbone_kwargs):
+        super().__init__(num_classes, **backbone_kwargs)  # the EPS head: the trunk, then fc8
+        # The hook's state is a buffer: in the state dict, so checkpoint_last.pth keeps it
+        # and --resume restores it exactly (and checkpoint_cls.pth carries it).
+        self.register_buffer("fc8_ema", self.fc8.weight.detach().clone())
 
     @staticmethod
-    def check_hparams(toy_weight: float, **hparams):
-        return None if toy_weight >= 0 else "--toy-weight must be >= 0"
+    def sample_extras(ctx):
+        """Runs in the loader workers: a second augmented view of the same image."""
+        image, _saliency = ctx.view()
+        return {"view": image}
+
+    def losses(self, out, labels, saliency=None, *, extras, cons_weight: float, **hparams):
+        terms = super().losses(out, labels, saliency, **hparams)  # EPS: cls + sal (tau, lam)
+        with torch.no_grad():  # the teacher: the EMA classifier on the second view
+            teacher = F.conv2d(self.forward_features(extras["view"]), self.fc8_ema)
+        pred, _ = out
+        terms["cons"] = cons_weight * F.mse_loss(torch.sigmoid(pred[:, :-1].float()),
+                                                 torch.sigmoid(teacher.mean(dim=(2, 3))[:, :-1]))
+        return terms
+
+    def around_step(self, step, iteration: int, *, ema: float, **hparams):
+        step()  # the optimizer step (and the fp16 scaler update)
+        with torch.no_grad():
+            self.fc8_ema.mul_(ema).add_(self.fc8.weight.detach(), alpha=1 - ema)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,8 +154,9 @@ class TwoConv(Backbone):
 
 @pytest.fixture(scope="module")
 def toys():
-    """ToyHead and TwoConv registered for this module only (small_toy, twoconv_cls, ...)."""
-    with registered(heads=[ToyHead], backbones={"twoconv": TwoConv}):
+    """ToyHead, EpsConsistency and TwoConv registered for this module only (small_toy,
+    small_epscons, twoconv_cls, ...)."""
+    with registered(heads=[ToyHead, EpsConsistency], backbones={"twoconv": TwoConv}):
         yield
 
 
@@ -146,6 +183,7 @@ def parse(module, argv):
 
 
 @pytest.mark.parametrize("network,terms", [("small_toy", ("cls", "agree")),
+                                           ("small_epscons", ("cls", "sal", "cons")),
                                            ("twoconv_cls", ("cls",))])
 def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
     # train.py: the head's flag (every head's flags are on the command line), its loss terms
@@ -163,6 +201,9 @@ def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
         assert all(np.isfinite(r[f"loss_{t}"]) and r[f"loss_{t}"] >= 0 for t in terms)
         assert r["loss"] == pytest.approx(sum(r[f"loss_{t}"] for t in terms))
     assert json.loads((run_dir / "args.json").read_text())["toy_weight"] == 0.3
+    if network == "small_epscons":  # its own default for a custom dataset, EPS's inherited ones
+        recorded = json.loads((run_dir / "args.json").read_text())
+        assert (recorded["cons_weight"], recorded["tau"], recorded["lam"]) == (0.1, 0.4, 0.5)
     checkpoint = run_dir / train.FINAL_NAME
     record = network_record(torch.load(checkpoint, map_location="cpu", weights_only=True))
     assert (record["network"], record["num_classes"]) == (network, 5)
@@ -202,11 +243,91 @@ def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
     assert sweep["num_images"] == len(ids) and all(0 <= m <= 1 for m in sweep["miou_curve"])
 
 
+def train_argv(data_root, save_root, network, session, iters=4, *extra):
+    return [str(a) for a in [
+        "--dataset", "custom", "--data-root", data_root, "--train-list", "train", "--network",
+        network, "--crop-size", 32, "--resize-size", 32, 48, "--batch-size", 4, "--max-iters",
+        iters, "--num-workers", 0, "--log-every", 1, "--ckpt-every", 2, "--save-root", save_root,
+        "--session", session, "--device", "cpu", *extra]]
+
+
+def test_a_subclass_of_eps_inherits_its_flags_and_recipe(toys, data_root):
+    """EpsConsistency declares only its own hyper-parameters: --tau and --lam stay one flag each,
+    with EPS's per-dataset values; its own cons_weight has its own per-dataset values."""
+    import re
+
+    listing = re.findall(r"^  (--[\w-]+)", train.get_args_parser().format_help(), flags=re.M)
+    assert listing.count("--tau") == 1 and listing.count("--lam") == 1
+    assert "--cons-weight" in listing and "--ema" in listing
+    assert list(EpsConsistency.hparams) == ["tau", "lam", "cons_weight", "ema"]
+    for dataset, (tau, lam, cons) in {"voc12": (0.4, 0.5, 0.1), "coco": (0.4, 0.9, 0.05),
+                                      "custom": (0.4, 0.5, 0.1)}.items():
+        args = train.resolve_args(parse(train, ["--data-root", "x", "--network", "small_epscons",
+                                                "--dataset", dataset]),
+                                   get_dataset(dataset, data_root=data_root), 1)
+        assert (args.tau, args.lam, args.cons_weight, args.ema) == (tau, lam, cons, 0.99)
+    bad = parse(train, ["--data-root", "x", "--network", "small_epscons", "--lam", "2"])
+    with pytest.raises(train.TrainingError, match=r"--lam must be in \[0, 1\]"):
+        train.resolve_args(bad, get_dataset("voc12"), 1)  # the inherited range check
+
+
+def test_hook_state_resumes_exactly(toys, data_root, tmp_path):
+    """The EMA buffer the around_step hook keeps is in the state dict: a run stopped after 3
+    steps and resumed ends bitwise equal to an uninterrupted one, EMA included."""
+    full = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "full", 5)))
+    part = train_argv(data_root, tmp_path, "small_epscons", "part", 5)
+    train.main(parse(train, part + ["--stop-after", "3"]))
+    train.main(parse(train, part + ["--resume"]))
+    a = torch.load(full / train.FINAL_NAME, weights_only=True)
+    b = torch.load(tmp_path / "part" / train.FINAL_NAME, weights_only=True)
+    assert a.keys() == b.keys() and "fc8_ema" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc8_ema"], a["fc8.weight"])  # the hook ran
+
+
+class EpsNoHooks(EpsHead):
+    """EPS with both hooks doing nothing: sample_extras adds nothing, around_step only steps."""
+
+    name = "epsnohooks"
+
+    @staticmethod
+    def sample_extras(ctx):
+        return {}
+
+    def around_step(self, step, iteration, **hparams):
+        step()
+
+    def losses(self, out, labels, saliency=None, *, extras, **hparams):
+        assert extras == {}
+        return super().losses(out, labels, saliency, **hparams)
+
+
+def test_the_hook_machinery_leaves_the_default_run_bitwise_equal(data_root, tmp_path):
+    """The same run through the hooks (doing nothing) and through the published loop: the
+    checkpoints' tensors are bitwise equal."""
+    with registered(heads=[EpsNoHooks]):
+        hooked = train.main(parse(train, train_argv(data_root, tmp_path, "small_epsnohooks", "h", 3)))
+    plain = train.main(parse(train, train_argv(data_root, tmp_path, "small_eps", "p", 3)))
+    a = torch.load(hooked / train.FINAL_NAME, weights_only=True)
+    b = torch.load(plain / train.FINAL_NAME, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_declarations_are_checked_when_the_class_is_made():
+    with pytest.raises(TypeError, match="hparams must be a dict"):
+        type("Old", (Head,), {"name": "old", "hparams": ("x",)})
+    with pytest.raises(TypeError, match="add_args: heads declare their flags as data"):
+        type("Old", (Head,), {"name": "old", "add_args": classmethod(lambda cls, p: None)})
+    with pytest.raises(TypeError, match="@staticmethod or @classmethod"):
+        type("Old", (Head,), {"name": "old", "sample_extras": lambda self, ctx: {}})
+
+
 def test_parser_is_built_with_the_registered_heads(toys):
     text = train.get_args_parser().format_help()
     assert "--toy-weight" in text and "small_toy" in text and "twoconv_eps" in text
     args = parse(train, ["--data_root", "x", "--network", "small_toy"])
-    assert args.toy_weight == 0.5
+    assert args.toy_weight is None  # not given: the head's default for the dataset, below
+    assert train.resolve_args(args, get_dataset("voc12"), 1).toy_weight == 0.5
     bad = parse(train, ["--data_root", "x", "--network", "small_toy", "--toy-weight", "-1"])
     with pytest.raises(train.TrainingError, match="--toy-weight must be >= 0"):
         train.resolve_args(bad, get_dataset("voc12"), 1)  # refused before any compute
