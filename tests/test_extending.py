@@ -380,7 +380,7 @@ class TwoMapsPerClass(Head):
 
 
 def test_cam_math_takes_any_map_layout_through_cam_probs():
-    from utils import cam as camlib
+    from network import cam as camlib
 
     label = torch.tensor([0.0, 1.0, 1.0])
     size = (23, 31)
@@ -514,7 +514,7 @@ p.name == "checkpoint_cls.pth"; published["eps"]; amp == "off"; f"{b}_eps"
 
 def test_nothing_outside_network_compares_method_names():
     files = list(python_files_outside_network())
-    assert REPO / "train.py" in files and REPO / "utils" / "cam.py" in files
+    assert REPO / "train.py" in files and REPO / "infer.py" in files
     found = [f"{p.relative_to(REPO)}:{line}: {names}" for p in files
              for line, names in name_comparisons(p.read_text(encoding="utf-8"))]
     assert not found, ("decide by the head's attributes (network/heads.py), not by its name:\n"
@@ -535,3 +535,32 @@ def test_docs_show_the_code_of_this_file():
                 shown.append(node.name)
                 assert ast.get_source_segment(block, node) in here, node.name
     assert {"ToyHead", "agreement_loss", "TwoConv", "toys", "parse"} <= set(shown)
+
+
+def imported_modules(source: str):
+    """Every module a file imports, at the top or inside a function: ``import a.b``,
+    ``from a.b import c`` (as ``a.b`` and ``a.b.c``) and ``importlib.import_module("a.b")``."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(str(node.args[0].value))
+    return found
+
+
+def test_utils_never_import_network():
+    """utils/ is the bottom layer: runtime helpers that know no method. The CAM math lives in
+    network/cam.py, the safe torch-file reader in utils/torchfile.py."""
+    assert "network.cam" in imported_modules("from network import cam as camlib\n"
+                                             "def f():\n    import network.weights")
+    files = sorted((REPO / "utils").glob("*.py"))
+    assert REPO / "utils" / "cli.py" in files
+    found = [f"{p.relative_to(REPO)}: {sorted(m for m in imported_modules(p.read_text()) if m == 'network' or m.startswith('network.'))}"
+             for p in files
+             if any(m == "network" or m.startswith("network.") for m in imported_modules(p.read_text()))]
+    assert not found, "utils/ must not import network/:\n" + "\n".join(found)
