@@ -46,7 +46,7 @@ from utils.device import (add_numerics_args, check_shared_memory, configure_nume
                           resolve_device)
 from utils.errors import UserError
 from utils.io import torch_save
-from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
+from utils.optim import PUBLISHED_MOMENTUM, build_adamw, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, peak_memory_mb, setup_logging, write_run_info
@@ -99,9 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="GLOBAL batch size; with torchrun each process takes batch_size / world_size "
              "(published: VOC 8, COCO 16, over 2 GPUs with DataParallel)")
     add("--lr", type=float, default=None,
-        help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01)")
+        help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01; "
+             "a backbone with its own optimizer recipe has its own default, network/vit.py)")
     add("--wt-dec", type=float, default=None,
-        help="weight decay of the weight groups (published 5e-4)")
+        help="weight decay of the weight groups (published 5e-4; a backbone with its own "
+             "optimizer recipe has its own default)")
     add("--max-iters", type=int, default=None,
         help="training iterations; also the poly schedule length (published: VOC 20000, COCO 256500)")
     flags.add_num_workers(p, 8, "data loading processes per training process (published 8)")
@@ -112,7 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=PUBLISHED_MOMENTUM,
         help="SGD momentum. Default 5e-4 because the published optimizer passed its weight decay "
              "into SGD's momentum slot: that is what produced the published numbers (0.9 was "
-             "only the poly power)")
+             "only the poly power). Not used by backbones whose recipe is AdamW")
+    add("--warmup-iters", type=int, default=None,
+        help="iterations of linear lr warmup before the poly decay (published: 0, none; default: "
+             "the backbone's optimizer recipe, e.g. ViT 7.5%% of --max-iters as ToCo's 1500 of "
+             "20000)")
     flags.add_seed(p)
     flags.add_resume(p, "run dir")
     flags.add_extend(p, FINAL_NAME)
@@ -174,9 +180,15 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                             f"{sorted(NETWORKS)}") from None
     backbone, head = network_parts(args.network)
     recipe = info.train_defaults
+    opt = backbone.optimizer_recipe  # the backbone's own lr / weight decay, else the dataset's
+    for key, value in (("lr", opt.lr), ("wt_dec", opt.weight_decay)):
+        if getattr(args, key, None) is None and value is not None:
+            setattr(args, key, value)
     for key in RECIPE_KEYS:
         if getattr(args, key, None) is None:
             setattr(args, key, recipe[key])
+    if getattr(args, "warmup_iters", None) is None:
+        args.warmup_iters = int(round(opt.warmup_fraction * args.max_iters))
     try:
         hparams = head.resolve_hparams({k: getattr(args, k, None) for k in head.hparams},
                                        info.name)
@@ -195,6 +207,8 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                f"processes in all (NGPUS x NNODES), or change --batch_size (a deviation from the "
                f"published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
+              (0 <= args.warmup_iters < max(args.max_iters, 1),
+               "--warmup-iters must be >= 0 and smaller than --max-iters"),
               # isfinite: an inf weight decay passed ">= 0" and made the loss NaN at step 2
               (all(map(math.isfinite, (args.lr, args.wt_dec, args.momentum))),
                "--lr, --wt_dec and --momentum must be finite numbers"),
@@ -336,7 +350,18 @@ def main(args):
 
 def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume_path=None) -> Path:
     # 5. optimizer (published: built before train() freezes layers; frozen params get no grad)
-    optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
+    recipe = model.optimizer_recipe  # network/base.py: the published SGD unless the backbone says
+    if recipe.name == "sgd":
+        optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec,
+                                    args.momentum)
+    elif recipe.name == "adamw":
+        optimizer = build_adamw(model.get_parameter_groups(), args.lr, args.wt_dec,
+                                betas=recipe.betas, eps=recipe.eps)
+    else:
+        raise ValueError(f"{type(model).__name__}: unknown optimizer {recipe.name!r} in its recipe")
+    if recipe.name != "sgd" or args.warmup_iters:
+        logger.info("optimizer %s, lr %g, weight decay %g, warmup %d iterations (%s)",
+                    recipe.name, args.lr, args.wt_dec, args.warmup_iters, recipe.source)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     model.train()  # the published freezing (BN eval, conv1a/b2* frozen) when requested
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -377,7 +402,9 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
     has_extras = model.sample_extras is not None
     for it in range(start_iter, end_iter):
         batch = next(loader_iter)  # an endless sampler: never StopIteration
-        lr = set_poly_lr(optimizer, it, args.max_iters)  # poly lr of this 0-based step, before SGD
+        # poly lr of this 0-based step, before the optimizer step (after a warmup, if any)
+        lr = set_poly_lr(optimizer, it, args.max_iters, warmup_iters=args.warmup_iters,
+                         warmup_ratio=recipe.warmup_ratio)
         extra = {}
         if has_extras:
             batch, extras = batch[:-1], batch[-1]

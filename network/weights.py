@@ -183,7 +183,7 @@ def checkpoint_candidates(sd: Mapping[str, torch.Tensor]) -> List[Candidate]:
         if c is None:
             continue
         options = backbone.options_from_state_dict(sd)
-        if fits(sd, name, c, options):
+        if options is not None and fits(sd, name, c, options):
             out.append(Candidate(name, c, dict(options)))
     return out
 
@@ -193,6 +193,8 @@ def trunk_matches(sd: Mapping[str, torch.Tensor]) -> List[str]:
     out = []
     for name, cls in sorted(BACKBONES.items()):
         options = cls.options_from_state_dict(sd)
+        if options is None:  # its keys say it is not this backbone's: not built
+            continue
         try:
             with torch.device("meta"):
                 ref = cls(**options).state_dict()
@@ -209,8 +211,8 @@ def beyond_trunk(sd: Mapping[str, torch.Tensor], backbone: str) -> List[str]:
     (an ImageNet classifier is not a head)."""
     cls = BACKBONES[backbone]
     with torch.device("meta"):
-        trunk = cls(**cls.options_from_state_dict(sd)).state_dict()
-    return [k for k in sd if k not in trunk and k not in IMAGENET_CLASSIFIER_KEYS]
+        trunk = cls(**(cls.options_from_state_dict(sd) or {})).state_dict()
+    return [k for k in sd if k not in trunk and k not in imagenet_classifier_keys()]
 
 
 def _classifier_rows(sd: Mapping[str, torch.Tensor]) -> str:
@@ -399,6 +401,13 @@ def head_keys(model: nn.Module) -> List[str]:
     return [k for k in model.state_dict() if k not in trunk]
 
 
+def imagenet_classifier_keys() -> frozenset:
+    """The ImageNet classifier keys of every registered backbone's ImageNet files (the CNNs' fc /
+    linear1000, and what each backbone declares, e.g. a timm ViT's head)."""
+    return frozenset(IMAGENET_CLASSIFIER_KEYS).union(
+        *(b.imagenet_classifier_keys for b in BACKBONES.values()))
+
+
 def read_pretrained(path) -> StateDict:
     """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed as
     psa's resnet38d.convert_mxnet_to_torch does) or a PyTorch file, with any ImageNet classifier
@@ -408,7 +417,8 @@ def read_pretrained(path) -> StateDict:
         sd = convert_mxnet_to_torch(mxnet_params.load_params(path))
     else:
         sd = load_state_dict_file(path)
-    dropped = [k for k in sd if k in IMAGENET_CLASSIFIER_KEYS]
+    drop = imagenet_classifier_keys()
+    dropped = [k for k in sd if k in drop]
     for k in dropped:
         del sd[k]
     if dropped:
@@ -452,7 +462,8 @@ def load_initial_weights(model: nn.Module, path) -> str:
         raise WeightsError(f"--weights {path}: file not found; download the ImageNet weights "
                            f"(README 'Downloads') or pass --weights none to train from scratch")
     sd = read_pretrained(path)
-    if not any(k in set(head_keys(model)) for k in sd):
+    head = set(head_keys(model))  # once: it builds the trunk (a generator would rebuild per key)
+    if not any(k in head for k in sd):
         load_pretrained(model, path, sd)
         return "imagenet"
     if not fits(sd, model.network_name, model.num_classes, model.options()):
