@@ -5,6 +5,7 @@
 | resnet38  | ResNet-38d (psa), OS 8           | all BN; conv1a, b2, b2_1, b2_2             |
 | resnet101 | torchvision ResNet-101, dilated  | all BN; conv1, bn1, layer1                 |
 | small     | small conv-BN-ReLU (CPU demo)    | nothing (trained from scratch, BN trains)  |
+| vit_small, vit_base | timm ViT-S/16, ViT-B/16, OS 16 | nothing (no BN); AdamW recipe (network/vit.py) |
 
 | head | method                                   | fc8 rows | network/heads.py |
 |------|------------------------------------------|----------|------------------|
@@ -34,11 +35,13 @@ from network.heads import ClsHead, EpsHead, Head
 from network.resnet38d import ResNet38d
 from network.resnet101 import ResNet101
 from network.small import SmallNet
+from network.vit import ViTBase, ViTSmall
 
 BACKBONES: Dict[str, Type[Backbone]] = {
     "resnet38": ResNet38d,
     "resnet101": ResNet101,
     "small": SmallNet,
+    "vit_small": ViTSmall, "vit_base": ViTBase,  # ViT-S/16, ViT-B/16 (timm, requirements-timm.txt)
 }
 
 HEADS: Dict[str, Type[Head]] = {

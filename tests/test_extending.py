@@ -334,6 +334,63 @@ def test_parser_is_built_with_the_registered_heads(toys):
 
 
 # ------------------------------------------------------------------------------------------------
+# the second walk-through: a ViT backbone in one file (network/vit.py) + one registry line
+# ------------------------------------------------------------------------------------------------
+def write_timm_imagenet_weights(path):
+    """A stand-in for timm's ImageNet ViT-S/16 weights: the same file layout, random values,
+    written by timm itself (nothing is downloaded)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False)
+    torch.save(model.state_dict(), path)  # with timm's ImageNet classifier head.*
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_vit_small_eps_trains_and_infers(data_root, tmp_path):
+    pytest.importorskip("timm")
+    imagenet = write_timm_imagenet_weights(tmp_path / "vit_small_imagenet.pth")
+    # train.py: the EPS head on the ViT trunk, from the (stand-in) ImageNet weights, with the
+    # backbone's own optimizer recipe (AdamW, layer-wise lr decay)
+    run_dir = train.main(parse(train, [
+        "--dataset", "custom", "--data-root", data_root, "--train-list", "train",
+        "--network", "vit_small_eps", "--weights", tmp_path / "vit_small_imagenet.pth",
+        "--crop-size", 32, "--resize-size", 32, 48, "--batch-size", 4, "--max-iters", 3,
+        "--num-workers", 0, "--log-every", 1, "--save-root", tmp_path / "runs",
+        "--session", "vit", "--device", "cpu"]))
+    recorded = json.loads((run_dir / "args.json").read_text())
+    assert (recorded["lr"], recorded["wt_dec"], recorded["freeze_bn"]) == (6e-5, 0.01, False)
+    assert "optimizer adamw" in (run_dir / "log.txt").read_text()
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in recs] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in recs)
+    trained = torch.load(run_dir / train.FINAL_NAME, weights_only=True)
+    assert network_record(trained)["network"] == "vit_small_eps"
+    # the trunk started from the file (AdamW moves each weight by about lr per step at most)
+    assert (trained["pos_embed"] - imagenet["pos_embed"]).abs().max() < 1e-3
+    assert trained["fc8.weight"].shape == (6, 384, 1, 1)  # C + 1 maps on 384 channels
+
+    # infer.py: no --network (the record decides); CAMs at image size from the OS-16 map
+    out = tmp_path / "out"
+    infer.main(parse(infer, ["--dataset", "custom", "--data-root", data_root, "--weights",
+                             run_dir / train.FINAL_NAME, "--png-dir", out / "png",
+                             "--cam-dir", out / "cam", "--no-fuse", "--num-workers", 0,
+                             "--writer-threads", 1, "--device", "cpu"]))
+    info = get_dataset("custom", data_root=data_root)
+    for i in info.read_ids("train"):
+        keys = np.flatnonzero(info.labels_for(i)).tolist()
+        with np.load(out / "cam" / f"{i}.npz") as z:
+            assert z["keys"].tolist() == keys and z["cams"].shape == (len(keys), 48, 48)
+            assert np.isfinite(z["cams"]).all()
+        mask = np.array(Image.open(out / "png" / f"{i}.png"))
+        assert set(np.unique(mask)) <= {0} | {k + 1 for k in keys}
+    scores = evaluate.main(parse(evaluate, ["--dataset", "custom", "--datalist", "train",
+                                            "--data-root", data_root, "--pred-dir", out / "png",
+                                            "--num-workers", 0, "--no-progress"]))
+    assert 0 <= scores["miou"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------
 # what a new head or backbone gets from the library
 # ------------------------------------------------------------------------------------------------
 def test_unrecorded_checkpoint_is_identified_by_its_classifier(toys):
@@ -429,8 +486,8 @@ def test_registered_adds_and_removes():
     assert registry.NETWORKS == before and "other" not in registry.HEADS
     assert "other" not in registry.BACKBONES and not hasattr(registry, alias)
     # A registration that fails inside the block undoes what the block had added.
-    with pytest.raises(ValueError, match="contains '_'"):
-        with registered(backbones={"other": TwoConv, "two_conv": TwoConv}):
+    with pytest.raises(ValueError, match="starts or ends with '_'"):
+        with registered(backbones={"other": TwoConv, "two_conv_": TwoConv}):
             pass
     assert registry.NETWORKS == before
 
@@ -457,9 +514,9 @@ def names_a_method(value) -> bool:
     key = key[len("network."):] if key.startswith("network.") else key
     key = key.strip("_")
     heads, backbones = registry.BUILTIN_HEADS, registry.BUILTIN_BACKBONES
-    parts = key.split("_")
-    return key in heads | backbones or (len(parts) == 2 and (parts[0] in backbones
-                                                              or parts[1] in heads))
+    backbone, _, head = key.rpartition("_")  # a head name has no "_"; a backbone's may
+    return key in heads | backbones or (bool(backbone) and (backbone in backbones
+                                                            or head in heads))
 
 
 def _constants(node):
@@ -522,19 +579,23 @@ def test_nothing_outside_network_compares_method_names():
 
 
 def test_docs_show_the_code_of_this_file():
-    """docs/extending.md is this file: every function and class it shows is defined here,
-    character for character."""
+    """docs/extending.md is this file (and network/vit.py for the ViT walk-through): every
+    function and class it shows is defined there, character for character."""
     import re
 
     doc = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
+    # this file, and for the second walk-through the backbone's own file
     here = Path(__file__).read_text(encoding="utf-8")
+    vit = (REPO / "network" / "vit.py").read_text(encoding="utf-8")
     shown = []
     for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S):
         for node in ast.parse(block).body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 shown.append(node.name)
-                assert ast.get_source_segment(block, node) in here, node.name
-    assert {"ToyHead", "agreement_loss", "TwoConv", "toys", "parse"} <= set(shown)
+                code = ast.get_source_segment(block, node)
+                assert code in here or code in vit, node.name
+    assert {"ToyHead", "EpsConsistency", "agreement_loss", "TwoConv", "toys", "parse", "ViT",
+            "ViTSmall", "test_vit_small_eps_trains_and_infers"} <= set(shown)
 
 
 def imported_modules(source: str):
