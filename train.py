@@ -51,6 +51,7 @@ from utils.plots import plot_losses
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, peak_memory_mb, setup_logging, write_run_info
 from utils.sampler import seeded_loader
+from utils.tensorboard import open_board, summary_writer_class
 
 logger = logging.getLogger("train")
 
@@ -135,6 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     flags.add_skip_missing(p, "image or saliency")
     flags.add_check_data(p, "every image's header and compare every saliency map's size with "
                             "its image (~1 ms per file)")
+    flags.add_tensorboard(p)
     add("--stretch-saliency", action=argparse.BooleanOptionalAction, default=False,
         help="stretch saliency maps whose aspect ratio differs from their image's to the image "
              "instead of stopping; a deviation (published: off, and its per-file resize would "
@@ -304,6 +306,8 @@ def main(args):
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
     args = resolve_args(args, info, world)
     check_inputs(args, info, network_parts(args.network)[1])
+    if args.tensorboard:
+        summary_writer_class()  # a missing package is one line now, not after the first steps
     check_shared_memory(args.num_workers)
     run_dir = Path(args.save_root) / args.session
     run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
@@ -348,6 +352,34 @@ def main(args):
         close_file_log(run_dir / "log.txt")
 
 
+def cam_overlays(model, img: torch.Tensor, label: torch.Tensor, num: int = 4) -> np.ndarray:
+    """--tensorboard: the CAMs of the first ``num`` images of a training batch as heat overlays,
+    uint8 (N, H, W, 3): one view through the inference math (network/cam.py: the head's
+    cam_probs, label mask, per-class max normalisation), the strongest present class per pixel.
+    Eval mode without gradients and back: no random draw, no BN statistic, no weight changes."""
+    from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from network import cam as camlib
+    from utils.vis import blend, heatmap
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = model.forward_cam(img[:num].float())
+    finally:
+        model.train(was_training)
+    size = tuple(img.shape[-2:])
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    out = []
+    for r, y, x in zip(raw.float(), label, img):
+        fg, bg, n = camlib.combine_views_reference([(r, False)], size, y.float(), model)
+        keys, cams, _ = camlib.finalize(fg, bg, n, y.float())
+        heat = cams.amax(0) if len(keys) else torch.zeros(size)
+        rgb = ((x.float().cpu().permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255).round()
+        out.append(blend(rgb.astype(np.uint8), heatmap(heat.cpu().numpy()), 0.5))
+    return np.stack(out)
+
+
 def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume_path=None) -> Path:
     # 5. optimizer (published: built before train() freezes layers; frozen params get no grad)
     recipe = model.optimizer_recipe  # network/base.py: the published SGD unless the backbone says
@@ -379,8 +411,20 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
         # the loaded tensors are a second copy of model + optimizer state: free them for the run
         ckpt.clear()
-    metrics = JsonlLogger(run_dir / "metrics.jsonl")
+    board = open_board(args.tensorboard, run_dir, start_iter, dist.is_main_process())
+    metrics = JsonlLogger(run_dir / "metrics.jsonl", mirror=board)  # --tensorboard: same records
     metrics.trim(start_iter)  # drop records a killed run wrote after its last checkpoint
+    try:
+        return _loop(args, model, optimizer, scaler, loader, metrics, board, run_dir, device,
+                     start_iter, recipe)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _loop(args, model, optimizer, scaler, loader, metrics, board, run_dir: Path,
+          device: torch.device, start_iter: int, recipe) -> Path:
+    """7-9: the training loop, the checkpoints and the end of the run."""
     hparams = {k: getattr(args, k) for k in model.hparams}
     net = dist.wrap_ddp(model, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -456,6 +500,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
                 model.state_dict(), model), optimizer=optimizer, scaler=scaler, iteration=done,
                 args=args)
             last_good = run_dir / LAST_NAME
+            if board is not None:
+                board.images("cams", cam_overlays(model, img, label), done)
     progress.close()
 
     # 9. the end: the published plain state dict, written after checkpoint_last.pth, so its
