@@ -285,6 +285,17 @@ def test_hook_state_resumes_exactly(toys, data_root, tmp_path):
     assert not torch.equal(a["fc8_ema"], a["fc8.weight"])  # the hook ran
 
 
+def test_sample_extras_are_the_same_in_loader_workers(toys, data_root, tmp_path):
+    """The second view is drawn in the sample's own seeded stream (utils/sampler.py): 0 or 2
+    loader processes give the same batches, so the same run."""
+    a = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "w0", 2)))
+    b = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "w2", 2)
+                         + ["--num-workers", "2"]))
+    sa = torch.load(a / train.FINAL_NAME, weights_only=True)
+    sb = torch.load(b / train.FINAL_NAME, weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 class EpsNoHooks(EpsHead):
     """EPS with both hooks doing nothing: sample_extras adds nothing, around_step only steps."""
 
