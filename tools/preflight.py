@@ -179,15 +179,18 @@ def check_infer(stage: Stage, module, args) -> None:
         return
     name = args.infer_list or info.train_defaults.get("infer_list", "train")
     ids = _ids(stage, info, name)
-    _labels(stage, info)
+    if getattr(args, "labels", "gt") == "gt":  # --labels predicted reads no image labels
+        _labels(stage, info)
     _sample_images(stage, info, args.img_root, ids)
     stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
     outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
     stage.makes.extend(outs)
+    labels = (f"predicted labels (sigmoid >= {args.label_thr})"
+              if getattr(args, "labels", "gt") == "predicted" else "image labels")
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
-        f"+ flips -> {', '.join(map(str, outs))}")
+        f"+ flips, {labels} -> {', '.join(map(str, outs))}")
 
 
 def check_evaluate(stage: Stage, module, args) -> None:
