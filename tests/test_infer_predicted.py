@@ -115,7 +115,7 @@ def test_resume_settings_and_the_combined_file(env, tmp_path):
     assert [k for k in stamp if now[k] != stamp[k]] == ["img_c.png"]
     assert list(read_image_labels(out / infer.PREDICTED_FILE, C)) == IDS
     # other label settings on the same folder are refused
-    with pytest.raises(infer.InferError, match=r"label_thr: 0.5 -> 0.3"):
+    with pytest.raises(infer.InferError, match=r"label_thr: 0.4 -> 0.3"):
         run(env["root"], env["cls"], "--png-dir", out, "--labels", "predicted", "--label-thr", 0.3)
     root2 = tmp_path / "with_labels"
     shutil.copytree(env["root"], root2)

@@ -468,6 +468,20 @@ def check_settings_match(prev: Dict, args, out: Path) -> None:
                             f"recompute every listed map")
 
 
+def check_folder(out: Path, args, done) -> None:
+    """Before any model is loaded: a folder holding maps without a record (e.g. PFAN's), or a
+    record of another model or setting, is refused unless --overwrite (tools/preflight.py runs
+    this too)."""
+    if not done or args.overwrite:
+        return
+    prev = read_record(out)
+    if prev is None:
+        raise SaliencyError(f"{out} holds {len(done)} maps but no {RECORD_NAME} saying which "
+                            f"model made them (e.g. downloaded PFAN maps): choose another "
+                            f"--out, or pass --overwrite to replace the listed ones")
+    check_settings_match(prev, args, out)
+
+
 def existing_maps(folder: Path) -> List[str]:
     if not folder.is_dir():
         return []
@@ -584,10 +598,9 @@ def main(args) -> Dict:
     if args.dry_run:
         print(f"{len(todo)} of {len(pairs)} saliency maps to make -> {out}", flush=True)
         return {"todo": len(todo), "listed": len(pairs), "out": str(out)}
+    check_folder(out, args, done)
     prev = read_record(out)
     if not todo:
-        if prev is not None and not args.overwrite:
-            check_settings_match(prev, args, out)
         logger.info("all %d maps of the list exist in %s; nothing to do (--overwrite remakes "
                     "them)", len(pairs), out)
         return {"todo": 0, "listed": len(pairs), "out": str(out), "record": prev}
@@ -625,11 +638,7 @@ def main(args) -> Dict:
 
     # the folder: the same model's maps (resume), or refused unless --overwrite
     if done and not args.overwrite:
-        if prev is None:
-            raise SaliencyError(f"{out} holds {len(done)} maps but no {RECORD_NAME} saying which "
-                                f"model made them (e.g. downloaded PFAN maps): choose another "
-                                f"--out, or pass --overwrite to replace the listed ones")
-        diff = record_mismatch(prev, record)
+        diff = record_mismatch(prev, record)  # the weights of a named model too
         if diff:
             text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise SaliencyError(f"{out} holds maps of another model or setting (model "

@@ -257,9 +257,34 @@ def check_infer_seg(stage: Stage, module, args) -> None:
                       f"{' + dense CRF' if args.crf else ''} -> {args.out_dir}")
 
 
+def check_make_saliency(stage: Stage, module, args) -> None:
+    from data.registry import get_dataset_files
+    _try(stage, module.check_args, args)
+    files = _try(stage, get_dataset_files, args.dataset, args.metadata_dir, args.data_root)
+    if files is None:
+        return
+    stage.need(dataset_root_of(args.data_root), "dataset root", "the folder that holds JPEGImages/")
+    ids = _ids(stage, files, args.list)
+    _sample_images(stage, files, args.data_root, ids)
+    out = args.out if args.out is not None else \
+        dataset_root_of(args.data_root) / files.spec.saliency_dir
+    done = set(module.existing_maps(out))
+    todo = ids if args.overwrite else [i for i in ids if i not in done]
+    _try(stage, module.check_folder, out, args, done)
+    if todo and not args.dry_run and _try(stage, module.import_rembg) is not None:
+        _try(stage, module.providers_for, args.device)
+    stage.makes.append(out)
+    model = (f"--model-path {args.model_path} (fed as {args.model})" if args.model_path
+             else f"{args.model} through rembg (weights fetched on first use)")
+    stage.plan.append(f"saliency maps of {Path(str(args.list)).stem} ({len(ids)} ids, "
+                      f"{len(todo)} to make) with {model}, {args.postprocess} -> {out}")
+
+
 CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
                                "evaluate": check_evaluate, "train_seg": check_train_seg,
-                               "infer_seg": check_infer_seg}
+                               "infer_seg": check_infer_seg, "make_saliency": check_make_saliency}
+# Entry points that live in tools/ rather than at the top of the repository.
+MODULES = {"make_saliency": "tools.make_saliency"}
 
 
 def check_device(device: str, procs_per_node: int) -> List[str]:
@@ -284,7 +309,7 @@ def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[St
         module_name = Path(script).stem
         if module_name not in CHECKS:
             raise PreflightError(f"stage {name}: no check for entry point {script}")
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(MODULES.get(module_name, module_name))
         stage = Stage(name, script, argv, procs=nodes * procs.get(name, procs.get("*", 1)))
         args, err = parse_stage(module, argv)
         if err is not None:
