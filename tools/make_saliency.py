@@ -561,7 +561,7 @@ def check_args(args) -> None:
             and args.input_size != MODELS[args.model].input_size:
         problems.append(f"--input-size {args.input_size}: --model {args.model} takes "
                         f"{MODELS[args.model].input_size}; --input-size is for --model-path files")
-    if args.model_path is not None and not Path(args.model_path).is_file():
+    if args.model_path is not None and not args.dry_run and not Path(args.model_path).is_file():
         problems.append(f"--model-path {args.model_path}: file not found")
     if problems:
         raise SaliencyError("; ".join(problems))
