@@ -591,3 +591,48 @@ def test_download_sh_then_check_only_finds_every_input(fixtures, server, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "nothing was run" in proc.stdout
     assert "error" not in proc.stderr.lower()
+
+
+@pytest.mark.slow
+def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_path):
+    """script/eval_released.sh with no argument: every released checkpoint found where
+    `download.sh released` puts them, on the dataset root `download.sh voc12` lays out, in one
+    table; the missing ones are rows naming the command that fetches them."""
+    import torch
+    from network import build_network
+    root = tmp_path / "root"
+    ids = read_id_list(REPO / "metadata" / "voc12" / "train.txt")[:3]
+    voc = root / VOC
+    rng = np.random.default_rng(0)
+    for i in ids:
+        (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        (voc / "SegmentationClassAug").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 21, (40, 56), dtype=np.uint8), mode="L").save(
+            voc / "SegmentationClassAug" / f"{i}.png")
+    (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
+    (root / "weights").mkdir()
+    torch.manual_seed(0)
+    torch.save(build_network("small_eps", 20).state_dict(), root / "weights" / "voc12_eps.pth")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHECKPOINT", "DATASET_ROOT", "DATASET",
+                                                            "OUT_DIR", "LIST", "NGPUS")}
+    env.update(PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1", DOWNLOAD_ROOT=str(root),
+               LIST=str(tmp_path / "list.txt"), OUT_DIR=str(tmp_path / "out"),
+               INFER_ARGS="--scales 1.0 --num-workers 0 --writer-threads 1")
+    proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| dataset | network | list | published mIoU | this run |"
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]
+    assert [c[:4] for c in cells] == [
+        ["voc12", "resnet38_cls", "-", "47.05"], ["voc12", "small_eps", "list", "69.22"],
+        ["coco", "resnet38_cls", "-", "31.23"], ["coco", "resnet38_eps", "-", "37.15"]]
+    assert re.fullmatch(r"\d+\.\d\d", cells[1][4])
+    assert cells[0][4] == "not downloaded: bash script/download.sh released"
+    assert (tmp_path / "out" / "released_voc12_eps_voc12" / "miou.txt").is_file()
+    # nothing downloaded at all: one line naming the command
+    proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")],
+                          env={**env, "DOWNLOAD_ROOT": str(tmp_path / "empty")}, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "bash script/download.sh released" in proc.stderr
