@@ -67,7 +67,7 @@ class Check:
     names how it is opened: ``network:<name>:<classes>`` (a classifier checkpoint that
     network.weights identifies as that network), ``deeplab_init:<arch>`` (the DeepLab init keys),
     ``resnet38_trunk`` (a converted ResNet-38 .pth), ``labels:<dataset>:<list>,...`` (an
-    image_labels.txt with a line for every id of the lists)."""
+    image_labels.txt with a line for every id of the lists, or of ``ids``)."""
     path: str
     suffix: str = ""
     count: Optional[int] = None
@@ -77,7 +77,7 @@ class Check:
 
     @property
     def is_folder(self) -> bool:
-        return bool(self.suffix or self.count is not None or self.ids is not None)
+        return not self.load and bool(self.suffix or self.count is not None or self.ids is not None)
 
 
 @dataclass(frozen=True)

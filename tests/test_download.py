@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from data import downloads as table
-from data.downloads import Check, Place, Source
+from data.downloads import Check, Source
 from data.metadata import read_id_list
 from tools import download
 from utils import fetch
@@ -485,6 +485,74 @@ def test_existing_incomplete_destination_is_refused_before_fetching(fixtures, se
     msg = fail(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
     assert f"voc12_images: {root / VOC / 'JPEGImages'} exists but is not complete (" in msg
     assert "move it away and rerun" in msg and server.requests == []
+
+
+def coco_fixture(fixtures) -> tuple:
+    """COCO-2014-shaped archives for 2 train and 1 val image (real ids of metadata/coco) and a
+    table whose coco rows expect them; the labels go under --root, not into the repository."""
+    from data.metadata import read_class_names
+    cat_ids = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+               *range(72, 83), *range(84, 91)]  # the 80 COCO ids (docs reference 3.4)
+    names = read_class_names(REPO / "metadata" / "coco" / "labels.txt")[1:]
+    cats = [{"id": c, "name": n, "supercategory": "x"} for c, n in zip(cat_ids, names)]
+    split_ids = {"train": [9, 25], "val": [42]}
+    files, keys = {}, {}
+    ann = {}
+    for split, nums in split_ids.items():
+        keys[split] = [f"COCO_{split}2014_{n:012d}" for n in nums]
+        files[f"{split}2014.zip"] = _zip({f"{split}2014/{k}.jpg": _jpg() for k in keys[split]})
+        images = [{"id": n, "file_name": f"{k}.jpg", "height": 6, "width": 8}
+                  for n, k in zip(nums, keys[split])]
+        anns = [{"id": 100 + n, "image_id": n, "category_id": 18, "iscrowd": 0, "area": 12.0,
+                 "bbox": [1, 1, 4, 3], "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]} for n in nums]
+        ann[f"annotations/instances_{split}2014.json"] = json.dumps(
+            {"images": images, "annotations": anns, "categories": cats}).encode()
+    files["annotations_trainval2014.zip"] = _zip(ann)
+    files["EPS_saliency_coco"] = _zip({f"SAL/COCO/{k}.png": _png("L", 255) for k in keys["train"]})
+    R, C = table.ROWS, table.COCO
+    fixed = lambda key, **kw: dataclasses.replace(  # noqa: E731
+        R[key], size=len(files[R[key].file]), checksums=(("sha256", sha256(files[R[key].file])),),
+        estimate=50_000, unpacked=100_000, **kw)
+    rows = {
+        "coco_train2014": fixed("coco_train2014", checks=(
+            Check(f"{C}/train2014", ".jpg", count=2, ids=tuple(keys["train"])),)),
+        "coco_val2014": fixed("coco_val2014", checks=(
+            Check(f"{C}/val2014", ".jpg", count=1, ids=tuple(keys["val"])),)),
+        "coco_annotations": fixed("coco_annotations"),
+        "coco_masks": dataclasses.replace(R["coco_masks"], estimate=50_000, unpacked=100_000, checks=(
+            Check(f"{C}/SegmentationClass/train2014", ".png", ids=tuple(keys["train"])),
+            Check(f"{C}/SegmentationClass/val2014", ".png", ids=tuple(keys["val"])))),
+        "coco_saliency": dataclasses.replace(R["coco_saliency"], estimate=50_000, unpacked=100_000,
+                                             checks=(Check(f"{C}/SALImages", ".png", ids=tuple(keys["train"])),)),
+        "coco_labels": dataclasses.replace(
+            R["coco_labels"], post=(("coco_labels", C, "labels/image_labels.txt"),),
+            checks=(Check("labels/image_labels.txt", load="labels", ids=tuple(keys["train"] + keys["val"])),)),
+        "imagenet_resnet38": fixtures["rows"]["imagenet_resnet38"],
+        "deeplab_init": fixtures["rows"]["deeplab_init"],
+    }
+    return files, rows, keys
+
+
+def test_coco_download_makes_labels_and_masks(fixtures, server, tmp_path, monkeypatch, capsys):
+    files, rows, keys = coco_fixture(fixtures)
+    server.files.update(files)
+    path = tmp_path / "coco.json"
+    path.write_text(table.table_to_json(rows, {"coco": table.ITEMS["coco"]}))
+    root = tmp_path / "root"
+    run(["coco", "--root", root, "--mirror", server.url, "--coco-masks", "make", "--workers", "0"],
+        path, monkeypatch)
+    coco = root / table.COCO
+    assert sorted(p.stem for p in (coco / "train2014").iterdir()) == keys["train"]
+    assert sorted(p.stem for p in (coco / "SALImages").iterdir()) == keys["train"]
+    for split in ("train", "val"):  # tools/make_coco_masks.py: category 18 (dog) = index 16, + 1
+        for k in keys[split]:
+            mask = np.asarray(Image.open(coco / "SegmentationClass" / f"{split}2014" / f"{k}.png"))
+            assert set(np.unique(mask)) == {0, 17}
+    labels = (root / "labels" / "image_labels.txt").read_text().splitlines()
+    assert [line for line in labels if not line.startswith("#")] == \
+        [f"{k} 16" for k in keys["train"] + keys["val"]]
+    assert "coco: 8 of 8 ready" in capsys.readouterr().out
+    assert not (REPO / "labels").exists()
 
 
 # ------------------------------------------------------------------------------------------------

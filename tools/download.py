@@ -299,13 +299,14 @@ def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
             if {k: tuple(v.shape) for k, v in sd.items()} != ref:
                 return f"{p}: not a converted ResNet-38 trunk (tools/convert_resnet38.py)"
         elif kind == "labels":
-            _, lists = arg.split(":")
+            specs = [check.ids] if check.ids is not None else arg.split(":")[1].split(",")
             have = {line.split()[0] for line in p.read_text(encoding="utf-8").splitlines()
                     if line.strip() and not line.startswith("#")}
-            for spec in lists.split(","):
+            for spec in specs:
                 missing = [i for i in ctx.ids(spec) if i not in have]
                 if missing:
-                    return f"{p}: no labels for {len(missing):,} {spec} ids (first: {missing[0]})"
+                    what = spec if isinstance(spec, str) else "listed"
+                    return f"{p}: no labels for {len(missing):,} {what} ids (first: {missing[0]})"
     except UserError as e:
         return " ".join(str(e).split())
     return None
@@ -346,7 +347,7 @@ def describe_check(c: Check) -> str:
                            "network": f"loads as {arg.replace(':', ' with ')} classes",
                            "deeplab_init": f"DeepLab init keys of {arg}, key for key",
                            "resnet38_trunk": "ResNet-38 trunk keys, key for key",
-                           "labels": f"labels for every {arg.partition(':')[2]} id"}.get(kind, c.load)
+                           "labels": f"labels for every {arg.partition(':')[2] or 'listed'} id"}.get(kind, c.load)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -828,6 +829,13 @@ def main(args) -> List[Result]:
         bad = conflicts(ctx, r)
         if bad:
             raise DownloadError(f"{r.key}: {bad[0]}")
+    drive = [r.key for r in todo if r.file and any(s.kind == "gdrive" for s in sources(ctx, r))]
+    if drive:  # say so now, not after the other gigabytes
+        try:
+            import gdown  # noqa: F401
+        except ImportError:
+            raise DownloadError(f"{', '.join(drive)} come from Google Drive, which needs gdown: pip "
+                                f"install -r requirements-download.txt (or use --mirror)") from None
     if todo:
         print(f"{len(todo)} of {len(rows)} rows to fetch or make under {ctx.root}: "
               f"{check_disk(ctx, todo)}", flush=True)
