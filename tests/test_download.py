@@ -348,8 +348,12 @@ def test_interrupted_run_resumes_on_the_next_run(fixtures, server, tmp_path, mon
                fixtures["table"], monkeypatch)
     assert f"{name} could not be fetched" in msg and "connection closed at byte 100" in msg
     assert (root / "datasets" / ".downloads" / f"{name}.part").stat().st_size == 100
-    run(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    run(["voc12", "--root", root, "--mirror", server.url, "--keep-archives"], fixtures["table"],
+        monkeypatch)
     assert server.asked(name) == [None, "bytes=100-"]
+    downloaded = root / "datasets" / ".downloads"
+    assert (downloaded / name).read_bytes() == fixtures["files"][name]  # --keep-archives
+    assert not (downloaded / f"{name}.part").exists()
     assert len(list((root / VOC / "SegmentationClassAug").iterdir())) == len(fixtures["ids"])
 
 
