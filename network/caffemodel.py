@@ -454,15 +454,16 @@ def convert_init(path, arch: str = "deeplabv2_resnet101", n_fc: int = 91
 
 def get_args_parser():
     import argparse
-    p = argparse.ArgumentParser("Convert DeepLab's init.caffemodel to deeplabv1_resnet101-coco.pth",
-                                add_help=False)
+    from utils.cli import add_flag, parent_parser
+    p = parent_parser("Convert DeepLab's init.caffemodel to deeplabv1_resnet101-coco.pth")
     p.add_argument("caffemodel", type=Path, help="init.caffemodel (from prototxt_and_model.zip)")
     p.add_argument("output", type=Path, nargs="?", default=None,
                    help="output .pth (deeplabv1_resnet101-coco.pth); without it, list the layers")
-    p.add_argument("--arch", type=str, default="deeplabv2_resnet101",
-                   help="DeepLab architecture of network/deeplab.py the file must fit "
-                        "(paper: deeplabv2_resnet101)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_flag(p, "--arch", type=str, default="deeplabv2_resnet101",
+             help="DeepLab architecture of network/deeplab.py the file must fit "
+                  "(paper: deeplabv2_resnet101)")
+    add_flag(p, "--force", action=argparse.BooleanOptionalAction, default=False,
+             help="overwrite an existing output")
     return p
 
 

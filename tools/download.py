@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from data import downloads as table  # noqa: E402
 from data.downloads import Check, Row, Source  # noqa: E402
 from utils import fetch  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fetch import ArchiveError, DownloadError, SourceError, human  # noqa: E402
 from utils.io import atomic_write_text, torch_save  # noqa: E402
@@ -62,40 +62,41 @@ DOWNLOADS_DIR = ".downloads"
 TABLE_ENV = "EPS_DOWNLOAD_TABLE"   # tests only: a JSON table replacing data/downloads.py's
 MIRROR_ENV = "EPS_MIRROR"
 ROOT_ENV = "DOWNLOAD_ROOT"
+BOOL = argparse.BooleanOptionalAction
 
 
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
 def get_args_parser():
-    p = argparse.ArgumentParser("Download, verify and lay out the inputs", add_help=False)
+    p = parent_parser("Download, verify and lay out the inputs")
     p.add_argument("items", nargs="*", type=str, metavar="ITEM",
                    help="what to fetch: voc12, coco, weights, released, all (several allowed)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="where datasets/ and weights/ go (default: $DOWNLOAD_ROOT, else the "
-                        "repository, where the scripts look)")
-    p.add_argument("--mirror", type=str, default=None,
-                   help="fetch every file as <URL>/<file name> over plain HTTP instead of its "
-                        "sources (default: $EPS_MIRROR)")
-    p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
-                   help="list every file (source, size, checksum or integrity rule, destination, "
-                        "status) and the disk needed; fetch nothing")
-    p.add_argument("--keep-archives", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the downloaded archives in <root>/{datasets,weights}/.downloads "
-                        "after extraction (default: removed; the lock file keeps their sha256)")
-    p.add_argument("--coco-masks", type=str, default="eps", choices=["eps", "make"],
-                   help="COCO masks: eps = the EPS Google Drive masks the published numbers use "
-                        "(default); make = tools/make_coco_masks.py from the annotations")
-    p.add_argument("--retries", type=int, default=3,
-                   help="attempts per source after a failure (a dropped connection resumes)")
-    p.add_argument("--retry-wait", type=float, default=2.0,
-                   help="seconds before the first retry (doubles each time)")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds without data before a connection counts as dropped")
-    p.add_argument("--workers", type=int, default=4,
-                   help="processes for tools/make_coco_masks.py (--coco-masks make)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: on a terminal; log lines otherwise)")
+    add_flag(p, "--root", type=Path, default=None,
+             help="where datasets/ and weights/ go (default: $DOWNLOAD_ROOT, else the repository, "
+                  "where the scripts look)")
+    add_flag(p, "--mirror", type=str, default=None,
+             help="fetch every file as <URL>/<file name> over plain HTTP instead of its sources "
+                  "(default: $EPS_MIRROR)")
+    add_flag(p, "--dry-run", action=BOOL, default=False,
+             help="list every file (source, size, checksum or integrity rule, destination, "
+                  "status) and the disk needed; fetch nothing")
+    add_flag(p, "--keep-archives", action=BOOL, default=False,
+             help="keep the downloaded archives in <root>/{datasets,weights}/.downloads after "
+                  "extraction (default: removed; the lock file keeps their sha256)")
+    add_flag(p, "--coco-masks", type=str, default="eps", choices=["eps", "make"],
+             help="COCO masks: eps = the EPS Google Drive masks the published numbers use "
+                  "(default); make = tools/make_coco_masks.py from the annotations")
+    add_flag(p, "--retries", type=int, default=3,
+             help="attempts per source after a failure (a dropped connection resumes)")
+    add_flag(p, "--retry-wait", type=float, default=2.0,
+             help="seconds before the first retry (doubles each time)")
+    add_flag(p, "--timeout", type=float, default=60.0,
+             help="seconds without data before a connection counts as dropped")
+    add_flag(p, "--workers", type=int, default=4,
+             help="processes for tools/make_coco_masks.py (--coco-masks make)")
+    add_flag(p, "--progress", action=BOOL, default=None,
+             help="progress bars (default: on a terminal; log lines otherwise)")
     return p
 
 
