@@ -408,6 +408,17 @@ def test_full_disk_is_one_line_and_the_partial_file_stays(fixtures, server, tmp_
     assert not (root / VOC / "JPEGImages").exists()
 
 
+def test_a_caffemodel_that_does_not_convert_is_one_line_and_nothing_is_placed(fixtures, server,
+                                                                             tmp_path, monkeypatch):
+    server.files["prototxt_and_model.zip"] = _zip({"init.caffemodel": b"<!DOCTYPE html><html>moved</html>"})
+    root = tmp_path / "root"
+    msg = fail(["weights", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    assert "1 of 2 rows failed: deeplab_init: " in msg
+    assert "init.caffemodel: not a Caffe model (it starts with an HTML page" in msg
+    assert not list((root / "weights").glob("*.pth")) and not (root / "weights" / "init.caffemodel").exists()
+    assert (root / "weights" / "ilsvrc-cls_rna-a1_cls1000_ep-0001.params").is_file()  # the other row
+
+
 def test_free_disk_is_checked_before_anything_is_fetched(fixtures, server, tmp_path, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(fetch, "disk_usage", lambda p: Usage(10 ** 9, 10 ** 9 - 5000, 5000))

@@ -605,11 +605,16 @@ def process_row(ctx: Ctx, row: Row) -> Result:
             os.replace(path, aside)
             raise DownloadError(f"{row.key}: {e}; kept aside as {aside}; nothing was moved into "
                                 f"place") from None
-        produced = [p.dest for p in row.place] + run_post(ctx, row, placed)
+        try:
+            produced = [p.dest for p in row.place] + run_post(ctx, row, placed)
+        except UserError as e:
+            raise DownloadError(f"{row.key}: {' '.join(str(e).split())}; {path} is kept (delete it "
+                                f"to download it again); nothing was moved into place") from None
         failing = row_failures(ctx, row, placed, include_repo=False)
         if failing:
             raise DownloadError(f"{row.key}: the extracted data fails its checks: {failing[0]}; "
-                                f"nothing was moved into place")
+                                f"{path} is kept (delete it to download it again); nothing was "
+                                f"moved into place")
         move_into_place(ctx, row, placed, produced)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -848,9 +853,11 @@ def main(args) -> List[Result]:
             print(f"interrupted during {r.key}: rerun the same command to resume (a partial "
                   f"download continues where it stopped)", file=sys.stderr, flush=True)
             raise
-        except DownloadError as e:
-            logger.error("%s", " ".join(str(e).split()))
-            results[r.key] = Result(r.key, "failed", note=" ".join(str(e).split()))
+        except UserError as e:  # this row failed (download, check, conversion): go on with the rest
+            msg = " ".join(str(e).split())
+            msg = msg if msg.startswith(f"{r.key}:") else f"{r.key}: {msg}"
+            logger.error("%s", msg)
+            results[r.key] = Result(r.key, "failed", note=msg)
         res = results[r.key]
         print(f"  {r.key}: {res.status}" + (f", {human(res.fetched)} downloaded" if res.fetched else "")
               + (f" ({res.note})" if res.note and res.status != "failed" else ""), flush=True)
