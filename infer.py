@@ -1,14 +1,15 @@
 """CAMs and pseudo-masks from a trained (or released) EPS / baseline classifier.
 
-    python infer.py --dataset voc12 --infer_list metadata/voc12/train.txt \\
-        --img_root $VOC/JPEGImages --weights checkpoint_cls.pth --thr 0.20 \\
+    python infer.py --dataset voc12 --infer-list metadata/voc12/train.txt \\
+        --data-root $VOC/JPEGImages --weights checkpoint_cls.pth --thr 0.20 \\
         --cam-dir out/cam --png-dir out/png --vis-dir out/vis
 
 Defaults reproduce the published infer.py (docs/inference.md): scales 0.5/1/1.5/2 plus the
 horizontal flip of each, bicubic resizing with Python round() sizes, the head's per-view
 non-linearity (cls: ReLU CAMs; eps: softmax over the C+1 maps at feature resolution, background
 map dropped), upsampling, CAMs masked by the image labels, per-class max normalisation (+1e-5),
-pseudo-mask = argmax([0.20; cams]). The published command line is accepted unchanged.
+pseudo-mask = argmax([0.20; cams]). The published command line (--img_root, --infer_list,
+--cam_png, ...) is accepted unchanged.
 
 Outputs (all optional, written atomically, one file per image):
   --cam-dir (--cam_npy)  <id>.npz: keys int64 (K,), cams float32 (K,H,W) [, bg float32 (H,W)]
@@ -53,8 +54,8 @@ from network.heads import Head
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
 from utils import cam as camlib
-from utils import dist
-from utils.cli import run_cli
+from utils import dist, flags
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
 from utils.device import check_shared_memory, configure_numerics, pin_memory, resolve_device
 from utils.errors import UserError
@@ -91,16 +92,16 @@ MIN_SCALE, MAX_SCALE = 0.05, 8.0
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("EPS CAM / pseudo-mask inference", add_help=False)
-    g = p.add_argument_group("published infer.py flags")
-    g.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-                   help="dataset (voc12: 20 classes, coco: 80; custom: VOC layout with your metadata)")
-    g.add_argument("--infer_list", "--infer-list", type=str, default=None,
-                   help="id list file or split name (default: the dataset's published list, "
-                        "voc12/coco 'train', as in the published scripts)")
-    g.add_argument("--img_root", "--img-root", "--data_root", "--data-root", dest="img_root",
-                   type=Path, required=True,
-                   help="dataset root or its image folder (VOC: .../JPEGImages as published)")
+    p = parent_parser("EPS CAM / pseudo-mask inference")
+    g = p.add_argument_group("published infer.py flags (shown hyphenated; the published "
+                             "spellings are aliases)")
+    flags.add_dataset(g, DATASETS)
+    add_flag(g, "--infer-list", type=str, default=None,
+             help="id list file or split name (default: the dataset's published list, "
+                  "voc12/coco 'train', as in the published scripts)")
+    flags.add_data_root(g, "--img-root", "--img_root", dest="img_root",
+                        help="dataset root or its image folder (VOC: .../JPEGImages as "
+                             "published); published spelling: --img_root")
     g.add_argument("--network", type=str, default=None,
                    help="network name, e.g. network.resnet38_eps or resnet38_cls (default: the "
                         "one recorded in the checkpoint, else the one its shapes fit)")
@@ -108,20 +109,21 @@ def get_args_parser():
                    help="trained weights (.pth), e.g. the released checkpoint_cls.pth")
     g.add_argument("--thr", type=float, default=camlib.DEFAULT_THR,
                    help="constant background score of the pseudo-masks, in [0, 1] (paper: 0.20)")
-    g.add_argument("--cam-dir", "--cam_npy", dest="cam_dir", type=Path, default=None,
-                   help="write <id>.npz CAMs here (keys, cams[, bg]; published: pickled .npy dicts)")
-    g.add_argument("--png-dir", "--cam_png", dest="png_dir", type=Path, default=None,
-                   help="write <id>.png pseudo-masks here (palette PNG, 0..C)")
+    add_flag(g, "--cam-dir", "--cam_npy", type=Path, default=None,
+             help="write <id>.npz CAMs here (keys, cams[, bg]; published: --cam_npy, pickled "
+                  ".npy dicts)")
+    add_flag(g, "--png-dir", "--cam_png", type=Path, default=None,
+             help="write <id>.png pseudo-masks here (palette PNG, 0..C; published: --cam_png)")
     g.add_argument("--crf", type=Path, default=None,
                    help="write CRF-refined pseudo-masks here (not used for the published numbers)")
-    g.add_argument("--crf_alpha", "--crf-alpha", type=float, nargs="+", default=[4],
-                   help="CRF background exponent(s): bg = (1 - max cam)^alpha (psa: 4 and 32)")
-    g.add_argument("--crf_t", "--crf-t", type=int, nargs="+", default=[10],
-                   help="CRF mean-field iterations (psa/DeepLab: 10)")
-    g.add_argument("--n_gpus", type=int, default=None,
-                   help="accepted for compatibility and ignored: launch with torchrun instead")
-    g.add_argument("--n_processes_per_gpu", type=int, nargs="*", default=None,
-                   help="accepted for compatibility and ignored: launch with torchrun instead")
+    add_flag(g, "--crf-alpha", type=float, nargs="+", default=[4],
+             help="CRF background exponent(s): bg = (1 - max cam)^alpha (psa: 4 and 32)")
+    add_flag(g, "--crf-t", type=int, nargs="+", default=[10],
+             help="CRF mean-field iterations (psa/DeepLab: 10)")
+    add_flag(g, "--n-gpus", type=int, default=None,
+             help="accepted for compatibility and ignored: launch with torchrun instead")
+    add_flag(g, "--n-processes-per-gpu", type=int, nargs="*", default=None,
+             help="accepted for compatibility and ignored: launch with torchrun instead")
 
     g = p.add_argument_group("image labels")
     g.add_argument("--labels", type=str, default="gt", choices=LABEL_SOURCES,
@@ -148,30 +150,25 @@ def get_args_parser():
                         "map, e.g. eps; paper: off)")
     g.add_argument("--save-bg", action=argparse.BooleanOptionalAction, default=False,
                    help="also store the background map in the npz (on with --bg-from-eps)")
-    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute ids whose outputs already exist (default: skip them = resume)")
+    flags.add_overwrite(g, "recompute ids whose outputs already exist (default: skip them = resume)")
     g.add_argument("--run-dir", type=Path, default=None,
                    help="where args.json / env.json / log.txt go (default: the first output folder)")
 
     g = p.add_argument_group("data, speed and devices")
-    g.add_argument("--metadata-dir", type=Path, default=None,
-                   help="folder with labels.txt / image_labels.txt (default: metadata/<dataset>)")
+    flags.add_metadata_dir(g)
     g.add_argument("--scales", type=float, nargs="+", default=list(INFER_SCALES),
                    help=f"inference scales in [{MIN_SCALE}, {MAX_SCALE}] (paper: 0.5 1.0 1.5 2.0), "
                         f"each also flipped")
-    g.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop listed ids whose image file is missing (default: stop with an error)")
-    g.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
-                   help="before the network pass, read every image's header (~1 ms per file), "
-                        "so a corrupt image stops the run before any output folder is made")
+    flags.add_skip_missing(g, "image")
+    flags.add_check_data(g, when="before any output folder is made")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="batched flip pairs + feature-resolution sums (same numbers, faster); "
                         "--no-fast runs the published one-view-at-a-time loop")
     g.add_argument("--batch-views", type=str, default="auto", choices=["auto", "on", "off"],
                    help="fast path: run an image and its flip as one batch (auto: on for CUDA, "
                         "off for the CPU, where it measured slower)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format in the fast path (faster convolutions)")
+    flags.add_channels_last(g, True, "channels_last memory format in the fast path (faster "
+                                     "convolutions)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fast path on the CPU: an inference-only copy of the network with its "
                         "conv-BN pairs folded (network/cpu/), run as the Winograd graph "
@@ -185,14 +182,11 @@ def get_args_parser():
                         "scale 2 (--no-winograd: direct convolutions)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="float16 autocast on CUDA (changes CAMs slightly; ignored on CPU)")
-    g.add_argument("--num-workers", type=int, default=2,
-                   help="DataLoader workers that decode and resize images")
+    flags.add_num_workers(g, 2, "DataLoader workers that decode and resize images")
     g.add_argument("--writer-threads", type=int, default=2,
                    help="threads (processes with --crf) that compress and write outputs and run "
                         "the CRF while the network works on the next image")
-    g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
-                        "reason when it does not")
+    flags.add_device(g)
     dist.add_dist_args(g)
     return p
 

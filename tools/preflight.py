@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.downloads import hint  # noqa: E402
 from data.registry import dataset_root_of, get_dataset  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import OneSpellingFormatter, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 SEPARATOR = ":::"
@@ -73,7 +73,8 @@ def split_stages(tokens: Sequence[str]) -> List[Tuple[str, str, List[str]]]:
 def parse_stage(module, argv: Sequence[str]):
     """Parse with the entry point's own parser; an argparse error becomes a problem string."""
     parser = argparse.ArgumentParser(prog=module.__name__ + ".py", parents=[module.get_args_parser()],
-                                     allow_abbrev=False, exit_on_error=False)
+                                     allow_abbrev=False, exit_on_error=False,
+                                     formatter_class=OneSpellingFormatter)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
