@@ -131,10 +131,10 @@ def get_args_parser():
                         "published behaviour); predicted = the classifier's own multi-label "
                         "prediction (images without labels; no image_labels.txt needed), "
                         "written to <run dir>/predicted_labels.txt")
-    g.add_argument("--label-thr", type=float, default=DEFAULT_LABEL_THR,
-                   help=f"--labels predicted: a class is present when its sigmoid score reaches "
-                        f"this (at least the top class is kept); default {DEFAULT_LABEL_THR}, "
-                        f"chosen on the demo's val split (docs/custom-data.md)")
+    add_flag(g, "--label-thr", type=float, default=DEFAULT_LABEL_THR,
+             help=f"--labels predicted: a class is present when its sigmoid score reaches this "
+                  f"(at least the top class is kept); default {DEFAULT_LABEL_THR}, chosen on the "
+                  f"demo's val split (docs/custom-data.md)")
 
     g = p.add_argument_group("outputs and resume")
     g.add_argument("--vis-dir", type=Path, default=None,

@@ -39,7 +39,8 @@ from data.registry import DATASETS, check_data_root, dataset_root_of, get_datase
 from data.saliency import OTHER_ASPECT, SAME, size_kind  # noqa: E402
 from eval.saliency import (EPS_SALIENT_MIN, MISS_BELOW, ImageScores, SaliencySummary,  # noqa: E402
                            image_scores, summarize)
-from utils.cli import run_cli  # noqa: E402
+from utils import flags  # noqa: E402
+from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.progress import Progress  # noqa: E402
@@ -243,47 +244,43 @@ def summary_json(results, scores0: Sequence[ImageScores], class_names) -> Dict:
 # the tool
 # ------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Score saliency maps against the ground truth", add_help=False)
-    p.add_argument("--data-root", type=Path, required=True,
-                   help="dataset root (the folder holding JPEGImages/ and the ground truth)")
-    p.add_argument("--list", type=str, required=True,
-                   help="id list with ground-truth masks: a split name (e.g. train, val) or a file")
-    p.add_argument("--dataset", type=str, default="custom", choices=sorted(DATASETS),
-                   help="dataset layout and class names (default custom: the VOC layout with "
-                        "labels.txt in the root)")
-    p.add_argument("--metadata-dir", type=Path, default=None,
-                   help="folder with labels.txt and the lists (default: the data root for custom, "
-                        "metadata/<dataset> otherwise)")
-    p.add_argument("--maps", type=Path, default=None,
-                   help="folder of <id>.png maps to score (default: <data root>/SALImages)")
-    p.add_argument("--name", type=str, default=None,
-                   help="name of --maps in the report (default: the folder's name)")
-    p.add_argument("--compare", type=str, action="append", default=[],
-                   help="another folder of maps to put beside them, NAME=DIR or DIR (repeatable). "
-                        "With --dataset voc12, PFAN's <data root>/SALImages is added by itself "
-                        "when present and not --maps (the paper's maps)")
-    p.add_argument("--auto-compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="add PFAN's maps on voc12 / coco when present (see --compare)")
-    p.add_argument("--gt-dir", type=Path, default=None,
-                   help="ground-truth folder (default: SegmentationClassAug/ or "
-                        "SegmentationClass/ of the data root)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="EPS's overlap threshold for the coverage flags (default: the dataset's "
-                        "recipe; paper: 0.4)")
-    p.add_argument("--miss-below", type=float, default=MISS_BELOW,
-                   help=f"report an object when less than this share of its pixels is salient "
-                        f"(default {MISS_BELOW})")
-    p.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop ids without a map or mask (default: stop with an error)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="also write the report here (markdown), with <stem>.json and "
-                        "<stem>_per_image.csv beside it")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace an existing --out")
-    p.add_argument("--workers", type=int, default=None,
-                   help="reader processes (default: min(4, cores))")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bar on a terminal, a log line every 10 s elsewhere")
+    p = parent_parser("Score saliency maps against the ground truth")
+    flags.add_data_root(p, help="dataset root (the folder holding JPEGImages/ and the ground "
+                                "truth)")
+    add_flag(p, "--list", type=str, required=True,
+             help="id list with ground-truth masks: a split name (e.g. train, val) or a file")
+    add_flag(p, "--dataset", type=str, default="custom", choices=sorted(DATASETS),
+             help="dataset layout and class names (default custom: the VOC layout with "
+                  "labels.txt in the root)")
+    flags.add_metadata_dir(p)
+    add_flag(p, "--maps", type=Path, default=None,
+             help="folder of <id>.png maps to score (default: <data root>/SALImages)")
+    add_flag(p, "--name", type=str, default=None,
+             help="name of --maps in the report (default: the folder's name)")
+    add_flag(p, "--compare", type=str, action="append", default=[],
+             help="another folder of maps to put beside them, NAME=DIR or DIR (repeatable). With "
+                  "--dataset voc12 or coco, PFAN's <data root>/SALImages is added by itself when "
+                  "present and not --maps (the paper's maps)")
+    add_flag(p, "--auto-compare", action=argparse.BooleanOptionalAction, default=True,
+             help="add PFAN's maps on voc12 / coco when present (see --compare)")
+    add_flag(p, "--gt-dir", type=Path, default=None,
+             help="ground-truth folder (default: SegmentationClassAug/ or SegmentationClass/ of "
+                  "the data root)")
+    add_flag(p, "--tau", type=float, default=None,
+             help="EPS's overlap threshold for the coverage flags (default: the dataset's "
+                  "recipe; paper: 0.4)")
+    add_flag(p, "--miss-below", type=float, default=MISS_BELOW,
+             help=f"report an object when less than this share of its pixels is salient "
+                  f"(default {MISS_BELOW})")
+    flags.add_skip_missing(p, "map or mask")
+    add_flag(p, "--out", type=Path, default=None,
+             help="also write the report here (markdown), with <stem>.json and "
+                  "<stem>_per_image.csv beside it")
+    flags.add_overwrite(p, "replace an existing --out")
+    add_flag(p, "--workers", type=int, default=None,
+             help="reader processes (default: min(4, cores))")
+    add_flag(p, "--progress", action=argparse.BooleanOptionalAction, default=True,
+             help="progress bar on a terminal, a log line every 10 s elsewhere")
     return p
 
 

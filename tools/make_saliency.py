@@ -50,7 +50,8 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.pixels import image_to_8bit  # noqa: E402
 from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset_files  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils import flags  # noqa: E402
+from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_text, remove_stale_temps, save_label_png  # noqa: E402
 from utils.progress import Progress  # noqa: E402
@@ -493,54 +494,49 @@ def existing_maps(folder: Path) -> List[str]:
 # the tool
 # ------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Saliency maps from a salient-object model", add_help=False)
-    p.add_argument("--data-root", type=Path, required=True,
-                   help="dataset root (the folder holding JPEGImages/, or train2014/ for COCO)")
-    p.add_argument("--list", type=str, required=True,
-                   help="id list: a split name of the dataset (e.g. train) or a list file")
-    p.add_argument("--dataset", type=str, default="custom", choices=sorted(DATASETS),
-                   help="dataset layout (default custom: the VOC layout with the lists in the "
-                        "root; the paper used PFAN maps for voc12 and coco)")
-    p.add_argument("--metadata-dir", type=Path, default=None,
-                   help="folder with the split lists (default: the data root for custom, "
-                        "metadata/<dataset> otherwise)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for <id>.png (default: <data root>/SALImages, where training "
-                        "looks)")
-    p.add_argument("--model", type=str, default=DEFAULT_MODEL, choices=sorted(MODELS),
-                   help="salient-object model run by rembg (default u2net: U^2-Net trained on "
-                        "DUTS-TR, like the paper's PFAN); with --model-path: the preprocessing "
-                        "to feed the file with")
-    p.add_argument("--model-path", type=Path, default=None,
-                   help="a local ONNX file instead of rembg's download (machines without "
-                        "internet: rembg's u2net.onnx from its GitHub releases)")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="model input side when the ONNX leaves it open (default: the --model's, "
-                        "u2net 320)")
-    p.add_argument("--postprocess", type=str, default="raw", choices=POSTPROCESS,
-                   help="raw: the model's probability, round(255 p) (default); rembg: rembg's "
-                        "predict() map, each prediction stretched to its own min..max")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="binarise the map at this probability (0/255); default: keep the "
-                        "continuous map (EPS thresholds it at 0.5 itself)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="CPU worker processes, each with its own model session (default: "
-                        "min(4, cores); 1 with CUDA)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime threads per worker (default: cores / workers)")
-    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: onnxruntime's CUDA provider when it has one (onnxruntime-gpu), "
-                        "else the CPU; cuda: refuse to run without it")
-    p.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop listed ids whose image is missing (default: stop with an error)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute every listed map, also over another model's (default: skip "
-                        "existing maps of the same model = resume)")
-    p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
-                   help="print how many maps are missing and exit (no model is loaded, nothing "
-                        "is written)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bar on a terminal, a log line every 10 s elsewhere")
+    p = parent_parser("Saliency maps from a salient-object model")
+    flags.add_data_root(p, help="dataset root (the folder holding JPEGImages/, or train2014/ "
+                                "for COCO)")
+    add_flag(p, "--list", type=str, required=True,
+             help="id list: a split name of the dataset (e.g. train) or a list file")
+    add_flag(p, "--dataset", type=str, default="custom", choices=sorted(DATASETS),
+             help="dataset layout (default custom: the VOC layout with the lists in the root; "
+                  "the paper used PFAN maps for voc12 and coco)")
+    flags.add_metadata_dir(p)
+    add_flag(p, "--out", type=Path, default=None,
+             help="folder for <id>.png (default: <data root>/SALImages, where training looks)")
+    add_flag(p, "--model", type=str, default=DEFAULT_MODEL, choices=sorted(MODELS),
+             help="salient-object model run by rembg (default u2net: U^2-Net trained on DUTS-TR, "
+                  "like the paper's PFAN); with --model-path: the preprocessing to feed the "
+                  "file with")
+    add_flag(p, "--model-path", type=Path, default=None,
+             help="a local ONNX file instead of rembg's download (machines without internet: "
+                  "rembg's u2net.onnx from its GitHub releases)")
+    add_flag(p, "--input-size", type=int, default=None,
+             help="model input side when the ONNX leaves it open (default: the --model's, "
+                  "u2net 320)")
+    add_flag(p, "--postprocess", type=str, default="raw", choices=POSTPROCESS,
+             help="raw: the model's probability, round(255 p) (default); rembg: rembg's "
+                  "predict() map, each prediction stretched to its own min..max")
+    add_flag(p, "--threshold", type=float, default=None,
+             help="binarise the map at this probability (0/255); default: keep the continuous "
+                  "map (EPS thresholds it at 0.5 itself)")
+    add_flag(p, "--workers", type=int, default=None,
+             help="CPU worker processes, each with its own model session (default: "
+                  "min(4, cores); 1 with CUDA)")
+    add_flag(p, "--threads", type=int, default=None,
+             help="onnxruntime threads per worker (default: cores / workers)")
+    add_flag(p, "--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+             help="auto: onnxruntime's CUDA provider when it has one (onnxruntime-gpu), else the "
+                  "CPU; cuda: refuse to run without it")
+    flags.add_skip_missing(p, "image")
+    flags.add_overwrite(p, "recompute every listed map, also over another model's (default: "
+                           "skip existing maps of the same model = resume)")
+    add_flag(p, "--dry-run", action=argparse.BooleanOptionalAction, default=False,
+             help="print how many maps are missing and exit (no model is loaded, nothing is "
+                  "written)")
+    add_flag(p, "--progress", action=argparse.BooleanOptionalAction, default=True,
+             help="progress bar on a terminal, a log line every 10 s elsewhere")
     return p
 
 
