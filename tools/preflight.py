@@ -159,7 +159,9 @@ def check_train(stage: Stage, module, args) -> None:
     if head.needs_saliency:
         from data.datasets import default_saliency_root
         sal = args.saliency_root or default_saliency_root(info, args.data_root)
-        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
+        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image: "
+                                                "tools/make_saliency.py makes them "
+                                                "(docs/custom-data.md)"))
     if args.weights != "none":
         stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
     run_dir = Path(args.save_root) / args.session
