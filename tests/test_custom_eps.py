@@ -52,6 +52,7 @@ def custom_root(source, dest: Path, gt: bool = True) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_check_only_plans_the_saliency_maps(source, tmp_path):
     root = custom_root(source, tmp_path / "data", gt=False)
     out = ok(run_custom(DATASET_ROOT=root, SAVE_ROOT=tmp_path / "runs", CHECK_ONLY=1,
