@@ -223,7 +223,9 @@ def saliency_source(dataset: str) -> str:
     """Where a dataset's saliency maps come from (data/downloads.py), for error messages."""
     from data.downloads import DOWNLOADS, hint
     key = f"{dataset}_saliency"
-    return hint(key) if key in DOWNLOADS else "one saliency map <id>.png per image (docs/data.md)"
+    return hint(key) if key in DOWNLOADS else ("one saliency map <id>.png per image: "
+                                               "tools/make_saliency.py makes them "
+                                               "(docs/custom-data.md)")
 
 
 def build_dataset(args, info, head):
