@@ -66,7 +66,7 @@ class Check:
     ``voc12/train_aug``, or the ids themselves). A file check requires the file, and ``load``
     names how it is opened: ``network:<name>:<classes>`` (a classifier checkpoint that
     network.weights identifies as that network), ``deeplab_init:<arch>`` (the DeepLab init keys),
-    ``resnet38_trunk`` (a converted ResNet-38 .pth), ``labels:<dataset>:<list>,...`` (an
+    ``imagenet_trunk`` (a converted ResNet-38 .pth), ``labels:<dataset>:<list>,...`` (an
     image_labels.txt with a line for every id of the lists, or of ``ids``)."""
     path: str
     suffix: str = ""
@@ -277,7 +277,7 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
         checksum_cite="itijyou/ademxapp models/checksum.md5",
         archive="file", place=(Place(".", f"{WEIGHTS}/ilsvrc-cls_rna-a1_cls1000_ep-0001.params"),),
         checks=(Check(f"{WEIGHTS}/ilsvrc-cls_rna-a1_cls1000_ep-0001.params", load="checksum"),
-                Check(f"{WEIGHTS}/resnet38d_imagenet.pth", load="resnet38_trunk",
+                Check(f"{WEIGHTS}/resnet38d_imagenet.pth", load="imagenet_trunk",
                       cite="tools/convert_resnet38.py")),
         post=(("convert_resnet38", f"{WEIGHTS}/resnet38d_imagenet.pth"),), unpacked=421_000_000,
         manual=_gdrive_manual("15F13LEL5aO45JU-j45PYjzv5KW5bn_Pn", WEIGHTS),

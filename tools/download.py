@@ -290,7 +290,7 @@ def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
                   [k for k in sd if k not in ref]
             if bad:
                 return f"{p}: not the DeepLab init of {arg} ({len(bad)} keys differ, e.g. {bad[0]})"
-        elif kind == "resnet38_trunk":
+        elif kind == "imagenet_trunk":
             import torch
             from network.resnet38d import ResNet38d
             from network.weights import load_state_dict_file
@@ -347,7 +347,7 @@ def describe_check(c: Check) -> str:
     return f"{where}: " + {"": "present", "checksum": "present, checksum as downloaded",
                            "network": f"loads as {arg.replace(':', ' with ')} classes",
                            "deeplab_init": f"DeepLab init keys of {arg}, key for key",
-                           "resnet38_trunk": "ResNet-38 trunk keys, key for key",
+                           "imagenet_trunk": "ResNet-38 trunk keys, key for key",
                            "labels": f"labels for every {arg.partition(':')[2] or 'listed'} id"}.get(kind, c.load)
 
 
@@ -511,7 +511,7 @@ def move_into_place(ctx: Ctx, row: Row, placed: Path, produced: Sequence[str]) -
 def post_convert_resnet38(ctx: Ctx, row: Row, base: Path, out_rel: str) -> List[str]:
     from tools.convert_resnet38 import convert, sha256_of
     src, out = ctx.path(row.place[0].dest, base), ctx.path(out_rel, base)
-    if out.is_file() and not check_failure(ctx, row, Check(out_rel, load="resnet38_trunk"), base):
+    if out.is_file() and not check_failure(ctx, row, Check(out_rel, load="imagenet_trunk"), base):
         return [out_rel]
     logger.info("%s: converting %s -> %s (tools/convert_resnet38.py)", row.key, src.name, out.name)
     torch_save(convert(src), out)
