@@ -16,6 +16,12 @@ Outputs (all optional, written atomically, one file per image):
   --png-dir (--cam_png)  <id>.png: palette PNG, values 0..C (0 = background)
   --crf                  <id>.png: CRF-refined pseudo-mask (psa or DeepLab parameters)
   --vis-dir              <id>.png for the first --vis-num ids of the list: image, mask, CAMs
+``--labels predicted`` masks the CAMs with the classifier's own multi-label prediction instead of
+image_labels.txt (images without labels; docs/custom-data.md): the classes whose sigmoid score on
+the unflipped view nearest scale 1 reaches --label-thr, or the top class when none does. The labels
+used go to <run dir>/predicted_labels/<id>.txt (one record per image, written by whichever rank
+made it) and, once every id has one, to <run dir>/predicted_labels.txt (image_labels.txt format)
+and predicted_scores.csv.
 A rerun skips ids whose requested outputs all exist (resume); --overwrite recomputes them. Each
 output folder records the settings that made it, and a rerun with other settings is refused.
 Under torchrun every rank takes ids[rank::world] and writes into the same folders. No process
@@ -44,6 +50,7 @@ from data.metadata import MetadataError
 from data.registry import DATASETS, check_data_root, get_dataset
 from data.transforms import INFER_SCALES
 from network import NETWORKS, normalize_network_name
+from network.heads import Head
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
 from network import cam as camlib
@@ -69,8 +76,18 @@ class InferError(UserError):
 # run must use the same ones (--fast / --fuse / --winograd / --channels-last / --num-workers only
 # change the speed).
 RESULT_FLAGS = ("dataset", "weights", "network", "thr", "scales", "bg_from_eps", "save_bg",
-                "crf_alpha", "crf_t", "crf_params", "amp")
+                "crf_alpha", "crf_t", "crf_params", "amp", "labels", "label_thr")
+# What a settings record written before a flag existed meant by its absence.
+RESULT_DEFAULTS = {"labels": "gt", "label_thr": None}
 SETTINGS_FILE = ".infer_settings.json"  # in every output folder
+LABEL_SOURCES = ("gt", "predicted")
+# --labels predicted: a class is in the image when sigmoid(score) >= this. Chosen on the demo's
+# val split with its small_eps classifier: the best pseudo-mask mIoU of 0.1..0.9 (57.80, against
+# 58.06 with the true labels) and within 0.001 of the best label F1 (docs/custom-data.md,
+# "Images without labels").
+DEFAULT_LABEL_THR = 0.4
+PREDICTED_DIR, PREDICTED_FILE, SCORES_FILE = ("predicted_labels", "predicted_labels.txt",
+                                              "predicted_scores.csv")
 MIN_SCALE, MAX_SCALE = 0.05, 8.0
 
 
@@ -107,6 +124,17 @@ def get_args_parser():
              help="accepted for compatibility and ignored: launch with torchrun instead")
     add_flag(g, "--n-processes-per-gpu", type=int, nargs="*", default=None,
              help="accepted for compatibility and ignored: launch with torchrun instead")
+
+    g = p.add_argument_group("image labels")
+    g.add_argument("--labels", type=str, default="gt", choices=LABEL_SOURCES,
+                   help="which classes' CAMs make the pseudo-mask: gt = image_labels.txt (the "
+                        "published behaviour); predicted = the classifier's own multi-label "
+                        "prediction (images without labels; no image_labels.txt needed), "
+                        "written to <run dir>/predicted_labels.txt")
+    add_flag(g, "--label-thr", type=float, default=DEFAULT_LABEL_THR,
+             help=f"--labels predicted: a class is present when its sigmoid score reaches this "
+                  f"(at least the top class is kept); default {DEFAULT_LABEL_THR}, chosen on the "
+                  f"demo's val split (docs/custom-data.md)")
 
     g = p.add_argument_group("outputs and resume")
     g.add_argument("--vis-dir", type=Path, default=None,
@@ -188,6 +216,8 @@ def check_args(args) -> None:
                             f"{sorted(NETWORKS)}, or leave it out to use the checkpoint's own")
     if not args.dist_timeout > 0:
         problems.append("--dist-timeout must be positive")
+    if not (math.isfinite(args.label_thr) and 0.0 < args.label_thr < 1.0):
+        problems.append(f"--label-thr {args.label_thr} must be in (0, 1) (a sigmoid score)")
     if problems:
         raise InferError("; ".join(problems))
 
@@ -204,10 +234,12 @@ def check_inputs(args, info) -> None:
         problems.append(f"--weights {args.weights}: file not found (train.py's checkpoint_cls.pth, "
                         f"or {hint('released')})")
     try:
-        info.image_labels
+        if args.labels == "gt":
+            info.image_labels
     except MetadataError as e:
         problems.append(f"{e}: CAMs are masked by the image labels; create image_labels.txt "
-                        f"(tools/make_cls_labels.py) or pass --metadata-dir")
+                        f"(tools/make_cls_labels.py), pass --metadata-dir, or use the "
+                        f"classifier's own prediction (--labels predicted)")
     if problems:
         raise InferError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
 
@@ -255,6 +287,77 @@ def cams_fast(model: InferenceModel, images: Sequence[torch.Tensor], label: torc
 
 
 # --------------------------------------------------------------------------------------------
+# Images without labels: the classifier's own prediction (--labels predicted)
+# --------------------------------------------------------------------------------------------
+def labels_from_scores(probs: torch.Tensor, thr: float) -> torch.Tensor:
+    """float32 (C,) multi-hot of the classes whose probability reaches ``thr``; when none does,
+    the top class alone (weak supervision assumes >= 1 class per image, and an image with no
+    class would get an all-background mask)."""
+    probs = probs.float()
+    label = (probs >= thr).float()
+    if not label.any():
+        label[int(torch.argmax(probs))] = 1.0
+    return label
+
+
+def make_scorer(model: torch.nn.Module, device: torch.device, scales: Sequence[float],
+                thr: float):
+    """item -> (label (C,), probabilities (C,)): the head's class_scores of the unflipped view at
+    the scale nearest 1 (the view closest to how the classifier was trained), sigmoid, then
+    :func:`labels_from_scores`."""
+    k = int(np.argmin([abs(float(sc) - 1.0) for sc in scales]))
+
+    def score(item):
+        x = item["images"][k].to(device)[None]
+        probs = torch.sigmoid(model.class_scores(x).float())[0].cpu()
+        return labels_from_scores(probs, thr), probs
+    return score
+
+
+class PredictedLabels:
+    """The labels --labels predicted used. One record per image, ``<dir>/<id>.txt`` (its
+    image_labels.txt line, then ``# scores`` with the C probabilities), written atomically by
+    the rank that made the image: ranks never write the same file. Once every id of the list
+    has one, the combined ``predicted_labels.txt`` and ``predicted_scores.csv`` are written
+    (atomically, identical whichever rank writes them: the last rank to finish always sees every
+    record, and rank 0 writes them after its wait across nodes)."""
+
+    def __init__(self, run_dir: Path, class_names: Sequence[str], thr: float, weights):
+        self.dir = Path(run_dir) / PREDICTED_DIR
+        self.combined = Path(run_dir) / PREDICTED_FILE
+        self.scores_csv = Path(run_dir) / SCORES_FILE
+        self.class_names, self.thr, self.weights = list(class_names), thr, weights
+
+    def path(self, img_id: str) -> Path:
+        return self.dir / f"{img_id}.txt"
+
+    def write(self, img_id: str, label: np.ndarray, probs: np.ndarray) -> None:
+        classes = " ".join(str(int(c)) for c in np.flatnonzero(np.asarray(label) > 0.5))
+        scores = " ".join(f"{float(v):.6f}" for v in np.asarray(probs))
+        atomic_write_text(self.path(img_id), f"{img_id} {classes}\n# scores {scores}\n")
+
+    def read(self, img_id: str) -> Tuple[str, str]:
+        """(the image_labels.txt line, the scores) of one record."""
+        line, scores = self.path(img_id).read_text(encoding="utf-8").splitlines()[:2]
+        return line, scores.split(maxsplit=2)[2]
+
+    def merge(self, ids: Sequence[str]) -> bool:
+        """Write the combined files when every id has a record; False when some are missing."""
+        if not all(self.path(i).is_file() for i in ids):
+            return False
+        rows = [self.read(i) for i in ids]
+        header = (f"# labels predicted by {self.weights}: classes whose sigmoid score >= "
+                  f"{self.thr} (else the top class); infer.py --labels predicted\n"
+                  f"# <id> <0-based class indices> (0={self.class_names[0]} ... "
+                  f"{len(self.class_names) - 1}={self.class_names[-1]})\n")
+        atomic_write_text(self.combined, header + "".join(f"{line}\n" for line, _ in rows))
+        csv = "id," + ",".join(self.class_names) + "\n" + "".join(
+            f"{i}," + ",".join(scores.split()) + "\n" for i, (_, scores) in zip(ids, rows))
+        atomic_write_text(self.scores_csv, csv)
+        return True
+
+
+# --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
 def crf_dirs(crf_root: Optional[Path], alphas: Sequence[float],
@@ -272,8 +375,10 @@ def crf_dirs(crf_root: Optional[Path], alphas: Sequence[float],
 class Outputs:
     """Paths of every output of one id, the completeness check used for resume, and the writers."""
 
-    def __init__(self, args, class_names: Sequence[str], vis_ids: set):
+    def __init__(self, args, class_names: Sequence[str], vis_ids: set,
+                 labels: Optional[PredictedLabels] = None):
         self.cam_dir, self.png_dir, self.vis_dir = args.cam_dir, args.png_dir, args.vis_dir
+        self.labels = labels
         self.crf = crf_dirs(args.crf, args.crf_alpha, args.crf_t)
         self.crf_params = args.crf_params
         self.save_bg = args.save_bg or args.bg_from_eps
@@ -296,6 +401,8 @@ class Outputs:
         out += [d / f"{img_id}.png" for d in self.crf.values()]
         if self.vis_dir is not None and img_id in self.vis_ids:
             out.append(self.vis_dir / f"{img_id}.png")
+        if self.labels is not None:
+            out.append(self.labels.path(img_id))
         return out
 
     def complete(self, img_id: str) -> bool:
@@ -303,8 +410,10 @@ class Outputs:
         return all(p.is_file() for p in self.paths(img_id))
 
     def write(self, img_id: str, keys: np.ndarray, cams: np.ndarray, bg: Optional[np.ndarray],
-              mask: np.ndarray, image: Optional[np.ndarray]) -> None:
-        """Write all outputs of one image (runs in a writer thread or process)."""
+              mask: np.ndarray, image: Optional[np.ndarray],
+              predicted: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> None:
+        """Write all outputs of one image (runs in a writer thread or process); ``predicted``:
+        (label, probabilities) of --labels predicted, whose record is written last."""
         if self.cam_dir is not None:
             arrays = dict(keys=keys.astype(np.int64), cams=cams.astype(np.float32))
             if bg is not None and self.save_bg:
@@ -318,11 +427,16 @@ class Outputs:
         if self.vis_dir is not None and img_id in self.vis_ids:
             save_cam_overview(self.vis_dir / f"{img_id}.png", image, mask, keys.tolist(), cams,
                               self.class_names, bg=bg, title=img_id)
+        if self.labels is not None and predicted is not None:
+            self.labels.write(img_id, *predicted)
 
 
 def result_settings(args) -> Dict:
-    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
-            if k in RESULT_FLAGS}
+    out = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+           if k in RESULT_FLAGS}
+    if out.get("labels", "gt") == "gt":
+        out["label_thr"] = None  # no effect on ground-truth labels: not a different setting
+    return out
 
 
 def has_results(folder: Path) -> bool:
@@ -348,6 +462,7 @@ def check_settings(outputs: Outputs, args) -> None:
             raise InferError(f"{folder} already holds results but no record of their settings "
                              f"({record}); pass --overwrite to recompute every image, or choose "
                              f"another folder") from None
+        prev = {k: prev.get(k, RESULT_DEFAULTS.get(k)) for k in RESULT_FLAGS}
         diff = {k: (prev.get(k), now.get(k)) for k in RESULT_FLAGS if prev.get(k) != now.get(k)}
         if diff:
             text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -370,9 +485,11 @@ def _identity(item):
 
 
 def make_cams(model: InferenceModel, items: Iterable[dict], outputs: Outputs, *, thr: float,
-              bg_from_eps: bool, total: int, writer_threads: int = 2, progress: bool = True) -> int:
+              bg_from_eps: bool, total: int, writer_threads: int = 2, progress: bool = True,
+              scorer=None) -> int:
     """Run the prepared model over the dataset items and write every output; returns the number
-    of images. Writers run beside the network (a bounded queue keeps memory flat)."""
+    of images. Writers run beside the network (a bounded queue keeps memory flat). Items without
+    a label (--labels predicted) get theirs from ``scorer`` (:func:`make_scorer`)."""
     pending: List[Future] = []
     n = 0
     cams_of = cams_fast if model.fast else cams_reference
@@ -380,10 +497,15 @@ def make_cams(model: InferenceModel, items: Iterable[dict], outputs: Outputs, *,
     with executor(writer_threads, processes=bool(outputs.crf)) as pool, torch.inference_mode():
         for item in items:
             size = tuple(int(s) for s in item["size"])
-            keys, cams, bg = cams_of(model, item["images"], item["label"], size)
+            label, predicted = item["label"], None
+            if label is None:
+                label, probs = scorer(item)
+                predicted = (label.numpy(), probs.numpy())
+            keys, cams, bg = cams_of(model, item["images"], label, size)
             mask = camlib.pseudo_mask(keys, cams, thr=thr, bg=bg if bg_from_eps else None)
             result = (item["id"], keys.cpu().numpy(), cams.cpu().numpy(),
-                      None if bg is None else bg.cpu().numpy(), mask.cpu().numpy(), item.get("image"))
+                      None if bg is None else bg.cpu().numpy(), mask.cpu().numpy(), item.get("image"),
+                      predicted)
             pending.append(pool.submit(outputs.write, *result))
             # Bounded queue: re-raise writer errors early and cap the memory held by results.
             while len(pending) > 2 * max(1, writer_threads) or (pending and pending[0].done()):
@@ -440,14 +562,22 @@ def main(args):
     if args.bg_from_eps and not model.has_background:
         raise InferError(f"--bg-from-eps needs a head with a background map (eps); "
                          f"{found.network} has none")
+    predict = args.labels == "predicted"
+    if predict and type(model).class_scores is Head.class_scores:
+        raise InferError(f"--labels predicted needs the head's class scores, and the "
+                         f"{model.head_type!r} head of {found.network} declares no "
+                         f"class_scores(x) (network/heads.py); use --labels gt")
     ids = info.read_ids(args.infer_list or info.train_defaults.get("infer_list", "train"))
     vis_ids = set(ids[:args.vis_num]) if args.vis_dir is not None else set()
-    outputs = Outputs(args, info.class_names, vis_ids)
+    labels = (PredictedLabels(run_dir, info.class_names, args.label_thr, args.weights)
+              if predict else None)
+    outputs = Outputs(args, info.class_names, vis_ids, labels)
     check_settings(outputs, args)
     mine = ids[rank::world]  # interleaved split: every rank gets a similar mix of image sizes
     todo = mine if args.overwrite else [i for i in mine if not outputs.complete(i)]
     dataset = (InferDataset(info, args.img_root, todo, scales=args.scales,
-                            skip_missing=args.skip_missing, return_image=outputs.needs_image)
+                            skip_missing=args.skip_missing, return_image=outputs.needs_image,
+                            with_labels=not predict)
                if todo else None)
     if dataset is not None and args.check_data:
         check_files(dataset.ids, dataset.image_paths)
@@ -458,7 +588,7 @@ def main(args):
     #    it writes a result: with no barrier between the ranks, a folder that holds a result
     #    then always holds its record too, whichever rank checks it and when.
     if rank == 0:
-        for folder in outputs.folders() + [run_dir]:
+        for folder in outputs.folders() + [run_dir] + ([labels.dir] if labels else []):
             remove_stale_temps(folder)
     record_settings(outputs, args)
     setup_logging(run_dir / "log.txt")
@@ -481,18 +611,32 @@ def main(args):
             pin_memory=pin_memory(device), collate_fn=_identity,
             worker_init_fn=loader_worker_init() if args.num_workers > 0 else None)
         t0 = time.time()
+        scorer = make_scorer(model, device, args.scales, args.label_thr) if predict else None
         n = make_cams(prepared, loader, outputs, thr=args.thr, bg_from_eps=args.bg_from_eps,
                       total=len(dataset), writer_threads=args.writer_threads,
-                      progress=rank == 0)
+                      progress=rank == 0, scorer=scorer)
         dt = time.time() - t0
         logger.info("rank %d: %d images in %.1f s (%.3f s/image)", rank, n, dt, dt / max(n, 1))
+    present = None
     if dist.spans_nodes() and rank == 0:
         # 4. rank 0 returns when the whole list is written, whichever node wrote it (on one
         #    node, torchrun itself returns only when every rank has finished)
         present = ids if not args.skip_missing else InferDataset(
-            info, args.img_root, ids, skip_missing=True).ids
+            info, args.img_root, ids, skip_missing=True, with_labels=False).ids
         dist.wait_for_outputs(present, outputs.complete, what="images' outputs",
                               timeout_s=args.dist_timeout)
+    if labels is not None:
+        # 5. the combined label files, once every id has its record (see PredictedLabels)
+        if present is None:
+            present = ids if not args.skip_missing else InferDataset(
+                info, args.img_root, ids, skip_missing=True, with_labels=False).ids
+        if labels.merge(present):
+            logger.info("labels predicted for %d images (sigmoid >= %g, else the top class) -> "
+                        "%s, %s", len(present), args.label_thr, labels.combined,
+                        labels.scores_csv)
+        else:
+            logger.info("rank %d: other ranks are still writing; the last to finish writes %s",
+                        rank, labels.combined)
     logger.info("rank %d done; outputs: %s", rank, ", ".join(str(d) for d in outputs.folders()))
 
 

@@ -227,7 +227,8 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
         if args.weights is None and backbone.expects_pretrained:
             raise TrainingError(
                 f"--network {args.network} starts from ImageNet weights: pass --weights "
-                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params, README 'Downloads'), or "
+                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params: bash script/download.sh "
+                f"weights), or "
                 f"--weights none to train from scratch")
         args.weights = "none"
     if args.freeze_bn is None:
@@ -263,6 +264,15 @@ def check_inputs(args, info, head) -> None:
         raise TrainingError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
 
 
+def saliency_source(dataset: str) -> str:
+    """Where a dataset's saliency maps come from (data/downloads.py), for error messages."""
+    from data.downloads import DOWNLOADS, hint
+    key = f"{dataset}_saliency"
+    return hint(key) if key in DOWNLOADS else ("one saliency map <id>.png per image: "
+                                               "tools/make_saliency.py makes them "
+                                               "(docs/custom-data.md)")
+
+
 def build_dataset(args, info, head):
     """The training set of the head's method: images (+ saliency maps when it needs them), +
     what the head's ``sample_extras`` hook adds to each sample."""
@@ -286,7 +296,7 @@ def _build_dataset(args, info, head):
     if not Path(sal_root).is_dir():
         raise TrainingError(f"--network {args.network} trains with saliency maps: "
                             f"{'--saliency_root ' if args.saliency_root else 'the default '}"
-                            f"{sal_root} is not a folder (README 'Downloads': PFAN saliency maps)")
+                            f"{sal_root} is not a folder ({saliency_source(info.name)})")
     dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list,
                             stretch_saliency=args.stretch_saliency, **common)
     if args.check_data:  # header reads on rank 0: a bad map stops every rank before any compute

@@ -205,14 +205,14 @@ def build_model(args, n_classes: int, init: bool):
     if args.init is None and args.arch == "deeplabv2_resnet101":
         raise TrainSegError(
             "DeepLab-v2 ResNet-101 needs initial weights: --init deeplabv1_resnet101-coco.pth "
-            "(the paper's COCO init, README 'Downloads') or a torchvision resnet101 .pth; --init "
-            "none trains from scratch (not a paper setting)")
+            "(the paper's COCO init: bash script/download.sh weights) or a torchvision resnet101 "
+            ".pth; --init none trains from scratch (not a paper setting)")
     if not init:
         return model
     if args.init is not None and args.init.lower() != "none":
         if not Path(args.init).is_file():
             raise TrainSegError(f"--init {args.init}: file not found; pass "
-                                f"deeplabv1_resnet101-coco.pth (README 'Downloads'), a torchvision "
+                                f"deeplabv1_resnet101-coco.pth (bash script/download.sh weights), a torchvision "
                                 f"resnet101 .pth, or --init none")
         load_init_weights(model, args.init, args.init_kind)
     else:

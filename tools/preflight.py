@@ -159,7 +159,9 @@ def check_train(stage: Stage, module, args) -> None:
     if head.needs_saliency:
         from data.datasets import default_saliency_root
         sal = args.saliency_root or default_saliency_root(info, args.data_root)
-        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
+        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image: "
+                                                "tools/make_saliency.py makes them "
+                                                "(docs/custom-data.md)"))
     if args.weights != "none":
         stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
     run_dir = Path(args.save_root) / args.session
@@ -180,15 +182,18 @@ def check_infer(stage: Stage, module, args) -> None:
         return
     name = args.infer_list or info.train_defaults.get("infer_list", "train")
     ids = _ids(stage, info, name)
-    _labels(stage, info)
+    if getattr(args, "labels", "gt") == "gt":  # --labels predicted reads no image labels
+        _labels(stage, info)
     _sample_images(stage, info, args.img_root, ids)
     stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
     outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
     stage.makes.extend(outs)
+    labels = (f"predicted labels (sigmoid >= {args.label_thr})"
+              if getattr(args, "labels", "gt") == "predicted" else "image labels")
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
-        f"+ flips -> {', '.join(map(str, outs))}")
+        f"+ flips, {labels} -> {', '.join(map(str, outs))}")
 
 
 def check_evaluate(stage: Stage, module, args) -> None:
@@ -255,9 +260,34 @@ def check_infer_seg(stage: Stage, module, args) -> None:
                       f"{' + dense CRF' if args.crf else ''} -> {args.out_dir}")
 
 
+def check_make_saliency(stage: Stage, module, args) -> None:
+    from data.registry import get_dataset_files
+    _try(stage, module.check_args, args)
+    files = _try(stage, get_dataset_files, args.dataset, args.metadata_dir, args.data_root)
+    if files is None:
+        return
+    stage.need(dataset_root_of(args.data_root), "dataset root", "the folder that holds JPEGImages/")
+    ids = _ids(stage, files, args.list)
+    _sample_images(stage, files, args.data_root, ids)
+    out = args.out if args.out is not None else \
+        dataset_root_of(args.data_root) / files.spec.saliency_dir
+    done = set(module.existing_maps(out))
+    todo = ids if args.overwrite else [i for i in ids if i not in done]
+    _try(stage, module.check_folder, out, args, done)
+    if todo and not args.dry_run and _try(stage, module.import_rembg) is not None:
+        _try(stage, module.providers_for, args.device)
+    stage.makes.append(out)
+    model = (f"--model-path {args.model_path} (fed as {args.model})" if args.model_path
+             else f"{args.model} through rembg (weights fetched on first use)")
+    stage.plan.append(f"saliency maps of {Path(str(args.list)).stem} ({len(ids)} ids, "
+                      f"{len(todo)} to make) with {model}, {args.postprocess} -> {out}")
+
+
 CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
                                "evaluate": check_evaluate, "train_seg": check_train_seg,
-                               "infer_seg": check_infer_seg}
+                               "infer_seg": check_infer_seg, "make_saliency": check_make_saliency}
+# Entry points that live in tools/ rather than at the top of the repository.
+MODULES = {"make_saliency": "tools.make_saliency"}
 
 
 def check_device(device: str, procs_per_node: int) -> List[str]:
@@ -282,7 +312,7 @@ def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[St
         module_name = Path(script).stem
         if module_name not in CHECKS:
             raise PreflightError(f"stage {name}: no check for entry point {script}")
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(MODULES.get(module_name, module_name))
         stage = Stage(name, script, argv, procs=nodes * procs.get(name, procs.get("*", 1)))
         args, err = parse_stage(module, argv)
         if err is not None:
