@@ -167,8 +167,9 @@ def add_head_flags(group, heads) -> None:
         defaults = {hp.describe_default(): None for _, hp in decls}
         where = (first.describe_default() if len(defaults) == 1 else
                  "; ".join(f"{h.name}: {hp.describe_default()}" for h, hp in decls))
-        add_flag(group, flag_of(name), type=first.type, default=None, choices=first.choices,
-                 help=f"{first.help}. Default: {where}")
+        kind = (dict(action=argparse.BooleanOptionalAction) if first.type is bool else
+                 dict(type=first.type, choices=first.choices))  # type=bool would take "False" as True
+        add_flag(group, flag_of(name), default=None, help=f"{first.help}. Default: {where}", **kind)
 
 
 def resolve_args(args, info, world: int) -> argparse.Namespace:

@@ -324,6 +324,22 @@ def test_the_hook_machinery_leaves_the_default_run_bitwise_equal(data_root, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_hyper_parameters_of_every_type_become_flags():
+    class Typed(Head):
+        name = "typed"
+        hparams = {"warm": HParam(default=False, type=bool, help="a switch"),
+                   "mode": HParam(default="a", type=str, choices=("a", "b"), help="a choice"),
+                   "k": HParam(default=3, type=int, low=1, help="a count")}
+
+    parser = argparse.ArgumentParser()
+    train.add_head_flags(parser, [Typed])
+    args = parser.parse_args(["--no-warm", "--mode", "b", "--k", "2"])
+    assert (args.warm, args.mode, args.k) == (False, "b", 2)
+    assert Typed.resolve_hparams({"warm": True}, "voc12") == {"warm": True, "mode": "a", "k": 3}
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        Typed.resolve_hparams({"k": 0}, "voc12")
+
+
 def test_head_declarations_are_checked_when_the_class_is_made():
     with pytest.raises(TypeError, match="hparams must be a dict"):
         type("Old", (Head,), {"name": "old", "hparams": ("x",)})
