@@ -36,7 +36,7 @@ from data.datasets import ClsDataset, ClsSalDataset, check_files, default_salien
 from data.registry import DATASETS, check_data_root, get_dataset
 from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
-from network.heads import flag_of
+from network.heads import DeclareOnce, add_hparam_flag, flag_of
 from network.weights import load_initial_weights, record_network
 from utils import dist, flags
 from utils.checkpoint import (changed_settings, check_ranks_agree, open_run_dir,
@@ -167,9 +167,12 @@ def add_head_flags(group, heads) -> None:
         defaults = {hp.describe_default(): None for _, hp in decls}
         where = (first.describe_default() if len(defaults) == 1 else
                  "; ".join(f"{h.name}: {hp.describe_default()}" for h, hp in decls))
-        kind = (dict(action=argparse.BooleanOptionalAction) if first.type is bool else
-                 dict(type=first.type, choices=first.choices))  # type=bool would take "False" as True
-        add_flag(group, flag_of(name), default=None, help=f"{first.help}. Default: {where}", **kind)
+        add_hparam_flag(group, name, first, help=f"{first.help}. Default: {where}")
+    # Then each head's own add_args (a subclass calling super().add_args included): on a
+    # DeclareOnce, a flag declared above or by another head is not declared twice.
+    once = DeclareOnce(group)
+    for head in heads:
+        head.add_args(once)
 
 
 def resolve_args(args, info, world: int) -> argparse.Namespace:

@@ -31,6 +31,9 @@ saliency, **hparams)``      sum is minimised (logged as ``loss_<term>``); ``extr
                             their per-dataset defaults (the method's recipe); train.py makes each
                             one flag, fills it in and range-checks it. A subclass declares only
                             its own: the parents' are merged in (``__init_subclass__``)
+``add_args(parser)``        optional: flags beyond the HParams' own (an alias, another
+                            spelling); call ``super().add_args(parser)``, each flag is
+                            declared once (``DeclareOnce``)
 ``check_hparams(**hp)``     a one-line problem across the values (beyond each HParam's range),
                             or None; gets every hyper-parameter, so ``super()`` needs no forwarding
 ``sample_extras(ctx)``      optional hook: what each training sample carries beyond image,
@@ -107,6 +110,47 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_hparam_flag(parser, name: str, hp: HParam, help: Optional[str] = None):
+    """The flag of one HParam: ``--<name with hyphens>`` (the underscore spelling a hidden
+    alias), default None so that the run's head fills in its value for the dataset."""
+    import argparse
+
+    from utils.cli import add_flag
+    kind = (dict(action=argparse.BooleanOptionalAction) if hp.type is bool else
+            dict(type=hp.type, choices=hp.choices))  # type=bool would take "False" as True
+    return add_flag(parser, flag_of(name), dest=name, default=None,
+                    help=help or f"{hp.help}. Default: {hp.describe_default()}", **kind)
+
+
+class DeclareOnce:
+    """A parser (or argument group) on which declaring a flag again with the same dest returns
+    the first declaration (its new spellings, if any, become aliases of it): heads that inherit or share a hyper-parameter
+    (a subclass of EpsHead calling ``super().add_args``) declare it once. A flag spelled like
+    an existing one but with another dest is refused (two meanings for one flag)."""
+
+    def __init__(self, parser):
+        self._parser = parser
+
+    def add_argument(self, *strings, **kwargs):
+        taken = self._parser._option_string_actions
+        first = next((taken[s] for s in strings if s in taken), None)
+        if first is None:
+            return self._parser.add_argument(*strings, **kwargs)
+        longs = [s for s in strings if s.startswith("--")] or list(strings)
+        dest = kwargs.get("dest") or longs[0].lstrip("-").replace("-", "_")
+        if first.dest != dest:
+            raise TypeError(f"flag {'/'.join(strings)} (dest {dest!r}) is already declared with "
+                            f"dest {first.dest!r}; rename one of them")
+        for s in strings:  # new spellings of the same flag become its (hidden) aliases
+            if s not in taken:
+                first.option_strings.append(s)
+                taken[s] = first
+        return first
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+
 def make_fc8(in_channels: int, out_channels: int) -> nn.Conv2d:
     fc8 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
     nn.init.xavier_uniform_(fc8.weight)  # published init; ImageNet loading leaves fc8 at this
@@ -153,9 +197,6 @@ class Head(Backbone):
         if hook is not None and not isinstance(hook, (staticmethod, classmethod)):
             raise TypeError(f"{cls.__name__}.sample_extras runs in the data-loading workers, "
                             f"without the model: declare it a @staticmethod or @classmethod")
-        if "add_args" in cls.__dict__:
-            raise TypeError(f"{cls.__name__}.add_args: heads declare their flags as data now, "
-                            f"hparams = {{name: HParam(...)}} (network/heads.py, docs/extending.md)")
         merged: Dict[str, HParam] = {}
         for base in reversed(cls.__mro__[1:]):
             merged.update(base.__dict__.get("hparams") or {})
@@ -199,6 +240,19 @@ class Head(Backbone):
     def losses(self, out, labels: torch.Tensor, saliency: Optional[torch.Tensor] = None,
                **hparams) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def add_args(cls, parser) -> None:
+        """Declare this head's flags on train.py's parser. The default declares nothing beyond
+        what train.py already made from ``hparams`` (one flag per HParam, inherited ones
+        included). Override it to spell a flag your own way (aliases, metavar) or to add one,
+        and call ``super().add_args(parser)``: train.py passes a parser on which a repeated
+        declaration of a flag with the same dest is a no-op, so a subclass of EpsHead that
+        calls super() gets --tau and --lam once. Values reach ``losses()`` and
+        ``around_step()`` for the names in ``hparams``; give every flag they need an HParam
+        (its per-dataset default and range check live there)."""
+        for name, hp in cls.hparams.items():
+            add_hparam_flag(parser, name, hp)
 
     @classmethod
     def check_hparams(cls, **hparams) -> Optional[str]:
