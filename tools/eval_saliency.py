@@ -313,6 +313,12 @@ def main(args) -> Dict:
     tau = args.tau if args.tau is not None else float(info.train_defaults.get("tau", 0.4))
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise SaliencyEvalError(f"--out {args.out} exists; pass --overwrite to replace it")
+    if args.out is not None:  # before any map is scored, not at the first write
+        if args.out.is_dir():
+            raise SaliencyEvalError(f"--out {args.out} is a folder; pass a file name such "
+                                    f"as {args.out / 'report.md'}")
+        from utils.run import check_writable
+        check_writable(args.out.parent, "--out")
 
     gt = {i: (args.gt_dir / f"{i}.png" if args.gt_dir is not None else info.gt_path(root, i))
           for i in ids}

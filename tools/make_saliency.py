@@ -601,6 +601,8 @@ def main(args) -> Dict:
                     "them)", len(pairs), out)
         return {"todo": 0, "listed": len(pairs), "out": str(out), "record": prev}
 
+    from utils.run import check_writable  # here: it imports torch, which the workers need not
+    check_writable(out, "--out")  # before any image or model is read, not at the first write
     # every input before any compute: the images' headers, the model and its shapes
     with_problems = [f"{i}: {p}" for i, p in ((i, image_problem(path)) for i, path in todo) if p]
     if with_problems:
