@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,10 +52,11 @@ VOC = table.VOC
 # ------------------------------------------------------------------------------------------------
 class Server:
     """Serves ``files`` {name: bytes} on 127.0.0.1 with Range support. ``drop[name] = n``: the
-    next answer for name stops after n bytes and closes the connection (once)."""
+    next answer for name stops after n bytes and closes the connection (once); ``stall[name] =
+    n``: the next answer sends n bytes, then nothing for 3 s (once)."""
 
     def __init__(self):
-        self.files, self.drop, self.requests = {}, {}, []
+        self.files, self.drop, self.stall, self.requests = {}, {}, {}, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +87,13 @@ class Server:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                stall = server.stall.pop(name, None)
+                if stall is not None:
+                    self.wfile.write(body[:stall])
+                    self.wfile.flush()
+                    time.sleep(3)
+                    self.close_connection = True
+                    return
                 cut = server.drop.pop(name, None)
                 if cut is not None:
                     self.wfile.write(body[:cut])
@@ -338,6 +347,20 @@ def test_dropped_connection_resumes_with_a_range_request(fixtures, server, tmp_p
     assert (root / VOC / "JPEGImages").is_dir()
 
 
+def test_a_stalled_connection_keeps_what_arrived_and_resumes_there(server, tmp_path):
+    """A connection that goes silent (a timeout, or Ctrl-C while waiting) must not lose the
+    bytes that arrived before: the retry asks for the rest only. (Reading in 1 MB blocks that
+    wait to be full lost them, so a link that stalls more often than every MB never finished.)"""
+    data = bytes(range(256)) * 64
+    server.files["f.bin"] = data
+    server.stall["f.bin"] = 5000
+    part = tmp_path / "f.bin.part"
+    fetch.http_download(f"{server.url}/f.bin", part, size=len(data), timeout=0.5, retries=1,
+                        retry_wait=0)
+    assert server.asked("f.bin") == [None, "bytes=5000-"]
+    assert part.read_bytes() == data
+
+
 def test_interrupted_run_resumes_on_the_next_run(fixtures, server, tmp_path, monkeypatch):
     """The first run loses its connection with no retry left (as after Ctrl-C): the partial file
     stays, and the next run asks only for the rest."""
@@ -490,6 +513,15 @@ def test_google_drive_rows_use_gdown(fixtures, tmp_path, monkeypatch, capsys):
     msg = fail(["sal", "--root", root], path, monkeypatch)
     assert "Google Drive: Failed to retrieve file url:" in msg
     assert "open https://drive.google.com/file/d/19AjSmgdMlIZH4FXVZ5zjlUZcoZZCkwrI/view in a browser" in msg
+
+
+def test_a_root_that_cannot_be_written_is_one_line_before_fetching(fixtures, server, tmp_path,
+                                                                   monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    msg = fail(["voc12", "--root", tmp_path / "a_file" / "root", "--mirror", server.url],
+               fixtures["table"], monkeypatch)
+    assert f"--root {tmp_path / 'a_file' / 'root'}: {tmp_path / 'a_file'} is a file, not a folder" in msg
+    assert server.requests == []
 
 
 def test_existing_incomplete_destination_is_refused_before_fetching(fixtures, server, tmp_path,

@@ -831,6 +831,9 @@ def main(args) -> List[Result]:
         return []
     rows = [ctx.rows[k] for k in keys]
     todo = [r for r in rows if row_failures(ctx, r)]
+    if todo:
+        from utils.run import check_writable
+        check_writable(ctx.root, "--root")  # one line now, not a traceback at the first write
     for r in todo:
         bad = conflicts(ctx, r)
         if bad:
