@@ -652,6 +652,12 @@ def test_hints_name_the_download_command_and_sources_live_in_one_place():
     assert {r.group for r in table.ROWS.values()} == set(table.DOWNLOADS)
     for item, keys in table.ITEMS.items():
         assert set(keys) <= set(table.ROWS), item
+    # the manual step names the file as the next run looks for it in .downloads/ (fetch_file)
+    for row in table.ROWS.values():
+        if row.file:
+            assert row.file in row.manual and ".downloads/" in row.manual, row.key
+        if any(s.kind == "gdrive" for s in row.sources):
+            assert f".downloads/{row.file} and rerun" in row.manual, row.key
     # every source URL and Drive id is written in data/downloads.py only
     needles = {s.where for r in table.ROWS.values() for s in r.sources}
     for path in [*REPO.glob("*.py"), *REPO.glob("*/*.py"), *REPO.glob("script/*.sh")]:
