@@ -461,6 +461,8 @@ def check_settings_match(prev: Dict, args, out: Path) -> None:
                postprocess=args.postprocess, threshold=args.threshold, spec=args.model)
     if args.model_path is not None:
         now["weights_sha256"] = sha256_of(args.model_path)
+    else:  # a named model's weights are not hashed here: its record names it (make_record)
+        now["model"] = args.model
     diff = {k: (prev.get(k), v) for k, v in now.items() if json.dumps(prev.get(k)) != json.dumps(v)}
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
