@@ -652,6 +652,13 @@ def test_hints_name_the_download_command_and_sources_live_in_one_place():
     assert {r.group for r in table.ROWS.values()} == set(table.DOWNLOADS)
     for item, keys in table.ITEMS.items():
         assert set(keys) <= set(table.ROWS), item
+    # every file check is of a kind tools/download.py knows (an unknown one would pass unchecked)
+    for row in table.ROWS.values():
+        for c in row.checks:
+            assert not c.load or c.load.partition(":")[0] in download.LOAD_KINDS, (row.key, c.load)
+    with pytest.raises(ValueError, match="unknown check kind 'resnet38_trunk'"):
+        download._load_failure(None, Check("x", load="resnet38_trunk"), table.ROWS["imagenet_resnet38"],
+                               Path("x"))
     # the manual step names the file as the next run looks for it in .downloads/ (fetch_file)
     for row in table.ROWS.values():
         if row.file:

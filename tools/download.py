@@ -269,6 +269,9 @@ def _digest_failure(ctx: Ctx, row: Row, p: Path) -> Optional[str]:
     return None
 
 
+LOAD_KINDS = ("checksum", "network", "deeplab_init", "imagenet_trunk", "labels")
+
+
 def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
     kind, _, arg = check.load.partition(":")
     try:
@@ -308,6 +311,9 @@ def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
                 if missing:
                     what = spec if isinstance(spec, str) else "listed"
                     return f"{p}: no labels for {len(missing):,} {what} ids (first: {missing[0]})"
+        else:  # a misspelt kind must not pass every file unchecked
+            raise ValueError(f"{row.key}: unknown check kind {check.load!r} (data/downloads.py "
+                             f"Check.load: one of {', '.join(LOAD_KINDS)})")
     except UserError as e:
         return " ".join(str(e).split())
     return None
