@@ -44,10 +44,10 @@ from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.progress import Progress  # noqa: E402
+from tools.make_saliency import RECORD_NAME  # noqa: E402  (the record beside the maps)
 
 logger = logging.getLogger("eval_saliency")
 
-RECORD_NAME = "saliency_model.json"  # written by tools/make_saliency.py beside its maps
 _SHOW = 5
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -242,11 +241,8 @@ def versions() -> Dict[str, str]:
 
 
 def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from utils.fetch import file_digests
+    return file_digests(Path(path), ["sha256"])["sha256"]
 
 
 @contextmanager
