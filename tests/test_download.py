@@ -53,10 +53,12 @@ VOC = table.VOC
 class Server:
     """Serves ``files`` {name: bytes} on 127.0.0.1 with Range support. ``drop[name] = n``: the
     next answer for name stops after n bytes and closes the connection (once); ``stall[name] =
-    n``: the next answer sends n bytes, then nothing for 3 s (once)."""
+    n``: the next answer sends n bytes, then nothing for 3 s (once). A name with its query
+    (``drive/uc?id=X``) is served before the bare name; ``headers[name]``: extra headers."""
 
     def __init__(self):
         self.files, self.drop, self.stall, self.requests = {}, {}, {}, []
+        self.headers = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,7 +66,9 @@ class Server:
                 pass
 
             def do_GET(self):
-                name = unquote(self.path.lstrip("/").split("?")[0])
+                name = unquote(self.path.lstrip("/"))
+                if name not in server.files:
+                    name = name.split("?")[0]
                 rng = self.headers.get("Range")
                 server.requests.append((name, rng))
                 if name not in server.files:
@@ -86,6 +90,8 @@ class Server:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in server.headers.get(name, {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 stall = server.stall.pop(name, None)
                 if stall is not None:
@@ -522,6 +528,54 @@ def test_a_root_that_cannot_be_written_is_one_line_before_fetching(fixtures, ser
                fixtures["table"], monkeypatch)
     assert f"--root {tmp_path / 'a_file' / 'root'}: {tmp_path / 'a_file'} is a file, not a folder" in msg
     assert server.requests == []
+
+
+def test_google_drive_through_gdown_faked_at_the_network_boundary(fixtures, server, tmp_path,
+                                                                  monkeypatch):
+    """The real gdown, its requests to Google rerouted to the loopback server at requests'
+    transport (nothing else is faked): Drive's file answer is downloaded, extracted and laid out;
+    Drive's quota page is one line naming the manual step."""
+    pytest.importorskip("gdown")
+    import requests
+    from urllib.parse import urlsplit
+    row = fixtures["rows"]["voc12_saliency"]
+    file_id = row.sources[0].where
+    name = f"drive/uc?id={file_id}"
+    server.files[name] = fixtures["files"][row.file]
+    server.headers[name] = {"Content-Type": "application/octet-stream",
+                            "Content-Disposition": 'attachment; filename="Saliency.tar.gz"'}
+    server.files["drive/uc?id=QUOTA"] = (b"<html><head><title>Google Drive - Quota exceeded"
+                                         b"</title></head><body>Too many users</body></html>")
+    server.headers["drive/uc?id=QUOTA"] = {"Content-Type": "text/html; charset=utf-8"}
+    asked = []
+    real_send = requests.adapters.HTTPAdapter.send
+
+    def send(self, request, **kw):
+        parts = urlsplit(request.url)
+        assert parts.hostname.endswith("google.com"), f"no network in tests: {request.url}"
+        asked.append(request.url)
+        request.url = f"{server.url}/drive{parts.path}?{parts.query}"
+        return real_send(self, request, **{**kw, "proxies": {}})
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # gdown's cookie file
+    items = {"sal": ("voc12_saliency",)}
+    path = tmp_path / "t.json"
+    path.write_text(table.table_to_json({"voc12_saliency": row}, items))
+    root = tmp_path / "root"
+    run(["sal", "--root", root, "--retries", "0"], path, monkeypatch)
+    assert asked == [f"https://drive.google.com/uc?id={file_id}"]
+    assert sorted(p.stem for p in (root / VOC / "SALImages").iterdir()) == sorted(fixtures["ids"])
+    lock = json.loads((root / "datasets" / "downloads.lock.json").read_text())["rows"]
+    assert lock["voc12_saliency"]["sha256"] == sha256(fixtures["files"][row.file])
+    # the quota page: gdown refuses it, and the error names the manual step
+    shutil.rmtree(root / VOC / "SALImages")
+    quota = dataclasses.replace(row, sources=(Source("gdrive", "QUOTA", "x"),))
+    path.write_text(table.table_to_json({"voc12_saliency": quota}, items))
+    msg = fail(["sal", "--root", root, "--retries", "0"], path, monkeypatch)
+    assert "Google Drive: Failed to retrieve file url" in msg
+    assert f"save the file as <root>/datasets/.downloads/{row.file} and rerun" in msg
+    assert not (root / VOC / "SALImages").exists()
 
 
 def test_existing_incomplete_destination_is_refused_before_fetching(fixtures, server, tmp_path,
