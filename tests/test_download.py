@@ -412,6 +412,29 @@ def test_unreachable_source_hands_over_to_the_second_one(fixtures, server, tmp_p
     assert "Tencent Weiyun copy (https://share.weiyun.com/5NmJ6Rk" in msg
 
 
+def test_a_destination_on_another_disk_is_copied_into_place(fixtures, server, tmp_path,
+                                                            monkeypatch):
+    """datasets/VOCdevkit symlinked to another disk: the rename out of the staging folder fails
+    with EXDEV (simulated here, for the moves into place only); the folders are copied beside
+    their destination and renamed into place, and the staging copy is removed."""
+    real = os.replace
+
+    def replace(src, dst):
+        if "staging-" in str(src) and "staging-" not in str(dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", replace)
+    root = tmp_path / "root"
+    results = run(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    assert {r.status for r in results} == {"done"}
+    voc = root / VOC
+    assert sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg")) == sorted(fixtures["ids"])
+    assert sorted(p.stem for p in (voc / "SALImages").iterdir()) == sorted(fixtures["ids"])
+    assert not [p for p in voc.iterdir() if p.name.startswith(".")]
+    assert not list((root / "datasets" / ".downloads").iterdir())
+
+
 def test_full_disk_is_one_line_and_the_partial_file_stays(fixtures, server, tmp_path, monkeypatch):
     real = fetch.write_chunk
     written = []

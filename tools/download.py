@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
@@ -508,7 +509,37 @@ def move_into_place(ctx: Ctx, row: Row, placed: Path, produced: Sequence[str]) -
                 continue
             raise DownloadError(f"{dest} exists but is not complete; move it away and rerun")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        move_across_disks(src, dest)
+
+
+def move_across_disks(src: Path, dest: Path) -> None:
+    """``os.replace``; when ``dest`` is on another disk than the staging folder (a symlinked
+    datasets/VOCdevkit, say), a copy beside ``dest`` renamed into place, then ``src`` removed:
+    ``dest`` appears whole or not at all either way."""
+    try:
         os.replace(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    logger.info("copying %s to %s (another disk)", src, dest)
+    tmp = dest.with_name(f".{dest.name}.copying")
+    remove = shutil.rmtree if tmp.is_dir() and not tmp.is_symlink() else Path.unlink
+    if tmp.exists() or tmp.is_symlink():
+        remove(tmp)  # what an interrupted copy left
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise fetch.DiskFullError(f"disk full while copying {src.name} to {dest.parent}; "
+                                      f"free some space there and rerun") from None
+        raise
+    os.replace(tmp, dest)
+    shutil.rmtree(src) if src.is_dir() else src.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
