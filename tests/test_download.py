@@ -45,6 +45,7 @@ from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 VOC = table.VOC
+COCO = table.COCO
 
 
 # ------------------------------------------------------------------------------------------------
@@ -819,6 +820,10 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
     (root / "weights").mkdir()
     torch.manual_seed(0)
     torch.save(build_network("small_eps", 20).state_dict(), root / "weights" / "voc12_eps.pth")
+    # a COCO checkpoint whose dataset folder is there but empty: preflight refuses that row,
+    # which says why, and the table is still printed in full
+    torch.save(build_network("small_eps", 80).state_dict(), root / "weights" / "coco_eps.pth")
+    (root / COCO).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("CHECKPOINT", "DATASET_ROOT", "DATASET",
                                                             "OUT_DIR", "LIST", "NGPUS")}
     env.update(PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1", DOWNLOAD_ROOT=str(root),
@@ -826,7 +831,7 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
                INFER_ARGS="--scales 1.0 --num-workers 0 --writer-threads 1")
     proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "| dataset | network | list | published mIoU | this run |"
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]
@@ -835,6 +840,10 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
         ["coco", "resnet38_cls", "-", "31.23"], ["coco", "resnet38_eps", "-", "37.15"]]
     assert re.fullmatch(r"\d+\.\d\d", cells[1][4])
     assert cells[0][4] == "not downloaded: bash script/download.sh released"
+    assert cells[3][4].startswith("failed: preflight: "), cells[3][4]
+    assert "problem(s), nothing was run: infer: " in cells[3][4] and "Traceback" not in proc.stderr
+    assert "1 of the checkpoints above could not be evaluated" in proc.stderr
+    assert not (tmp_path / "out" / "released_coco_eps_coco").exists()
     assert (tmp_path / "out" / "released_voc12_eps_voc12" / "miou.txt").is_file()
     # nothing downloaded at all: one line naming the command
     proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")],
