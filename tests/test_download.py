@@ -483,6 +483,40 @@ def test_free_disk_is_checked_before_anything_is_fetched(fixtures, server, tmp_p
     assert server.requests == [] and not (root / "datasets").exists()
 
 
+def test_free_disk_is_measured_on_each_destinations_own_disk(tmp_path, monkeypatch):
+    """datasets/VOCdevkit linked to another disk: the extracted data is charged to that disk
+    (by its real path), the archives and the staging copy to the disk of datasets/.downloads;
+    a shortage on the linked disk is refused naming it."""
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "datasets").mkdir(parents=True)
+    (other / "VOCdevkit").mkdir(parents=True)
+    (root / "datasets" / "VOCdevkit").symlink_to(other / "VOCdevkit", target_is_directory=True)
+    real_stat = os.stat
+
+    def stat(path, *a, **k):  # everything under other/ is on a second device
+        st = real_stat(path, *a, **k)
+        if os.path.realpath(path).startswith(str(other)):
+            return os.stat_result(st[:2] + (st.st_dev + 1,) + st[3:])
+        return st
+
+    monkeypatch.setattr(os, "stat", stat)
+    rows = {k: table.ROWS[k] for k in ("voc12_images", "voc12_masks", "voc12_saliency")}
+    ctx = download.Ctx(root=root, rows=rows, items={"voc12": tuple(rows)})
+    todo = list(rows.values())
+    known, estimated, need = download.disk_plan(ctx, todo)
+    fetched = {r.key: r.size if r.size is not None else r.estimate for r in todo}
+    assert need == {
+        other / "VOCdevkit": sum(r.unpacked for r in todo),  # everything extracted lands there
+        root / "datasets": max(fetched[r.key] + r.unpacked for r in todo)}  # archive + staging
+    # enough room where the archives go, too little on the linked disk: refused, naming it
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(fetch, "disk_usage", lambda p: Usage(10 ** 13, 0, (
+        10 ** 9 if str(p).startswith(str(other)) else 10 ** 12)))
+    with pytest.raises(download.DownloadError, match=rf"needed on the disk of {re.escape(str(other))}/"
+                                                     rf"VOCdevkit \("):
+        download.check_disk(ctx, todo)
+
+
 def test_dry_run_lists_every_input_and_fetches_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(download.TABLE_ENV, raising=False)
     root = tmp_path / "root"

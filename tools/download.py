@@ -723,28 +723,60 @@ def _existing(p: Path) -> Path:
     return p
 
 
+def _filesystem(p: Path) -> Tuple[int, Path]:
+    """The file system ``p`` is (or will be) written on: the device of its nearest existing
+    folder with symlinks followed (a datasets/VOCdevkit linked to another disk counts there),
+    and that folder's real path, which names the disk in messages."""
+    where = _existing(p)
+    return where.stat().st_dev, where.resolve()
+
+
+def _destinations(ctx: Ctx, row: Row) -> List[Path]:
+    """Where a row's data lands: its placed folders and converted files (rows made here: the
+    folders their checks look at)."""
+    rels = [p.dest for p in row.place] + [o for o in map(post_output, row.post) if o]
+    return [ctx.path(r) for r in rels or [c.path for c in row.checks]]
+
+
 def disk_plan(ctx: Ctx, todo: Sequence[Row]) -> Tuple[int, int, Dict[Path, int]]:
     """(bytes to download (published sizes), bytes estimated (sizes not published), bytes needed
-    per disk: everything extracted or converted, plus the archives: all of them with
-    --keep-archives, else the largest one, since each is removed once its row is done)."""
+    per file system). Each destination's real file system (symlinks followed) is charged what
+    stays there: the extracted or converted data, a downloaded file that is the data itself;
+    the downloads folder's file system the archives (all of them with --keep-archives) plus,
+    for the largest row, what it holds only while that row runs: its archive (removed once the
+    row is done) and, when a destination is on another disk, the extracted tree in the staging
+    folder that is copied there. A row whose destinations span several file systems charges
+    each the whole of it (how it splits is not published)."""
     known = sum(max(0, r.size - _have_bytes(ctx, r)) for r in todo if r.file and r.size)
     estimated = sum(r.estimate for r in todo if r.file and r.size is None)
-    unpacked: Dict[int, int] = {}
-    archives: Dict[int, List[int]] = {}
+    stays: Dict[int, int] = {}
+    passing: Dict[int, List[int]] = {}
     anchors: Dict[int, Path] = {}
+
+    def seen(path: Path) -> int:
+        dev, anchor = _filesystem(path)
+        anchors.setdefault(dev, anchor)
+        return dev
+
     for r in todo:
-        where = _existing(ctx.root / (top(r) or "datasets"))
-        dev = where.stat().st_dev
-        anchors.setdefault(dev, where)
-        unpacked[dev] = unpacked.get(dev, 0) + r.unpacked
+        fetched = 0
         if r.file:
-            size = (r.size if r.size is not None else r.estimate) - _have_bytes(ctx, r)
-            archives.setdefault(dev, []).append(max(0, size))
-    need = {}
-    for dev, anchor in anchors.items():
-        sizes = archives.get(dev, [])
-        need[anchor] = unpacked[dev] + (sum(sizes) if ctx.keep_archives else max(sizes, default=0))
-    return known, estimated, need
+            fetched = max(0, (r.size if r.size is not None else r.estimate) - _have_bytes(ctx, r))
+        staging = seen(downloads_dir(ctx, r))
+        dests = {seen(p) for p in _destinations(ctx, r)} or {staging}
+        for dev in dests:
+            stays[dev] = stays.get(dev, 0) + r.unpacked + (fetched if r.archive == "file" else 0)
+        transient = 0
+        if r.archive != "file" and ctx.keep_archives:
+            stays[staging] = stays.get(staging, 0) + fetched
+        elif r.archive != "file":
+            transient += fetched
+        if dests - {staging}:  # staged (downloaded, extracted) here, then copied across
+            transient += r.unpacked if r.archive != "file" else fetched
+        passing.setdefault(staging, []).append(transient)
+    need = {anchor: stays.get(dev, 0) + max(passing.get(dev, []), default=0)
+            for dev, anchor in anchors.items()}
+    return known, estimated, {a: n for a, n in need.items() if n}
 
 
 def check_disk(ctx: Ctx, todo: Sequence[Row]) -> str:
@@ -760,7 +792,7 @@ def check_disk(ctx: Ctx, todo: Sequence[Row]) -> str:
                                 f"--root on a larger disk")
         lines.append(f"{human(n)} needed on the disk of {anchor} ({human(free)} free)")
     est = f" + about {human(estimated)} whose size is not published (estimated)" if estimated else ""
-    return f"to download: {human(known)}{est}; " + "; ".join(lines)
+    return "; ".join([f"to download: {human(known)}{est}"] + lines)
 
 
 def _checksum_text(ctx: Ctx, row: Row) -> str:
