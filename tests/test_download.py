@@ -390,8 +390,9 @@ def test_interrupted_run_resumes_on_the_next_run(fixtures, server, tmp_path, mon
 def test_unreachable_source_hands_over_to_the_second_one(fixtures, server, tmp_path, monkeypatch,
                                                          caplog):
     row = fixtures["rows"]["voc12_masks"]
-    dead = closed_port_url(row.file)
-    two = dataclasses.replace(row, sources=(Source("http", dead, "dead"),
+    dead, dead2 = closed_port_url(row.file), f"{server.url}/missing/{row.file}"
+    # three sources, as VOC's images have: each hand-over names the rank of both sources
+    two = dataclasses.replace(row, sources=(Source("http", dead, "dead"), Source("http", dead2, "404"),
                                             Source("http", f"{server.url}/{row.file}", "alive")))
     # no mirror here: every row names the server as its source, the masks a dead one first
     rows = {k: dataclasses.replace(r, sources=(Source("http", f"{server.url}/{r.file}", "fixture"),))
@@ -403,7 +404,9 @@ def test_unreachable_source_hands_over_to_the_second_one(fixtures, server, tmp_p
     args = ["voc12", "--root", root, "--retries", "0"]
     run(args, path, monkeypatch)
     assert (root / VOC / "SegmentationClassAug").is_dir()
-    assert f"trying the second source {server.url}/{row.file}" in caplog.text
+    assert f"source {dead} failed (" in caplog.text and f"trying the second source {dead2}\n" in caplog.text
+    assert f"second source {dead2} failed (" in caplog.text
+    assert f"trying the third source {server.url}/{row.file}\n" in caplog.text
     # no source left: the error names the manual step
     shutil.rmtree(root / VOC / "SegmentationClassAug")
     rows["voc12_masks"] = dataclasses.replace(row, sources=(Source("http", dead, "dead"),))
@@ -540,6 +543,10 @@ def test_dry_run_lists_every_input_and_fetches_nothing(tmp_path, monkeypatch, ca
     used = {u for r in table.ROWS.values() for u in r.used_by}
     assert used == {"voc12_cls.sh", "voc12_eps.sh", "coco_cls.sh", "coco_eps.sh", "eval_released.sh"}
     assert "15 of 15 rows to fetch or make" in out
+    # sources by rank: VOC's images have three
+    voc = out[out.index("] voc12_images: "):]
+    assert re.search(r"\n    source     http://host\.robots.*\n    second     https://thor\.robots.*\n"
+                     r"    third      http://pjreddie\.com/", voc), voc[:1000]
     assert not root.exists()
 
 

@@ -361,6 +361,14 @@ def describe_check(c: Check) -> str:
 # ------------------------------------------------------------------------------------------------
 # fetching one file
 # ------------------------------------------------------------------------------------------------
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+
+
+def ordinal(i: int) -> str:
+    """A source's rank by its 0-based position: "first", "second", "third", ..., "10th"."""
+    return ORDINALS[i] if i < len(ORDINALS) else f"{i + 1}th"
+
+
 def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
     """The row's file in its .downloads folder, complete; returns (path, source used). A file
     already there (an earlier run, or put there by hand) is used as it is."""
@@ -370,7 +378,7 @@ def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
         return target, "already in " + str(target.parent)
     tried = []
     for i, src in enumerate(sources(ctx, row)):
-        label = "source" if i == 0 else "second source"
+        label = "source" if i == 0 else f"{ordinal(i)} source"
         logger.info("%s: fetching %s from %s", row.key, row.file, src.url)
         try:
             with byte_progress(row.file, row.size, ctx.progress) as bar:
@@ -388,8 +396,8 @@ def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
             tried.append(f"{src.url}: {e}")
             rest = sources(ctx, row)[i + 1:]
             if rest:
-                logger.warning("%s: %s %s failed (%s); trying the second source %s", row.key,
-                               label, src.url, e, rest[0].url)
+                logger.warning("%s: %s %s failed (%s); trying the %s source %s", row.key,
+                               label, src.url, e, ordinal(i + 1), rest[0].url)
     raise DownloadError(f"{row.key}: {row.file} could not be fetched ({'; '.join(tried)}); "
                         f"{'no second source is known' if len(tried) < 2 else 'every source failed'}"
                         f": {row.manual}")
@@ -822,7 +830,7 @@ def dry_run(ctx: Ctx, keys: Sequence[str]) -> List[Row]:
         if row.file:
             print(f"    file       {row.file} ({row.archive})")
         for i, s in enumerate(sources(ctx, row)):
-            print(f"    {'source' if i == 0 else 'second':10s} {s.url} [{s.cite}]")
+            print(f"    {'source' if i == 0 else ordinal(i):10s} {s.url} [{s.cite}]")
         if row.file and not sources(ctx, row):
             print("    source     none")
         if row.file:
