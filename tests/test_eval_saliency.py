@@ -139,9 +139,26 @@ def test_demo_report_flags_the_deliberately_missed_objects(demo, tmp_path, capsy
     assert rows[0].startswith("id,mae,max_f,f_eps") and len(rows) == 151
     some_id, some_class = sorted(damaged)[0]
     assert any(r.startswith(some_id + ",") and some_class in r for r in rows)
-    # no overwrite of a finished report
-    with pytest.raises(es.SaliencyEvalError, match="exists; pass --overwrite"):
+    # no overwrite of a finished report: of any of its files, the .md gone or not
+    with pytest.raises(es.SaliencyEvalError, match="report.md, .*report.json, .*report_per_image.csv "
+                                                   r"exist\(s\) .*pass --overwrite"):
         run(demo, "--out", tmp_path / "report.md")
+    (tmp_path / "report.md").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("report*")}
+    with pytest.raises(es.SaliencyEvalError, match=r"report.json, .*report_per_image.csv exist\(s\)"):
+        run(demo, "--out", tmp_path / "report.md")
+    (tmp_path / "report.json").unlink()
+    with pytest.raises(es.SaliencyEvalError, match=r": \S*report_per_image.csv exist\(s\)"):
+        run(demo, "--out", tmp_path / "report.md")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("report*")} == {
+        "report_per_image.csv": before["report_per_image.csv"]}
+    run(demo, "--out", tmp_path / "report.md", "--overwrite")
+    assert sorted(p.name for p in tmp_path.glob("report*")) == [
+        "report.json", "report.md", "report_per_image.csv"]
+    # a report named like its own summary would be overwritten by it
+    with pytest.raises(es.SaliencyEvalError, match=r"--out \S*r.json: the JSON summary is written "
+                                                   r"beside the report as"):
+        run(demo, "--out", tmp_path / "r.json")
 
 
 def test_a_class_the_maps_never_cover_is_flagged(demo, tmp_path, caplog, capsys):
