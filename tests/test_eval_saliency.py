@@ -229,3 +229,20 @@ def test_voc_report_puts_pfan_beside_the_users_maps(tmp_path, capsys):
     assert pfan.mae == 0 and pfan.f_eps == 1.0
     out = capsys.readouterr().out
     assert "| PFAN |" in out and "| person |" in out
+
+
+def test_message_examples_and_file_hashes_have_one_place(tmp_path):
+    """The "a; b; ... and N more" of the one-line errors (utils/errors.py) and a file's sha256
+    (utils/fetch.py) are each written once, and the tools use those."""
+    import hashlib
+    from data import datasets, saliency
+    from tools import convert_resnet38, make_saliency
+    from utils import errors, fetch
+    assert errors.examples(range(7)) == "0; 1; 2; 3; 4; ... and 2 more"
+    assert errors.examples(iter(["a", "b"])) == "a; b" and errors.examples([]) == ""
+    assert errors.examples(range(4), n=2) == "0; 1; ... and 2 more"
+    for module in (es, make_saliency, datasets, saliency):
+        assert module.examples is errors.examples and not hasattr(module, "_examples")
+    (tmp_path / "f").write_bytes(b"eps" * 1000)
+    assert fetch.sha256_of(tmp_path / "f") == hashlib.sha256(b"eps" * 1000).hexdigest()
+    assert make_saliency.sha256_of is convert_resnet38.sha256_of is fetch.sha256_of

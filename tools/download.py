@@ -554,13 +554,13 @@ def move_across_disks(src: Path, dest: Path) -> None:
 # steps after placing (conversions, files made here)
 # ------------------------------------------------------------------------------------------------
 def post_convert_resnet38(ctx: Ctx, row: Row, base: Path, out_rel: str) -> List[str]:
-    from tools.convert_resnet38 import convert, sha256_of
+    from tools.convert_resnet38 import convert
     src, out = ctx.path(row.place[0].dest, base), ctx.path(out_rel, base)
     if out.is_file() and not check_failure(ctx, row, Check(out_rel, load="imagenet_trunk"), base):
         return [out_rel]
     logger.info("%s: converting %s -> %s (tools/convert_resnet38.py)", row.key, src.name, out.name)
     torch_save(convert(src), out)
-    logger.info("%s: wrote %s (sha256 %s)", row.key, out, sha256_of(out))
+    logger.info("%s: wrote %s (sha256 %s)", row.key, out, fetch.sha256_of(out))
     return [out_rel]
 
 
@@ -701,7 +701,7 @@ def _record(ctx: Ctx, row: Row, path: Path, source: str, info: dict, produced: S
     for rel in produced:
         p = ctx.path(rel)
         if p.is_file():
-            outputs[rel] = fetch.file_digests(p, ["sha256"])["sha256"]
+            outputs[rel] = fetch.sha256_of(p)
     entry = {"file": row.file, "size": info["size"], "sha256": info["sha256"],
              "verified": info["verified"], "source": source,
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

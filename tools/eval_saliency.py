@@ -41,23 +41,16 @@ from eval.saliency import (EPS_SALIENT_MIN, MISS_BELOW, ImageScores, SaliencySum
                            image_scores, summarize)
 from utils import flags  # noqa: E402
 from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, examples  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.progress import Progress  # noqa: E402
 from tools.make_saliency import RECORD_NAME  # noqa: E402  (the record beside the maps)
 
 logger = logging.getLogger("eval_saliency")
 
-_SHOW = 5
-
 
 class SaliencyEvalError(UserError):
     """Bad input; the message names the file or flag and the fix."""
-
-
-def _examples(items: Sequence[str], n: int = _SHOW) -> str:
-    text = "; ".join(str(x) for x in items[:n])
-    return text + (f"; ... and {len(items) - n} more" if len(items) > n else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +345,7 @@ def main(args) -> Dict:
     if no_gt:
         (dropped.update(i for i, p in gt.items() if not p.is_file()) if args.skip_missing
          else problems.append(f"{len(no_gt)} of {len(ids)} ids have no ground-truth mask "
-                              f"({_examples(no_gt)}): evaluate a list with masks, or pass "
+                              f"({examples(no_gt)}): evaluate a list with masks, or pass "
                               f"--gt-dir"))
     for name, folder, required in folders:
         if not folder.is_dir():
@@ -367,7 +360,7 @@ def main(args) -> Dict:
             continue
         if absent and not args.skip_missing:
             problems.append(f"{len(absent)} of {len(ids)} ids have no map in {folder} "
-                            f"({_examples(absent)}): make them (tools/make_saliency.py) or pass "
+                            f"({examples(absent)}): make them (tools/make_saliency.py) or pass "
                             f"--skip-missing")
         dropped.update(absent)
         usable.append((name, folder))
@@ -376,7 +369,7 @@ def main(args) -> Dict:
     keep = [i for i in ids if i not in dropped]
     if dropped:
         logger.warning("left out %d of %d ids without a map or mask (first: %s)", len(dropped),
-                       len(ids), _examples(sorted(dropped)))
+                       len(ids), examples(sorted(dropped)))
     if not keep:
         raise SaliencyEvalError("no id of the list has both a map and a mask")
 
