@@ -18,6 +18,7 @@ state dict, the published name and layout for both heads, with the network recor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -41,6 +42,7 @@ from utils.device import (add_numerics_args, check_shared_memory, configure_nume
                           resolve_device)
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.layout import working_counts
 from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
@@ -98,6 +100,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch_size", "--batch-size", type=int, default=None,
         help="GLOBAL batch size; with torchrun each process takes batch_size / world_size "
              "(published: VOC 8, COCO 16, over 2 GPUs with DataParallel)")
+    add("--iter-size", "--iter_size", type=int, default=1,
+        help="forward/backward passes accumulated per optimizer step (gradient accumulation): "
+             "--batch_size stays the global batch of one step, each pass takes 1/iter-size of "
+             "it, so a GPU that cannot hold its share keeps the published batch (published: 1; "
+             "the pipeline scripts' ITER_SIZE)")
     add("--lr", type=float, default=None,
         help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01)")
     add("--wt_dec", "--wt-dec", type=float, default=None,
@@ -183,11 +190,13 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
               (0 < args.resize_size[0] <= args.resize_size[1],
                "--resize_size needs 0 < MIN_LONG <= MAX_LONG"),
               (args.batch_size > 0, "--batch_size must be positive"),
-              (args.batch_size % world == 0,
+              (args.iter_size > 0, "--iter-size must be >= 1"),
+              (args.iter_size <= 0 or args.batch_size % (world * args.iter_size) == 0,
                f"--batch_size {args.batch_size} (global) cannot be split evenly over {world} "
-               f"processes: use {', '.join(str(d) for d in range(1, args.batch_size + 1) if args.batch_size % d == 0)} "
-               f"processes in all (NGPUS x NNODES), or change --batch_size (a deviation from the "
-               f"published recipe)"),
+               f"processes{f' x {args.iter_size} accumulated passes' if args.iter_size > 1 else ''}: use "
+               f"{', '.join(map(str, working_counts(args.batch_size, accum=max(1, args.iter_size))))} "
+               f"processes in all (the pipeline scripts choose one by default), or change "
+               f"--batch_size (a deviation from the published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
               # isfinite: an inf weight decay passed ">= 0" and made the loss NaN at step 2
               (all(map(math.isfinite, (args.lr, args.wt_dec, args.momentum))),
@@ -303,7 +312,8 @@ def main(args):
     dataset = build_dataset(args, info, model)
     loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
                            start_batch=start_iter, rank=rank, world_size=world,
-                           num_workers=args.num_workers, pin_memory=pin_memory(device))
+                           num_workers=args.num_workers, pin_memory=pin_memory(device),
+                           accum=args.iter_size)
 
     # 4. run directory
     open_run_dir(run_dir, FINAL_NAME, start_iter)
@@ -314,7 +324,11 @@ def main(args):
         if getattr(dataset, "map_report", None) is not None:
             logger.info("%s", dataset.map_report.summary())
         logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir,
-                    world, device, args.batch_size // world)
+                    world, device, args.batch_size // (world * args.iter_size))
+        if args.iter_size > 1:
+            logger.info("batch %d = %d per process x %d processes x %d accumulated passes",
+                        args.batch_size, args.batch_size // (world * args.iter_size), world,
+                        args.iter_size)
         return train(args, model, loader, ckpt, run_dir, device, run.resume)
     finally:  # in-process callers (tests, pipelines) must not keep logging into this run's file
         close_file_log(run_dir / "log.txt")
@@ -355,21 +369,31 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
 
     # 7. the loop
     for it in range(start_iter, end_iter):
-        batch = next(loader_iter)  # an endless sampler: never StopIteration
         lr = set_poly_lr(optimizer, it, args.max_iters)  # poly lr of this 0-based step, before SGD
-        img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        label = batch[-1].to(device, non_blocking=True)
-        sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = net(img)
-        losses = model.losses(out, label, sal, **hparams)  # the head's terms, in fp32
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for micro in range(args.iter_size):  # published: one pass (--iter-size 1)
+            batch = next(loader_iter)  # an endless sampler: never StopIteration
+            img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
+            label = batch[-1].to(device, non_blocking=True)
+            sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
+            # DDP all-reduces the gradients on the last pass only
+            sync = net is model or micro == args.iter_size - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = net(img)
+                losses = model.losses(out, label, sal, **hparams)  # the head's terms, in fp32
+                loss = sum(losses.values())
+                if micro == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                # Every head's terms are means over the images of the pass, so the mean of the
+                # passes' losses is the loss of the whole batch (network/losses.py)
+                scaler.scale(loss / args.iter_size if args.iter_size > 1 else loss).backward()
+            terms = terms or list(losses)
+            part = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
+            stats = part if micro == 0 else stats + part
+        if args.iter_size > 1:
+            stats = stats / args.iter_size
         scaler.step(optimizer)
         scaler.update()
-        terms = terms or list(losses)
-        stats = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
         window = stats if window is None else window + stats
         window_n, done = window_n + 1, it + 1
         progress.update(1)

@@ -52,6 +52,7 @@ from utils.device import (add_numerics_args, check_shared_memory, configure_nume
                           resolve_device)
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.layout import LayoutError, plan_layout, working_counts
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, setup_logging, write_run_info
@@ -274,23 +275,24 @@ def resolve_batch(batch_size: Optional[int], iter_size: Optional[int], world: in
                   effective: int = EFFECTIVE_BATCH) -> Tuple[int, int]:
     """(global batch per pass, accumulation) for ``world`` processes.
 
-    Unset (None, None): the published effective batch (5 x 2 = 10) split so that it divides
-    over the processes with at most 5 images per process and pass, fewest accumulation steps
+    Unset (None, None): the published effective batch (5 x 2 = 10) split by the layout planner
+    (utils/layout.py) with at most 5 images per process and pass, fewest accumulation steps
     first: 1 process 5 x 2 (published), 2 processes 10 x 1 (5 each), 5 processes 10 x 1 (2 each),
-    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the effective
-    batch is never changed silently. Set values are only checked."""
+    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the
+    effective batch is never changed silently (the pipeline scripts ask the planner for a count
+    that works). Set values are only checked."""
     if batch_size is None and iter_size is None:
-        for accum in sorted(d for d in range(1, effective + 1) if effective % d == 0):
-            per_pass = effective // accum
-            if per_pass % world == 0 and per_pass // world <= MAX_PER_PROCESS:
-                return per_pass, accum
-        ok = [w for w in range(1, effective + 1)
-              if any(effective % a == 0 and (effective // a) % w == 0
-                     and (effective // a) // w <= MAX_PER_PROCESS for a in range(1, effective + 1))]
-        raise TrainSegError(
-            f"{world} processes cannot split the published effective batch {effective} (5 x 2) "
-            f"evenly: use {', '.join(map(str, ok))} processes for this stage (SEG_NGPUS for the "
-            f"scripts), or set --batch-size and --iter-size yourself (a deviation)")
+        try:
+            layout = plan_layout(effective, world, procs_per_node=world, what="DeepLab",
+                                 max_per_process=MAX_PER_PROCESS, override="the process count")
+        except LayoutError:
+            ok = working_counts(effective, max_per_process=MAX_PER_PROCESS)
+            raise TrainSegError(
+                f"{world} processes cannot split the published effective batch {effective} "
+                f"(5 x 2) evenly: use {', '.join(map(str, ok))} processes for this stage "
+                f"(SEG_NGPUS for the scripts, which choose one by default), or set --batch-size "
+                f"and --iter-size yourself (a deviation)") from None
+        return layout.global_batch, layout.accum
     batch_size = BATCH_SIZE if batch_size is None else batch_size
     iter_size = ITER_SIZE if iter_size is None else iter_size
     if batch_size < 1 or iter_size < 1:

@@ -9,8 +9,9 @@
 # Order of work:
 #   1. decide which stages run (a stage whose outputs are complete is skipped);
 #   2. build the exact command line of each of them;
-#   3. tools/preflight.py checks them all (flags, recipe, divisibility for NGPUS x NNODES, every
-#      input file) in seconds and prints the plan, or lists every problem and stops;
+#   3. tools/preflight.py checks them all (flags, recipe, every input file) in seconds, chooses
+#      each training stage's process layout on NGPUS x NNODES (utils/layout.py: the published
+#      effective batch kept exactly) and prints the plan, or lists every problem and stops;
 #      CHECK_ONLY=1 stops here;
 #   4. run them; 5. print the results next to the published numbers.
 
@@ -21,11 +22,16 @@ set_hardware() {
   NODE_RANK=${NODE_RANK:-0}
   MASTER_PORT=${MASTER_PORT:-29500}   # stage k of a multi-node run uses MASTER_PORT + k
   RDZV_TIMEOUT=${RDZV_TIMEOUT:-3600}  # s a node waits for the others at each stage's start
-  SEG_NGPUS=${SEG_NGPUS:-$NGPUS}  # DeepLab keeps its effective batch 10 on 1, 2, 5 or 10 processes
+  # Each training stage picks its own processes per node (at most NGPUS) so that its published
+  # effective batch is kept exactly (utils/layout.py); these fix them instead
+  CLS_NGPUS=${CLS_NGPUS:-}        # classifier (train)
+  SEG_NGPUS=${SEG_NGPUS:-}        # DeepLab (seg)
   DEVICE=${DEVICE:-cuda}          # cpu: NGPUS CPU processes (gloo); cuda never falls back to cpu
   NUM_WORKERS=${NUM_WORKERS:-8}
   CHECK_ONLY=${CHECK_ONLY:-0}
-  positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"; positive_int SEG_NGPUS "$SEG_NGPUS"
+  positive_int NGPUS "$NGPUS"; positive_int NNODES "$NNODES"
+  if [[ -n "$CLS_NGPUS" ]]; then positive_int CLS_NGPUS "$CLS_NGPUS"; fi
+  if [[ -n "$SEG_NGPUS" ]]; then positive_int SEG_NGPUS "$SEG_NGPUS"; fi
   positive_int NODE_RANK "$NODE_RANK" 0; positive_int NUM_WORKERS "$NUM_WORKERS" 0
   positive_int MASTER_PORT "$MASTER_PORT"
   if (( NNODES > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
@@ -86,6 +92,7 @@ build_commands() {
   if [[ -n "${RESIZE:-}" ]]; then words x "$RESIZE"; TRAIN_CMD+=(--resize_size "${x[@]}"); fi
   opt TRAIN_CMD --max_iters "${MAX_ITERS:-}"
   opt TRAIN_CMD --batch_size "${BATCH:-}"
+  opt TRAIN_CMD --iter-size "${ITER_SIZE:-}"
   opt TRAIN_CMD --lr "${LR:-}"
   opt TRAIN_CMD --wt_dec "${WT_DEC:-}"
   opt TRAIN_CMD --tau "${TAU:-}"
@@ -142,13 +149,20 @@ stage_cmd() {
   esac
 }
 
-# 3. preflight: every stage that will run, checked at once
+# 3. preflight: every stage that will run, checked at once; it also chooses the processes per
+# node of each stage (PROCS), which every node computes alike
+declare -A PROCS=()
 run_preflight() {
-  local args=() s
+  local args=() s n fixed=()
   for s in "${RUN[@]}"; do stage_cmd "$s"; args+=("$s" "${CMD[@]}" ":::"); done
+  if [[ -n "$CLS_NGPUS" ]]; then fixed+=("train=$CLS_NGPUS"); fi
+  if [[ -n "$SEG_NGPUS" ]]; then fixed+=("seg=$SEG_NGPUS"); fi
   local title="$SESSION: ${NNODES} node(s) x ${NGPUS} process(es) on $DEVICE (node $NODE_RANK)"
+  local layouts; layouts=$(mktemp) || die "mktemp failed"
   "$PYTHON" "$REPO/tools/preflight.py" --title "$title" --nodes "$NNODES" --device "$DEVICE" \
-    --procs "*=$NGPUS" "seg=$SEG_NGPUS" "eval=1" -- "${args[@]}" || exit 2
+    --procs "*=$NGPUS" "${fixed[@]}" --layout-out "$layouts" -- "${args[@]}" || { rm -f "$layouts"; exit 2; }
+  while read -r s n; do PROCS[$s]=$n; done < "$layouts"
+  rm -f "$layouts"
 }
 
 # 4. one stage, on its own rendezvous port: every node computes the same port for a stage
@@ -166,8 +180,7 @@ run_stage() {
   say "$s: ${CMD[*]}"
   case $s in
     eval) "$PYTHON" "${CMD[@]}" ;;
-    seg) STAGE_PORT=$(stage_port "$s") launch "$SEG_NGPUS" "${CMD[@]}" ;;
-    *) STAGE_PORT=$(stage_port "$s") launch "$NGPUS" "${CMD[@]}" ;;
+    *) STAGE_PORT=$(stage_port "$s") launch "${PROCS[$s]:-$NGPUS}" "${CMD[@]}" ;;
   esac
 }
 

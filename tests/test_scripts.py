@@ -25,7 +25,7 @@ SCRIPT_VARS = (
     "INFER_LIST THR VIS_NUM SAVE_CAMS SEG_LIST SEG_EVAL_LIST SEG_GT_DIR SEG_ARCH SEG_ITERS "
     "SEG_BATCH SEG_ITER_SIZE SEG_CROP SEG_LR SEG_CRF SEG_CRF_WORKERS TRAIN_ARGS INFER_ARGS "
     "EVAL_ARGS SEG_ARGS SEGINFER_ARGS STAGES SKIP_SEG PYTHON NNODES NODE_RANK MASTER_ADDR "
-    "MASTER_PORT SEG_NGPUS CHECK_ONLY RDZV_TIMEOUT CHECKPOINT OUT_DIR NPROC LIST").split()
+    "MASTER_PORT SEG_NGPUS CLS_NGPUS ITER_SIZE CHECK_ONLY RDZV_TIMEOUT CHECKPOINT OUT_DIR NPROC LIST").split()
 
 TINY = dict(
     PYTHON=sys.executable, NGPUS="1", DEVICE="cpu", NUM_WORKERS="0", WEIGHTS="none",
@@ -260,20 +260,70 @@ def test_every_missing_input_is_named_in_one_run(tmp_path):
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
-def test_process_counts_that_cannot_split_the_batch_are_refused_up_front(voc, tmp_path):
-    # batch 8 on 3 processes: refused with the counts that work, before any stage runs
-    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=3,
-                      BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", timeout=60)
+def plan_of(out: str) -> dict:
+    """{stage: (plan line, layout line or None)} from the printed plan."""
+    stages, last = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s+(\w+:?)\s+(.*)$", line)
+        if not m:
+            continue
+        if m.group(1) == "layout:":
+            stages[last] = (stages[last][0], m.group(2))
+        else:
+            last = m.group(1)
+            stages[last] = (m.group(2), None)
+    return stages
+
+
+LAYOUTS = [(n, 1) for n in range(1, 9)] + [(n, 2) for n in range(1, 5)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ngpus, nnodes", LAYOUTS)
+def test_every_gpu_count_gets_a_layout_that_keeps_the_batch(voc, coco, tmp_path, ngpus, nnodes):
+    """The README's commands for 1-8 GPUs and 2 nodes x 1-4 GPUs run as written: each training
+    stage chooses its own processes and keeps its published effective batch (VOC 8, COCO 16,
+    DeepLab 10) exactly; the plan shows each layout; evaluation is 1 process on node 0."""
+    for script, data, batch in (("voc12_eps.sh", voc, 8), ("coco_eps.sh", coco, 16)):
+        env = dict(data, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=ngpus, NNODES=nnodes,
+                   MASTER_ADDR="127.0.0.1", BATCH="", SEG_BATCH="", SEG_ITER_SIZE="",
+                   CHECK_ONLY=1)
+        plan = plan_of(ok(run_script(script, timeout=60, **env)))
+        for stage, effective in (("train", batch), ("seg", 10)):
+            line = plan[stage][1]
+            m = re.search(r"on (\d+) of (\d+) (?:processes|GPUs)[^:]*: (\d+) = (\d+) x (\d+) x (\d+)",
+                          line)
+            assert m, line
+            g, gpus, eff, b, p, a = map(int, m.groups())
+            assert gpus == ngpus and g <= ngpus and p == g * nnodes and eff == effective
+            assert b * p * a == effective, line
+        assert plan["eval"][0].endswith("[1 process, node 0]")
+        if nnodes > 1:
+            assert plan["infer"][0].endswith(f"[{ngpus} process(es) per node x 2 nodes = {2 * ngpus}]")
+
+
+def test_gpu_counts_are_planned_and_overrides_kept(voc, tmp_path):
+    """NGPUS=4: the classifier on 4 (8 = 2 x 4 x 1), DeepLab on 2 of 4 (10 = 5 x 2 x 1);
+    SEG_NGPUS / CLS_NGPUS fix a stage's count, and one that cannot keep the batch is refused up
+    front with the counts that can."""
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", BATCH="", SEG_BATCH="",
+               SEG_ITER_SIZE="", CHECK_ONLY=1)
+    plan = plan_of(ok(run_script("voc12_eps.sh", NGPUS=4, timeout=60, **env)))
+    assert "x batch 8 (2 per process on 4)" in plan["train"][0]
+    assert plan["seg"][1].startswith("DeepLab on 2 of 4 processes: 10 = 5 x 2 x 1")
+    assert "4 processes cannot split 10" in plan["seg"][1]
+    assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in plan["seg"][0]
+    plan = plan_of(ok(run_script("voc12_eps.sh", NGPUS=8, SEG_NGPUS=1, CLS_NGPUS=2, ITER_SIZE=2,
+                                 timeout=60, **env)))
+    assert plan["train"][1].startswith("classifier on 2 of 8 processes: 8 = 2 x 2 x 2")
+    assert "x 2 accumulated" in plan["train"][0]
+    assert plan["seg"][1].startswith("DeepLab on 1 of 8 processes: 10 = 5 x 1 x 2")
+    assert "SEG_NGPUS=1" in plan["seg"][1]
+    proc = run_script("voc12_eps.sh", NGPUS=4, SEG_NGPUS=4, CLS_NGPUS=3, timeout=60, **env)
     assert proc.returncode == 2
-    assert "--batch_size 8 (global) cannot be split evenly over 3 processes: use 1, 2, 4, 8" in proc.stderr
-    assert "3 processes cannot split the published effective batch 10" in proc.stderr
-    assert "SEG_NGPUS" in proc.stderr and not (tmp_path / "voc12_eps").exists()
-    # the DeepLab stage keeps its effective batch 10 on 2 processes: 10 x 1, 5 per process
-    out = ok(run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=4,
-                        SEG_NGPUS=2, BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", CHECK_ONLY=1,
-                        timeout=60))
-    assert "x batch 8 (2 per process on 4)" in out
-    assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in out
+    assert "over 3 processes (CLS_NGPUS=3)" in proc.stderr and "use 1, 2, 4, 8" in proc.stderr
+    assert "over 4 processes (SEG_NGPUS=4)" in proc.stderr and "use 1, 2, 5, 10" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "voc12_eps").exists()
 
 
 def free_port_range(n: int) -> int:
