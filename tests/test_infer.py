@@ -365,7 +365,8 @@ def test_torchrun_two_ranks_share_the_output_folder(env, tmp_path):
     out = tmp_path / "png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(repo / "infer.py"), "--dataset", "custom", "--img_root", str(env["root"]),
-           "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0"]
+           "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0",
+           "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]

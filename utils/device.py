@@ -5,7 +5,10 @@
   build, no driver or a driver too old for this build's CUDA, no GPU visible, a GPU
   architecture the build has no kernels for, fewer GPUs than processes).
 * ``--device auto`` uses CUDA when it works; when it does not although the machine seems to have
-  an NVIDIA GPU, it says so in a warning before running on the CPU.
+  an NVIDIA GPU, it says so in a warning before running on the CPU. Under a launcher with more
+  than one process (torchrun, WORLD_SIZE > 1) it never falls back: N processes on a GPU machine
+  meant N GPUs, and N CPU processes sharing the cores behind a warning cost hours. There it is a
+  :class:`DeviceError`; ``--device cpu`` asks for the CPU.
 * TF32 and ``cudnn.benchmark`` are explicit flags (:func:`add_numerics_args`), and the effective
   settings are returned for ``env.json``. bf16 autocast on a GPU without native bf16 is refused.
 """
@@ -93,6 +96,11 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         if choice == "cuda":
             raise DeviceError(f"--device cuda: {problem}; or run on the CPU with --device cpu "
                               f"(DEVICE=cpu for the scripts)")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:
+            raise DeviceError(f"--device auto under a launcher with {world} processes needs "
+                              f"CUDA: {problem}; pass --device cpu to run the {world} processes "
+                              f"on the CPU (gloo), or fix CUDA")
         if gpu_present():
             logger.warning("--device auto runs on the CPU although this machine seems to have a "
                            "GPU: %s", problem)
