@@ -44,8 +44,10 @@ set_hardware() {
 
 # The lists and file names the outputs are named after (the registry's when not overridden).
 set_paths() {
-  local defaults
-  read -r -a defaults <<< "$(recipe "$DATASET" infer_list seg_list seg_eval_list)"
+  local defaults line
+  line=$(recipe "$DATASET" infer_list seg_list seg_eval_list) && [[ -n "$line" ]] \
+    || die "could not read the $DATASET recipe from data/registry.py with $PYTHON (see the message above)"
+  read -r -a defaults <<< "$line"
   INFER_LIST=${INFER_LIST:-${defaults[0]}}
   SEG_LIST=${SEG_LIST:-${defaults[1]}}
   SEG_EVAL_LIST=${SEG_EVAL_LIST:-${defaults[2]}}

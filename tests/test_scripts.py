@@ -408,3 +408,21 @@ def test_eval_released_end_to_end_and_refusals(tmp_path):
     row = [line for line in out.splitlines() if line.startswith("| voc12 |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["voc12", "small_eps", "list", "69.22"] and is_number(cells[4])
+
+
+def test_outside_the_environment_one_line_says_how_to_activate(voc, tmp_path, hide_modules):
+    """No venv activated: the script says once, in one line, how to activate or install the
+    requirements; no traceback, no bash 'unbound variable'."""
+    env = hide_modules("torch", "cv2", base={})
+    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, timeout=30,
+                      PYTHONPATH=env["PYTHONPATH"], HIDDEN_MODULES=env["HIDDEN_MODULES"])
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "lacks torch opencv-python-headless of requirements.txt" in err[0], err
+    assert "source .venv/bin/activate" in err[0] and "pip install -r" in err[0]
+    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, PYTHON="/nonexistent/python",
+                      timeout=30)
+    assert proc.returncode == 2 and "PYTHON=/nonexistent/python: no such interpreter" in proc.stderr
+    for p in (proc,):
+        assert "Traceback" not in p.stderr and "unbound variable" not in p.stderr
+    assert not (tmp_path / "voc12_eps").exists()
