@@ -426,3 +426,33 @@ def test_outside_the_environment_one_line_says_how_to_activate(voc, tmp_path, hi
     for p in (proc,):
         assert "Traceback" not in p.stderr and "unbound variable" not in p.stderr
     assert not (tmp_path / "voc12_eps").exists()
+
+
+def test_slurm_example_passes_the_cpus_to_srun(voc, tmp_path):
+    """script/slurm_voc12_eps.sbatch under stand-in sbatch tools: its CHECK_ONLY step plans 2
+    nodes x 4 GPUs without a problem, and srun gets --cpus-per-task explicitly (Slurm >= 22.05
+    no longer passes sbatch's on), with SRUN_CPUS_PER_TASK exported too; the header says which
+    Slurm versions it was written for."""
+    text = (SCRIPT / "slurm_voc12_eps.sbatch").read_text()
+    assert "Slurm 22.05 and newer" in text.split("#SBATCH")[0]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'node0\\nnode1\\n'\n")
+    (fake / "srun").write_text('#!/bin/sh\necho "srun $* SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK" '
+                               f'> {tmp_path}/srun.txt\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full.update(TINY, **{k: str(v) for k, v in voc.items()})
+    full.update(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="2",
+                SLURM_JOB_NODELIST="node[0-1]", SLURM_CPUS_PER_TASK="32", SAVE_ROOT=str(tmp_path),
+                NETWORK="small_eps", BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", NUM_WORKERS="")
+    proc = subprocess.run(["bash", str(SCRIPT / "slurm_voc12_eps.sbatch")], env=full, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    out = ok(proc)
+    plan = plan_of(out)
+    assert plan["train"][1].startswith("classifier on 4 of 4 processes per node x 2 nodes: 8 = 1 x 8 x 1")
+    assert plan["seg"][1].startswith("DeepLab on 1 of 4 processes per node x 2 nodes: 10 = 5 x 2 x 1")
+    srun = (tmp_path / "srun.txt").read_text()
+    assert "--cpus-per-task=32" in srun and "SRUN_CPUS_PER_TASK=32" in srun
+    assert "NODE_RANK=$SLURM_NODEID bash script/voc12_eps.sh" in srun
