@@ -95,3 +95,64 @@ def test_a_real_full_file_system(tmp_path):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# infer_seg.py: the argmax on the device unless the CRF needs the probabilities
+# ------------------------------------------------------------------------------------------------
+class _Watched(torch.Tensor):
+    """A tensor that records the shapes of what is copied to the host (.cpu() / .numpy())."""
+    copies: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.cpu, torch.Tensor.numpy):
+            cls.copies.append(tuple(args[0].shape))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n=2, size=(24, 32)):
+        g = torch.Generator().manual_seed(0)
+        self.items = [(f"im{i}", None) for i in range(n)]
+        self.data = [torch.randn(3, *size, generator=g) * 50 for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        return self.items[k][0], self.data[k], torch.zeros(*self.data[k].shape[1:], 3,
+                                                           dtype=torch.uint8)
+
+
+def test_seg_inference_copies_labels_not_probabilities(tmp_path, monkeypatch):
+    """COCO: 81 x H x W float32 probabilities per image stay on the device; one uint8 label map
+    crosses to the host, with the same labels as numpy's argmax of the probabilities."""
+    import numpy as np
+    from PIL import Image
+
+    import infer_seg
+    from network.deeplab import build_deeplab
+    model = build_deeplab("deeplabv2_small", 81).eval()
+    real = infer_seg.predict_probs
+    seen = {}
+
+    def watched(m, x, flip=False):
+        p = real(m, x, flip)
+        seen[len(seen)] = p[0].argmax(0).numpy().copy()
+        return p.as_subclass(_Watched)
+    monkeypatch.setattr(infer_seg, "predict_probs", watched)
+    _Watched.copies = []
+    infer_seg.run_inference(model, _Images(), tmp_path / "png", None, device=torch.device("cpu"))
+    assert _Watched.copies and all(len(s) == 2 for s in _Watched.copies), _Watched.copies
+    for k, name in enumerate(("im0", "im1")):
+        assert (np.array(Image.open(tmp_path / "png" / f"{name}.png")) == seen[k]).all()
+
+
+def test_to_labels_breaks_ties_like_numpy():
+    import numpy as np
+    from infer_seg import to_labels
+    p = torch.zeros(5, 3, 4)
+    p[1, 0, 0] = p[3, 0, 0] = 0.5  # a tie: the first maximum wins in both
+    p[4, 2, 3] = 1.0
+    assert (to_labels(p) == p.numpy().argmax(0).astype(np.uint8)).all()
