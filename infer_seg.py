@@ -34,7 +34,7 @@ from network.deeplab import MAX_SCALE, MIN_SCALE, MSC_SCALES, load_trained
 from utils import dist
 from utils.cli import run_cli
 from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
-from utils.io import remove_stale_temps, save_label_png
+from utils.io import atomic_write_text, remove_stale_temps, save_label_png
 from utils.progress import Progress
 from utils.run import check_writable, setup_logging, write_run_info
 from utils.workers import loader_worker_init, process_pool
@@ -271,6 +271,13 @@ def evaluate_dir(args, pred_dir: Path, list_path: Path) -> Optional[dict]:
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
+def skipped_note(pred_dir: Path) -> Path:
+    """<pred>_eval.skipped.txt: why <pred>_eval.txt was not computed (one line; the pipeline's
+    results table prints it in the empty cell)."""
+    pred_dir = Path(pred_dir)
+    return pred_dir.parent / f"{pred_dir.name}_eval.skipped.txt"
+
+
 def newest_png(folder: Path) -> int:
     return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.png")), default=0)
 
@@ -347,16 +354,27 @@ def main(args) -> Dict:
                           crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
                           channels_last=args.channels_last, num_workers=args.num_workers)
     result = dict(stats, miou=None, miou_crf=None)
-    if rank != 0 or not args.evaluate:
+    if rank != 0:
         return result
-    # 3. rank 0 scores every rank's PNGs once they are all written
-    has_gt = args.gt_dir is not None or all(info.gt_path(data_root, i).is_file() for i in ids[:20])
-    if not has_gt:
-        logger.info("no ground truth for %s: skipping evaluation", list_path)
+    # 3. rank 0 scores every rank's PNGs once they are all written, or says why it cannot
+    folders = [d for d in (out_dir, crf_dir) if d is not None]
+    missing_gt = [] if args.gt_dir is not None else [
+        info.gt_path(data_root, i) for i in ids[:20] if not info.gt_path(data_root, i).is_file()]
+    why = ("not scored: --no-evaluate" if not args.evaluate else
+           f"no score: the ground truth of {list_path.name} is missing (e.g. {missing_gt[0]}); "
+           f"pass --gt_dir" if missing_gt else None)
+    for folder in folders:
+        note = skipped_note(folder)
+        if why is None and note.exists():
+            note.unlink()
+    if why is not None:
+        for folder in folders:  # the pipeline's results table shows it in the empty cell
+            atomic_write_text(skipped_note(folder), why + "\n")
+        print(f"infer_seg: predictions in {', '.join(map(str, folders))}; {why}", flush=True)
+        result["why"] = why
         return result
     present = [i for i, _ in ImageList(info, args.data_root, ids, skip_missing=True).items]
     if world > 1:
-        folders = [d for d in (out_dir, crf_dir) if d is not None]
         dist.wait_for_outputs(present, lambda i: all((f / f"{i}.png").is_file() for f in folders),
                               what="prediction PNGs", timeout_s=args.dist_timeout,
                               poll_s=args.wait_poll)

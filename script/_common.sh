@@ -125,5 +125,17 @@ miou_of() {
   echo "${v:--}"
 }
 
-# result_row LABEL LIST PUBLISHED TABLE: one markdown row "label | list | published | this run".
-result_row() { echo "| $1 | $(list_name "$2") | $3 | $(miou_of "$4") |"; }
+# why_empty TABLE: why an evaluate.py table is missing: the note infer_seg.py leaves beside it
+# (<pred>_eval.skipped.txt, e.g. no ground truth), or that its stage did not run.
+why_empty() {
+  local note=${1%.txt}.skipped.txt
+  if [[ -f "$note" ]]; then head -n 1 "$note"; else echo "not computed: its stage did not run"; fi
+}
+
+# result_row LABEL LIST PUBLISHED TABLE: one markdown row "label | list | published | this run";
+# an empty cell says why.
+result_row() {
+  local v; v=$(miou_of "$4")
+  if [[ "$v" == - ]]; then v="- ($(why_empty "$4"))"; fi
+  echo "| $1 | $(list_name "$2") | $3 | $v |"
+}

@@ -156,3 +156,51 @@ def test_to_labels_breaks_ties_like_numpy():
     p[1, 0, 0] = p[3, 0, 0] = 0.5  # a tie: the first maximum wins in both
     p[4, 2, 3] = 1.0
     assert (to_labels(p) == p.numpy().argmax(0).astype(np.uint8)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# missing validation ground truth: said before any compute, on the terminal, and in the table
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def seg_no_gt(tmp_path):
+    """A 'custom' dataset without ground truth (3 classes) and a small DeepLab checkpoint."""
+    from network.deeplab import build_deeplab
+    from test_train import make_tiny_dataset
+    root = make_tiny_dataset(tmp_path / "data", n=3)
+    torch.manual_seed(0)
+    torch.save(build_deeplab("deeplabv2_small", 4).state_dict(), tmp_path / "deeplab.pth")
+    return root, tmp_path / "deeplab.pth"
+
+
+def test_infer_seg_without_ground_truth_says_why_there_is_no_score(seg_no_gt, tmp_path, capsys):
+    import argparse
+
+    import infer_seg
+    root, weights = seg_no_gt
+    argv = ["--dataset", "custom", "--data_root", str(root), "--list", "train", "--weights",
+            str(weights), "--out-dir", str(tmp_path / "val"), "--num-workers", "0",
+            "--device", "cpu"]
+    args = argparse.ArgumentParser(parents=[infer_seg.get_args_parser()]).parse_args(argv)
+    result = infer_seg.main(args)
+    out = capsys.readouterr().out
+    assert result["miou"] is None and len(list((tmp_path / "val").glob("*.png"))) == 3
+    assert "no score: the ground truth of train.txt is missing (e.g." in out
+    assert "SegmentationClass" in out and "pass --gt_dir" in out
+    note = tmp_path / "val_eval.skipped.txt"
+    assert note.read_text().startswith("no score: the ground truth of train.txt is missing")
+
+
+def test_preflight_names_missing_validation_ground_truth(seg_no_gt, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from preflight import preflight
+    root, weights = seg_no_gt
+    argv = ["--dataset", "custom", "--data_root", str(root), "--list", "train",
+            "--weights", str(weights), "--out-dir", str(tmp_path / "val")]
+    stages = preflight([("segeval", "infer_seg.py", argv)], 1, {"*": 1}, "cpu")
+    problems = [p for s in stages for p in s.problems]
+    assert len(problems) == 1 and "ground truth of train not found" in problems[0], problems
+    assert "--no-evaluate (SEGINFER_ARGS)" in problems[0]
+    stages = preflight([("segeval", "infer_seg.py", argv + ["--no-evaluate"])], 1, {"*": 1}, "cpu")
+    assert not [p for s in stages for p in s.problems]

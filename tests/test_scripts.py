@@ -456,3 +456,18 @@ def test_slurm_example_passes_the_cpus_to_srun(voc, tmp_path):
     srun = (tmp_path / "srun.txt").read_text()
     assert "--cpus-per-task=32" in srun and "SRUN_CPUS_PER_TASK=32" in srun
     assert "NODE_RANK=$SLURM_NODEID bash script/voc12_eps.sh" in srun
+
+
+def test_results_table_says_why_a_cell_is_empty(tmp_path):
+    """An empty mIoU cell carries its reason: infer_seg.py's note (e.g. no ground truth), or
+    that its stage did not run."""
+    (tmp_path / "val_eval.skipped.txt").write_text("no score: the ground truth of val.txt is missing\n")
+    cmd = (f"source {SCRIPT}/_common.sh; result_row DeepLab-v2 val 70.9 {tmp_path}/val_eval.txt; "
+           f"result_row DeepLab-v2 val 70.9 {tmp_path}/other_eval.txt")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": sys.executable})
+    rows = result_rows(ok(proc))
+    assert proc.stdout.splitlines()[0] == ("| DeepLab-v2 | val | 70.9 | - (no score: the ground "
+                                           "truth of val.txt is missing) |")
+    assert proc.stdout.splitlines()[1].endswith("| - (not computed: its stage did not run) |")
+    assert len(rows) == 1  # same label twice

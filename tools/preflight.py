@@ -286,6 +286,17 @@ def check_infer_seg(stage: Stage, module, args) -> None:
     if args.evaluate and args.gt_dir is not None:
         stage.need(args.gt_dir, "val ground truth (--gt_dir)",
                    _where(info.name, "masks", "one <id>.png of class indices per image"))
+    elif args.evaluate and ids and Path(dataset_root_of(args.data_root)).is_dir():
+        # found only after hours of training and inference otherwise
+        gt = [info.gt_path(dataset_root_of(args.data_root), i) for i in ids[:SAMPLE]]
+        missing = [g for g in gt if not g.is_file()]
+        if missing:
+            stage.problems.append(
+                f"ground truth of {Path(str(args.list)).stem} not found (e.g. {missing[0]}), so "
+                f"no score could be computed: "
+                f"{_where(info.name, 'masks', 'one <id>.png of class indices per image')}; or "
+                f"pass --gt_dir (SEG_GT_DIR), or --no-evaluate (SEGINFER_ARGS) to predict "
+                f"without a score")
     if args.crf:
         try:
             from utils.crf import _densecrf
