@@ -46,7 +46,7 @@ from network import NETWORKS, normalize_network_name
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
 from utils import cam as camlib
-from utils import dist
+from utils import dist, provenance
 from utils.cli import run_cli
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
 from utils.device import check_shared_memory, configure_numerics, pin_memory, resolve_device
@@ -69,7 +69,9 @@ class InferError(UserError):
 # change the speed).
 RESULT_FLAGS = ("dataset", "weights", "network", "thr", "scales", "bg_from_eps", "save_bg",
                 "crf_alpha", "crf_t", "crf_params", "amp")
-SETTINGS_FILE = ".infer_settings.json"  # in every output folder
+# In every output folder: the result flags and the identity of the weights (utils/provenance.py),
+# so that a checkpoint retrained under the same name is never taken for the one that made them
+SETTINGS_FILE = provenance.RECORD_NAME
 MIN_SCALE, MAX_SCALE = 0.05, 8.0
 
 
@@ -338,11 +340,64 @@ def has_results(folder: Path) -> bool:
         return any(e.name.endswith((".png", ".npz")) and not e.name.startswith(".") for e in it)
 
 
+def output_folders(args) -> List[Path]:
+    """Every output folder of the flags (Outputs.folders without building the writer)."""
+    return [d for d in (args.png_dir, args.cam_dir, *crf_dirs(args.crf, args.crf_alpha,
+                                                               args.crf_t).values(), args.vis_dir)
+            if d is not None]
+
+
+def weights_inputs(args, folders: Sequence[Path]) -> Dict[str, Dict]:
+    """{weights path: identity} for the records; the sha256 a folder recorded is reused while
+    the file's size and modification time are unchanged (no 1 s hash on every rerun)."""
+    key = str(Path(args.weights).resolve())
+    known = None
+    for folder in folders:
+        known = ((provenance.read_record(Path(folder) / SETTINGS_FILE) or {}).get("inputs")
+                 or {}).get(key)
+        if known:
+            break
+    return {key: provenance.file_identity(args.weights, known)}
+
+
+def stale_weights(args, folders: Sequence[Path], weights_made_earlier: bool = False) -> Optional[str]:
+    """A problem line when an output folder holds results of other weights than --weights now:
+    a checkpoint retrained or replaced under the same name (train.py --resume --extend), or one
+    an earlier stage of the same pipeline is about to write. None when --overwrite."""
+    if args.overwrite:
+        return None
+    key = str(Path(args.weights).resolve())
+    for folder in folders:
+        if not has_results(Path(folder)):
+            continue
+        old = ((provenance.read_record(Path(folder) / SETTINGS_FILE) or {}).get("inputs")
+               or {}).get(key)
+        if old is None:
+            continue  # no identity recorded (an older run): the settings check still applies
+        if weights_made_earlier:
+            now_text = "an earlier stage of this run trains it anew"
+        elif Path(args.weights).is_file():
+            now = provenance.file_identity(args.weights, old)
+            if provenance.same(old, now):
+                continue
+            now_text = f"it has {provenance.describe(now)} now: retrained or replaced"
+        else:
+            continue
+        return (f"{folder} holds results made by another {Path(key).name} ({provenance.describe(old)} "
+                f"then; {now_text}), which would be mixed with or taken for the new ones; pass "
+                f"--overwrite (INFER_ARGS for the scripts) to recompute every image, or delete "
+                f"{folder}")
+    return None
+
+
 def check_settings(outputs: Outputs, args) -> None:
     """Refuse to add results to ANY output folder that holds results made with other
-    result-affecting flags (each folder records its own in SETTINGS_FILE)."""
+    result-affecting flags or by other weights (each folder records its own in SETTINGS_FILE)."""
     if args.overwrite:
         return
+    problem = stale_weights(args, outputs.folders())
+    if problem:
+        raise InferError(problem)
     now = result_settings(args)
     for folder in outputs.folders():
         if not has_results(folder):
@@ -362,8 +417,8 @@ def check_settings(outputs: Outputs, args) -> None:
                              f"image, or choose another folder")
 
 
-def record_settings(outputs: Outputs, args) -> None:
-    text = json.dumps(result_settings(args), indent=2, sort_keys=True) + "\n"
+def record_settings(outputs: Outputs, args, inputs: Dict[str, Dict]) -> None:
+    text = json.dumps(dict(result_settings(args), inputs=inputs), indent=2, sort_keys=True) + "\n"
     for folder in outputs.folders():
         atomic_write_text(folder / SETTINGS_FILE, text)
 
@@ -450,6 +505,7 @@ def main(args):
     vis_ids = set(ids[:args.vis_num]) if args.vis_dir is not None else set()
     outputs = Outputs(args, info.class_names, vis_ids)
     check_settings(outputs, args)
+    inputs = weights_inputs(args, outputs.folders())
     mine = ids[rank::world]  # interleaved split: every rank gets a similar mix of image sizes
     todo = mine if args.overwrite else [i for i in mine if not outputs.complete(i)]
     dataset = (InferDataset(info, args.img_root, todo, scales=args.scales,
@@ -466,7 +522,7 @@ def main(args):
     if rank == 0:
         for folder in outputs.folders() + [run_dir]:
             remove_stale_temps(folder)
-    record_settings(outputs, args)
+    record_settings(outputs, args, inputs)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
     logger.info("network %s (%s) from %s", found.network, found, args.weights)

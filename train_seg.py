@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import random
@@ -44,14 +45,14 @@ from data.registry import DATASETS, check_data_root, dataset_root_of, get_datase
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
 from network.deeplab import (MAX_SCALE, MIN_SCALE, MSC_SCALES, SEG_ARCHS, build_deeplab,
                              load_init_weights)
-from utils import dist
+from utils import dist, provenance
 from utils.checkpoint import (changed_settings, open_run_dir, restore_training_state,
                               save_training_state, start_run)
 from utils.cli import run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import atomic_write_text, torch_save
 from utils.layout import LayoutError, plan_layout, working_counts
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
@@ -105,6 +106,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-kind", "--init_kind", dest="init_kind", type=str, default="auto",
                    choices=["auto", "deeplab", "torchvision"],
                    help="layout of --init (default: detected from the key names)")
+    m.add_argument("--allow-supervised-init", "--allow_supervised_init",
+                   dest="allow_supervised_init", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="accept an --init whose classifier has this dataset's class count, i.e. "
+                        "a DeepLab trained on its label set (e.g. deeplab-pytorch's "
+                        "deeplabv2_resnet101_msc-vocaug-20000.pth): refused by default, because "
+                        "it makes the weakly supervised result fully supervised (paper: off)")
     m.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
                    default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
     o = p.add_argument_group("optimisation (defaults = published recipe)")
@@ -234,7 +242,8 @@ def build_model(args, n_classes: int, init: bool):
             raise TrainSegError(f"--init {args.init}: file not found; pass "
                                 f"deeplabv1_resnet101-coco.pth (README 'Downloads'), a torchvision "
                                 f"resnet101 .pth, or --init none")
-        load_init_weights(model, args.init, args.init_kind)
+        load_init_weights(model, args.init, args.init_kind,
+                          allow_supervised=args.allow_supervised_init)
     else:
         logger.warning("no --init: %s starts from random weights", args.arch)
     return model
@@ -359,6 +368,23 @@ def main(args) -> Dict:
     if args.eval_list:  # resolved now: a wrong name failed only after the training
         info.list_path(args.eval_list)
     n_classes = info.num_classes + 1
+    # What this run is made from (utils/provenance.py): the pseudo-masks (their own record) and
+    # the init file (name, size, sha256; in the pipeline's results table). A run is never
+    # resumed on other inputs: its checkpoint would mix two trainings.
+    record_file = run_dir / provenance.RUN_RECORD_NAME
+    if ckpt is not None:
+        stale = provenance.check(record_file)
+        if stale:
+            raise TrainSegError(f"{run_dir} was started on other inputs: {stale}; resuming would "
+                                f"mix two trainings: start a new --run-dir (or move {run_dir} "
+                                f"away)")
+    inputs = provenance.read_record(record_file) if ckpt is not None else None
+    if inputs is None and dist.is_main_process():  # rank 0 writes it (a hash of --init)
+        init = args.init if args.init and args.init.lower() != "none" else None
+        inputs = {"inputs": provenance.inputs_record({"masks": args.mask_dir, "init": init}),
+                  "init": (dict(path=str(Path(init).resolve()),
+                                **provenance.file_identity(init)) if init and Path(init).is_file()
+                           else None)}
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
@@ -390,6 +416,11 @@ def main(args) -> Dict:
     setup_logging(run_dir / "log.txt")
     try:
         write_run_info(run_dir, args, numerics=numerics)
+        if dist.is_main_process() and inputs is not None:
+            atomic_write_text(record_file, json.dumps(inputs, indent=2) + "\n")
+        if inputs and inputs.get("init"):
+            logger.info("init %s: %d bytes, sha256 %s", inputs["init"]["path"],
+                        inputs["init"]["size"], inputs["init"]["sha256"])
         logger.info("%s, transform %s", dataset, dataset.transform)
         logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: "
                     "5 x 2)", args.batch_size * args.iter_size, args.batch_size, args.iter_size,

@@ -129,7 +129,23 @@ def _unreadable_message(path: Path, head: bytes, e: Exception,
             f"torch.save, or download it again if a download saved something else in its place")
 
 
-def load_state_dict_file(path) -> StateDict:
+def looks_like_caffemodel(path: Path, head: bytes) -> bool:
+    """A Caffe .caffemodel (a NetParameter protobuf: field 1 'name', a short text, then layers
+    as field 100 or the legacy field 2), by its name or its first bytes."""
+    if path.suffix.lower() == ".caffemodel":
+        return True
+    if len(head) < 4 or head[0] != 0x0A or not 0 < head[1] < 0x80 or len(head) < 3 + head[1]:
+        return False
+    name = head[2:2 + head[1]]
+    return all(32 <= b < 127 for b in name) and head[2 + head[1]] in (0x12, 0xA2, 0x1A, 0x22)
+
+
+CAFFE_HINT = ("convert it to PyTorch first: kazuto1011/deeplab-pytorch scripts/setup_caffemodels.sh "
+              "downloads it and 'python convert.py --dataset coco' writes deeplabv1_resnet101-coco.pth "
+              "(README 'Downloads', docs/segmentation.md 'Initial weights')")
+
+
+def load_state_dict_file(path, mmap: bool = False) -> StateDict:
     """Read a PyTorch weights file into a plain state_dict on the CPU.
 
     Accepts plain state_dicts (with or without the ``module.`` prefix) and checkpoint dicts with a
@@ -144,13 +160,15 @@ def load_state_dict_file(path) -> StateDict:
     if path.suffix == ".params":
         raise WeightsError(f"{path}: an MXNet .params file; pass it as ImageNet initialisation "
                            "(load_pretrained / --weights) or convert it with tools/convert_resnet38.py")
-    return _unwrap(load_torch_file(path), str(path))
+    return _unwrap(load_torch_file(path, mmap=mmap), str(path))
 
 
-def load_torch_file(path, resave_hint: str = RESAVE_HINT):
+def load_torch_file(path, resave_hint: str = RESAVE_HINT, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` on the CPU, with every failure as one
     WeightsError line (see load_state_dict_file). ``resave_hint`` is the fix named for a file
-    that holds Python objects (train.py's resume checkpoints need their own)."""
+    that holds Python objects (train.py's resume checkpoints need their own). ``mmap``: map the
+    tensors instead of reading them (keys and shapes in a fraction of a second, for checks
+    such as tools/preflight.py's; legacy-format files are read whole)."""
     path = Path(path)
     try:
         head = read_file_start(path)
@@ -163,8 +181,19 @@ def load_torch_file(path, resave_hint: str = RESAVE_HINT):
         raise WeightsError(f"{path}: an MXNet .params file under another name; rename it to .params "
                            "and pass it as ImageNet initialisation, or convert it with "
                            "tools/convert_resnet38.py")
+    if looks_like_caffemodel(path, head):
+        raise WeightsError(f"{path}: a Caffe .caffemodel, not a PyTorch file; {CAFFE_HINT}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = None
+        if mmap and kind == "zip":
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - read it whole below; its error is the message
+                obj = None
+        if obj is None:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, EOFError, ... here
@@ -480,15 +509,23 @@ def head_keys(model: nn.Module) -> List[str]:
     return [k for k in model.state_dict() if k not in trunk]
 
 
-def read_pretrained(path) -> StateDict:
+def read_pretrained(path, shapes_only: bool = False) -> StateDict:
     """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed as
     psa's resnet38d.convert_mxnet_to_torch does) or a PyTorch file, with any ImageNet classifier
-    removed."""
+    removed. ``shapes_only``: tensors on the meta device (MXNet: a header pass over the file;
+    PyTorch: memory-mapped), for checks that read no weight values."""
     path = Path(path)
-    if path.suffix == ".params":
+    if path.suffix == ".params" and shapes_only:
+        from network.resnet38d import mxnet_name_to_torch
+        sd = {}
+        for name, shape in mxnet_params.read_shapes(path).items():
+            key = mxnet_name_to_torch(name)
+            if key is not None:
+                sd[key] = torch.empty(shape, device="meta")
+    elif path.suffix == ".params":
         sd = convert_mxnet_to_torch(mxnet_params.load_params(path))
     else:
-        sd = load_state_dict_file(path)
+        sd = load_state_dict_file(path, mmap=shapes_only)
     dropped = [k for k in sd if k in IMAGENET_CLASSIFIER_KEYS]
     for k in dropped:
         del sd[k]
@@ -524,6 +561,36 @@ def load_pretrained(model: nn.Module, path, sd: Optional[StateDict] = None) -> d
     return dict(missing=list(result.missing_keys), loaded=len(sd))
 
 
+def _initial_kind(model: nn.Module, path: Path, sd: StateDict) -> str:
+    """"imagenet" or "checkpoint" for train.py --weights, or the WeightsError that says why the
+    file fits neither (shapes only: works on a meta-device model)."""
+    if not any(k in set(head_keys(model)) for k in sd):
+        head = head_keys(model)
+        missing, unexpected, mismatched = _compare(model, _fill_num_batches_tracked(model, sd))
+        if mismatched or unexpected or set(missing) != set(head):
+            raise WeightsError(_mismatch_message(str(path), model, sd, [k for k in missing if k not in head],
+                                                 unexpected, mismatched, "ImageNet initialisation "
+                                                 "leaves exactly the head new"))
+        return "imagenet"
+    if not fits(sd, model.network_name, model.num_classes, model.options()):
+        raise WeightsError(
+            f"--weights {path}: {describe_checkpoint(sd)}; but {model.network_name} for the "
+            f"dataset's {model.num_classes} classes needs other shapes. Pass the ImageNet weights "
+            f"(README 'Downloads'), or a checkpoint trained for this network and dataset")
+    return "checkpoint"
+
+
+def check_initial_weights(path, network: str, num_classes: int, **build_kwargs) -> str:
+    """What load_initial_weights would do with ``path``, in seconds and without any weight
+    values: the file's header (MXNet) or memory-mapped keys and shapes (PyTorch) against the
+    network built on the meta device. Raises the WeightsError the run would meet; returns
+    "imagenet" or "checkpoint" (tools/preflight.py)."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = build_network(network, num_classes, **build_kwargs)
+    return _initial_kind(model, path, read_pretrained(path, shapes_only=True))
+
+
 def load_initial_weights(model: nn.Module, path) -> str:
     """train.py --weights: ImageNet weights for the trunk (the published start; the head stays
     new), or a trained checkpoint of this very network and class count (fine-tuning, loaded
@@ -533,13 +600,8 @@ def load_initial_weights(model: nn.Module, path) -> str:
         raise WeightsError(f"--weights {path}: file not found; download the ImageNet weights "
                            f"(README 'Downloads') or pass --weights none to train from scratch")
     sd = read_pretrained(path)
-    if not any(k in set(head_keys(model)) for k in sd):
+    if _initial_kind(model, path, sd) == "imagenet":
         load_pretrained(model, path, sd)
         return "imagenet"
-    if not fits(sd, model.network_name, model.num_classes, model.options()):
-        raise WeightsError(
-            f"--weights {path}: {describe_checkpoint(sd)}; but {model.network_name} for the "
-            f"dataset's {model.num_classes} classes needs other shapes. Pass the ImageNet weights "
-            f"(README 'Downloads'), or a checkpoint trained for this network and dataset")
     load_weights(model, sd, source=str(path))
     return "checkpoint"
