@@ -363,30 +363,15 @@ def weights_inputs(args, folders: Sequence[Path]) -> Dict[str, Dict]:
 def stale_weights(args, folders: Sequence[Path], weights_made_earlier: bool = False) -> Optional[str]:
     """A problem line when an output folder holds results of other weights than --weights now:
     a checkpoint retrained or replaced under the same name (train.py --resume --extend), or one
-    an earlier stage of the same pipeline is about to write. None when --overwrite."""
+    an earlier stage of the same pipeline is about to write. None with --overwrite."""
     if args.overwrite:
         return None
-    key = str(Path(args.weights).resolve())
     for folder in folders:
-        if not has_results(Path(folder)):
-            continue
-        old = ((provenance.read_record(Path(folder) / SETTINGS_FILE) or {}).get("inputs")
-               or {}).get(key)
-        if old is None:
-            continue  # no identity recorded (an older run): the settings check still applies
-        if weights_made_earlier:
-            now_text = "an earlier stage of this run trains it anew"
-        elif Path(args.weights).is_file():
-            now = provenance.file_identity(args.weights, old)
-            if provenance.same(old, now):
-                continue
-            now_text = f"it has {provenance.describe(now)} now: retrained or replaced"
-        else:
-            continue
-        return (f"{folder} holds results made by another {Path(key).name} ({provenance.describe(old)} "
-                f"then; {now_text}), which would be mixed with or taken for the new ones; pass "
-                f"--overwrite (INFER_ARGS for the scripts) to recompute every image, or delete "
-                f"{folder}")
+        why = has_results(Path(folder)) and provenance.weights_changed(folder, args.weights,
+                                                                       weights_made_earlier)
+        if why:
+            return (f"{folder} holds results {why}; pass --overwrite (INFER_ARGS for the "
+                    f"scripts) to recompute every image, or delete {folder}")
     return None
 
 

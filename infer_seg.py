@@ -31,7 +31,7 @@ from data.datasets import DataError, check_files, load_rgb
 from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from data.seg_transforms import MEAN_BGR, SegEvalTransform
 from network.deeplab import MAX_SCALE, MIN_SCALE, MSC_SCALES, load_trained
-from utils import dist
+from utils import dist, provenance
 from utils.cli import run_cli
 from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
 from utils.io import atomic_write_text, remove_stale_temps, save_label_png
@@ -83,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="score the PNGs with evaluate.py when the list has ground truth")
     p.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", type=Path, default=None,
                    help="ground-truth folder for evaluation (default: found under --data_root)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute every image, replacing the PNGs in --out-dir (default: keep "
+                        "them and compute the missing ones; PNGs of other weights are refused)")
     p.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="skip ids whose image is missing (default: stop with the file name)")
@@ -193,10 +196,11 @@ def resolve_weights(path: Path) -> Path:
 
 def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, device, flip=False,
                   crf_image="rgb", crf_workers=0, amp=False, channels_last=False,
-                  num_workers=0) -> Dict:
-    """Write <out_dir>/<id>.png (and CRF PNGs); ids whose outputs exist are skipped."""
+                  num_workers=0, overwrite=False) -> Dict:
+    """Write <out_dir>/<id>.png (and CRF PNGs); ids whose outputs exist are skipped unless
+    ``overwrite``."""
     todo = [k for k, (i, _) in enumerate(dataset.items)
-            if not (out_dir / f"{i}.png").is_file()
+            if overwrite or not (out_dir / f"{i}.png").is_file()
             or (crf_dir is not None and not (crf_dir / f"{i}.png").is_file())]
     if len(todo) < len(dataset):
         logger.info("%d of %d images already done in %s; skipping them",
@@ -286,6 +290,34 @@ def newest_png(folder: Path) -> int:
 OUTPUT_SETTINGS = ("weights", "msc_scales", "flip", "crf_image", "dataset")
 
 
+def stale_predictions(args, folders, weights_made_earlier: bool = False) -> Optional[str]:
+    """A problem line when a prediction folder holds PNGs of other weights than --weights now
+    (train_seg.py --resume --extend wrote a new checkpoint_final.pth under the same name, or an
+    earlier stage of the pipeline is about to); None with --overwrite."""
+    if args.overwrite:
+        return None
+    for folder in folders:
+        why = (Path(folder).is_dir() and any(Path(folder).glob("*.png"))
+               and provenance.weights_changed(folder, args.weights, weights_made_earlier))
+        if why:
+            return (f"{folder} holds predictions {why}; pass --overwrite (SEGINFER_ARGS for the "
+                    f"scripts) to recompute every image, or delete {folder}")
+    return None
+
+
+def record_predictions(args, folders) -> None:
+    """<folder>/.infer_settings.json: the settings and the weights' identity (utils/provenance.py)
+    of the PNGs in each folder, written before the first of them."""
+    key = str(Path(args.weights).resolve())
+    known = next((k for k in (provenance.recorded_input(f, key) for f in folders) if k), None)
+    settings = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+                if k in OUTPUT_SETTINGS}
+    text = json.dumps(dict(settings, inputs={key: provenance.file_identity(key, known)}),
+                      indent=2, sort_keys=True) + "\n"
+    for folder in folders:
+        atomic_write_text(Path(folder) / provenance.RECORD_NAME, text)
+
+
 def check_same_setting(args_json: Path, args) -> None:
     """Refuse to mix PNGs of different settings in one --out-dir (resume needs the same ones)."""
     if not args_json.is_file():
@@ -318,7 +350,17 @@ def main(args) -> Dict:
     for folder in (out_dir, run_dir, crf_dir):
         if folder is not None:
             check_writable(folder, "--out-dir / --crf-dir")
-    check_same_setting(run_dir / "args.json", args)
+    if args.overwrite and dist.spans_nodes():
+        # rank 0 waits for the other nodes' PNGs by their presence: old ones would satisfy it
+        raise InferSegError("--overwrite cannot be used across several nodes (rank 0 could not "
+                            "tell the other nodes' new PNGs from the old ones): delete the output "
+                            "folders and run without --overwrite")
+    folders = [d for d in (out_dir, crf_dir) if d is not None]
+    problem = stale_predictions(args, folders)
+    if problem:
+        raise InferSegError(problem)
+    if not args.overwrite:
+        check_same_setting(run_dir / "args.json", args)
     if args.crf:
         from utils.crf import _densecrf
         _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
@@ -345,6 +387,7 @@ def main(args) -> Dict:
             remove_stale_temps(folder)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
+    record_predictions(args, folders)
     model.eval().to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -352,7 +395,8 @@ def main(args) -> Dict:
                 list_path, out_dir, f" and {crf_dir}" if crf_dir else "")
     stats = run_inference(model, dataset, out_dir, crf_dir, device=device, flip=args.flip,
                           crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
-                          channels_last=args.channels_last, num_workers=args.num_workers)
+                          channels_last=args.channels_last, num_workers=args.num_workers,
+                          overwrite=args.overwrite)
     result = dict(stats, miou=None, miou_crf=None)
     if rank != 0:
         return result

@@ -60,18 +60,38 @@ set_paths() {
   SEG_CRF=${SEG_CRF:-0}
 }
 
-# 1. which stages run
+# current STAGE RECORD...: true when every provenance record (utils/provenance.py) still matches
+# the files it was made from; else says why the stage's outputs are stale (they are then not
+# counted as done: the stage runs, or preflight names the fix)
+current() {
+  local s=$1 r why; shift
+  for r in "$@"; do
+    if ! why=$("$PYTHON" "$REPO/utils/provenance.py" check "$r"); then
+      say "$s: outputs are stale: $why"
+      return 1
+    fi
+  done
+}
+
+# 1. which stages run. Outputs count as done only when their recorded inputs are the current
+# ones (weights retrained under the same name are not); a stale evaluation is recomputed
+# (EVAL_OVERWRITE), a stale prediction folder or DeepLab run is named by preflight with the fix
 plan_stages() {
   RUN=()
+  EVAL_OVERWRITE=0
   local s
   for s in $STAGES; do
     case $s in
       train) if [[ -f "$CKPT" ]]; then skip train "$CKPT"; continue; fi ;;
       eval) if ! main_node; then continue; fi
-            if [[ -f "$EVAL_TXT" ]]; then skip eval "$EVAL_TXT"; continue; fi ;;
-      seg) if [[ -f "$SEG_DIR/checkpoint_final.pth" ]]; then
+            if [[ -f "$EVAL_TXT" ]]; then
+              if current eval "${EVAL_TXT%.txt}.json"; then skip eval "$EVAL_TXT"; continue; fi
+              EVAL_OVERWRITE=1
+            fi ;;
+      seg) if [[ -f "$SEG_DIR/checkpoint_final.pth" ]] && current seg "$SEG_DIR/inputs.json"; then
              skip seg "$SEG_DIR/checkpoint_final.pth"; continue; fi ;;
-      segeval) if [[ -f "${SEG_PRED}_eval.txt" && ( "$SEG_CRF" != 1 || -f "${SEG_PRED}_crf_eval.txt" ) ]]; then
+      segeval) if [[ -f "${SEG_PRED}_eval.txt" && ( "$SEG_CRF" != 1 || -f "${SEG_PRED}_crf_eval.txt" ) ]] &&
+                  current segeval "$SEG_PRED/.infer_settings.json" "${SEG_PRED}_eval.json"; then
                  skip segeval "${SEG_PRED}_eval.txt"; continue; fi ;;
     esac
     RUN+=("$s")
@@ -120,6 +140,8 @@ build_commands() {
   EVAL_CMD=("$REPO/evaluate.py" --dataset "$DATASET" "${meta[@]}" --datalist "$INFER_LIST"
             --data-root "$DATASET_ROOT" --pred_dir "$RESULT/png" --save_path "$EVAL_TXT")
   opt EVAL_CMD --gt_dir "${GT_DIR:-}"
+  # the old score is of pseudo-masks that have changed since (plan_stages): recompute it
+  if [[ "${EVAL_OVERWRITE:-0}" == 1 ]]; then EVAL_CMD+=(--overwrite); fi
   words x "${EVAL_ARGS:-}"; EVAL_CMD+=("${x[@]}")
 
   SEG_CMD=("$REPO/train_seg.py" "${common[@]}" --data_root "$DATASET_ROOT" --mask-dir "$RESULT/png"
@@ -213,5 +235,16 @@ print_results() {
     if [[ "$SEG_CRF" == 1 ]]; then
       result_row "DeepLab-v2 + CRF" "$SEG_EVAL_LIST" "$pub_seg" "${SEG_PRED}_crf_eval.txt"
     fi
+    init_row "$SEG_DIR/inputs.json"
   fi
+}
+
+# init_row RECORD: the DeepLab init file the numbers above come from (train_seg.py's inputs.json):
+# name, size and sha256, so that a table always says which init made it (docs/segmentation.md)
+init_row() {
+  [[ -f "$1" ]] || return 0
+  "$PYTHON" -c 'import json, sys
+init = json.load(open(sys.argv[1])).get("init")
+print("| DeepLab-v2 init | %s | - | %s bytes, sha256 %s |" % (init["name"], init["size"], init["sha256"][:16])
+      if init else "| DeepLab-v2 init | none | - | random weights (--init none) |")' "$1"
 }

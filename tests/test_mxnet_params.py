@@ -416,3 +416,19 @@ def test_convert_tool_rejects_a_wrong_file(tmp_path):
     path.write_bytes(ndarray_file([rec_legacy(sample(0, (64, 3, 3, 3)))], ["arg:fc6_weight"]))
     with pytest.raises(ConversionError, match="fc6_weight"):
         convert(path)
+
+
+def test_preflight_reads_only_the_headers(full_params, tmp_path):
+    """tools/preflight.py checks --weights with a header pass (shapes, no data read) against the
+    network on the meta device; a truncated file is named as such there, before any compute."""
+    from network.mxnet_params import read_shapes
+    from network.weights import check_initial_weights
+    params, _ = full_params
+    shapes = read_shapes(params)
+    assert len(shapes) == len(ademxapp_names()) and shapes["conv1a_weight"] == (64, 3, 3, 3)
+    assert check_initial_weights(params, "resnet38_eps", 20) == "imagenet"
+    cut = tmp_path / "cut.params"
+    with open(params, "rb") as f:
+        cut.write_bytes(f.read(10_000_000))
+    with pytest.raises(MXNetParamsError, match="truncated"):
+        check_initial_weights(cut, "resnet38_eps", 20)

@@ -6,6 +6,7 @@ the flags they pass, skip-on-rerun, resume of an unfinished run, and the input c
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -120,8 +121,23 @@ def coco(demo) -> dict:
 # ------------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------------
+def coco_like_init(path: Path) -> Path:
+    """A deeplabv1_resnet101-coco.pth-shaped file for deeplabv2_small: backbone keys without
+    "base.", a 91-class fc (the COCO classifier, dropped when it loads)."""
+    import torch
+    from network.deeplab import build_deeplab
+    torch.manual_seed(0)
+    sd = {k[len("base."):]: v for k, v in build_deeplab("deeplabv2_small", 21).state_dict().items()
+          if not k.startswith("base.aspp.")}
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(91, 256, 1, 1), torch.zeros(91)
+    torch.save(sd, path)
+    return path
+
+
 def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
-    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1)
+    import hashlib
+    init = coco_like_init(tmp_path / "deeplabv1_small-coco.pth")
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1, SEG_INIT=init)
     out = ok(run_script("voc12_eps.sh", **env))
     run = tmp_path / "voc12_eps"
     assert (run / "checkpoint_cls.pth").is_file()
@@ -137,13 +153,18 @@ def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
     assert pseudo[:2] == ("train", "69.22") and is_number(pseudo[2])
     assert rows["DeepLab-v2"][:2] == ("val", "70.9") and is_number(rows["DeepLab-v2"][2])
     assert is_number(rows["DeepLab-v2 + CRF"][2])
+    # the init the DeepLab numbers come from: name, size, sha256 (train_seg.py's inputs.json)
+    digest = hashlib.sha256(init.read_bytes()).hexdigest()
+    assert rows["DeepLab-v2 init"] == (init.name, "-",
+                                       f"{init.stat().st_size} bytes, sha256 {digest[:16]}")
+    assert json.loads((run / "deeplab" / "inputs.json").read_text())["init"]["sha256"] == digest
 
     # Rerun: finished stages are skipped, nothing is recomputed, and inputs that only the skipped
     # stages need (the initial weights) may be gone by now.
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")
               if p.suffix in (".pth", ".png") or p.name.endswith(("_miou.txt", "_eval.txt"))}
-    out2 = ok(run_script("voc12_eps.sh", **env, WEIGHTS="/nonexistent/init.params",
-                         SEG_INIT="/nonexistent/deeplab.pth"))
+    out2 = ok(run_script("voc12_eps.sh", **{**env, "WEIGHTS": "/nonexistent/init.params",
+                                            "SEG_INIT": "/nonexistent/deeplab.pth"}))
     for stage in ("train", "eval", "seg", "segeval"):
         assert f"skip {stage}:" in out2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -471,3 +492,34 @@ def test_results_table_says_why_a_cell_is_empty(tmp_path):
                                            "truth of val.txt is missing) |")
     assert proc.stdout.splitlines()[1].endswith("| - (not computed: its stage did not run) |")
     assert len(rows) == 1  # same label twice
+
+
+@pytest.mark.slow
+def test_a_retrained_checkpoint_never_leaves_old_outputs_counted_as_done(voc, tmp_path):
+    """train.py --resume --extend writes new weights under the old name. The rerun does not skip
+    inference and evaluation because their files exist: preflight stops, naming --overwrite,
+    before any compute; with it, the pseudo-masks are recomputed and the stale score is replaced
+    (its record says what it scored)."""
+    import torch
+    from network import build_network
+    from network.weights import record_network
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls")
+    ok(run_script("voc12_cls.sh", **env))
+    run = tmp_path / "voc12_cls"
+    torch.manual_seed(5)
+    model = build_network("small_cls", 5)  # the demo dataset's 5 classes
+    ckpt = run / "checkpoint_cls.pth"
+    torch.save(record_network(model.state_dict(), model), ckpt)  # what --extend leaves
+    proc = run_script("voc12_cls.sh", **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "eval: outputs are stale" in proc.stdout and "checkpoint_cls.pth changed since" in proc.stdout
+    assert "holds results made by another checkpoint_cls.pth" in proc.stderr
+    assert "INFER_ARGS" in proc.stderr and "--overwrite" in proc.stderr
+    assert proc.stderr.count("  - ") == 1, proc.stderr  # that one problem, nothing else
+    before = json.loads((run / "result" / "train_miou.json").read_text())
+    out = ok(run_script("voc12_cls.sh", **env, INFER_ARGS=TINY["INFER_ARGS"] + " --overwrite"))
+    assert "skip eval" not in out
+    after = json.loads((run / "result" / "train_miou.json").read_text())
+    assert after["inputs"] != before["inputs"]
+    out = ok(run_script("voc12_cls.sh", **env))  # now current: skipped
+    assert "skip train:" in out and "skip eval:" in out

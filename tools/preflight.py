@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.downloads import hint  # noqa: E402
 from data.registry import dataset_root_of, get_dataset  # noqa: E402
+from utils import provenance  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.layout import Layout, LayoutError, plan_layout  # noqa: E402
@@ -54,6 +55,16 @@ class Stage:
     gpus: int = 1                      # GPUs (process slots) per node
     fixed: bool = False
     layout: Optional[Layout] = None    # the training stages' plan (utils/layout.py)
+    device: str = "auto"
+    made_before: set = field(default_factory=set)   # what earlier stages of the run write
+
+    def made_earlier(self, path) -> bool:
+        path = Path(path)
+        return any(path == m or m in path.parents for m in self.made_before)
+
+    def usable(self, path) -> bool:
+        """An input that exists now and no earlier stage rewrites: its content can be checked."""
+        return path is not None and Path(path).is_file() and not self.made_earlier(path)
     plan: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     needs: List[Tuple[Path, str, str]] = field(default_factory=list)  # (path, what, hint)
@@ -192,6 +203,10 @@ def check_train(stage: Stage, module, args) -> None:
         stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
     if args.weights != "none":
         stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
+        if stage.usable(args.weights):  # read it: headers, keys and shapes, no weight values
+            from network.weights import check_initial_weights
+            _try(stage, check_initial_weights, args.weights, args.network, info.num_classes)
+    _numerics(stage, args.amp)
     run_dir = Path(args.save_root) / args.session
     stage.makes.append(run_dir / module.FINAL_NAME)
     per = args.batch_size // (stage.procs * args.iter_size)
@@ -214,12 +229,35 @@ def check_infer(stage: Stage, module, args) -> None:
     _labels(stage, info)
     _sample_images(stage, info, args.img_root, ids)
     stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
+    if stage.usable(args.weights):
+        _try(stage, _check_classifier, args, info)
+    problem = module.stale_weights(args, module.output_folders(args),
+                                   weights_made_earlier=stage.made_earlier(args.weights))
+    if problem:
+        stage.problems.append(problem)
     outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
     stage.makes.extend(outs)
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
         f"+ flips -> {', '.join(map(str, outs))}")
+
+
+def _check_classifier(args, info) -> None:
+    """infer.py's identification of --weights (network/weights.py), on its memory-mapped keys
+    and shapes."""
+    from network.weights import identify_checkpoint, load_state_dict_file
+    sd = load_state_dict_file(args.weights, mmap=True)
+    identify_checkpoint(sd, info.num_classes, args.network, source=str(args.weights),
+                        ambiguous_ok=info.spec.metadata_dir is not None)
+
+
+def _numerics(stage: Stage, amp) -> None:
+    """The requested mixed precision against the device each of the stage's processes gets
+    (bf16 on a GPU without native bf16, fp16 on the CPU), in the device's own words."""
+    from utils.device import numerics_problems
+    amp = {True: "fp16", False: "off"}.get(amp, amp)  # inference: --amp is a switch
+    stage.problems.extend(numerics_problems(stage.device, amp, stage.per_node))
 
 
 def check_evaluate(stage: Stage, module, args) -> None:
@@ -238,6 +276,17 @@ def check_evaluate(stage: Stage, module, args) -> None:
                                   f"{_where(info.name, 'masks', 'pass --gt_dir')}")
     pred = args.pred_dir if args.pred_dir is not None else args.cam_dir
     stage.need(pred, "predictions to score", "made by the infer stage")
+    if not args.overwrite and pred is not None:
+        try:
+            txt, js = module.output_paths(args.save_path, args.json, pred,
+                                          "eval" if args.cam_dir is None else "sweep")
+        except UserError as e:
+            stage.problems.append(str(e))
+        else:
+            if txt.exists() or js.exists():
+                why = provenance.check(js) or "it is a finished result"
+                stage.problems.append(f"{txt if txt.exists() else js} already exists ({why}); "
+                                      f"pass --overwrite (EVAL_ARGS) to replace it, or delete it")
     stage.plan.append(f"mIoU of {pred} on {Path(str(args.datalist)).stem} ({len(ids)} ids) -> "
                       f"{args.save_path or 'next to the predictions'}")
 
@@ -264,6 +313,17 @@ def check_train_seg(stage: Stage, module, args) -> None:
         stage.need(args.mask_dir, "pseudo-masks (--mask-dir)", "made by the infer/pseudo stages")
     if args.init is not None and args.init.lower() != "none":
         stage.need(args.init, "DeepLab initial weights (--init)", hint("deeplab_init"))
+        if stage.usable(args.init):  # keys and shapes against the architecture, no values
+            from network.deeplab import check_init_file
+            _try(stage, check_init_file, args.init, args.arch, info.num_classes + 1,
+                 args.init_kind, args.allow_supervised_init)
+    _numerics(stage, args.amp)
+    run_dir = Path(args.run_dir)
+    if (run_dir / module.FINAL_NAME).exists() or (run_dir / module.LAST_NAME).exists():
+        stale = provenance.check(run_dir / provenance.RUN_RECORD_NAME)
+        if stale:
+            stage.problems.append(f"{run_dir} was trained on other inputs: {stale}; move it away "
+                                  f"(or delete it) to train DeepLab on the current ones")
     stage.makes.append(Path(args.run_dir) / module.FINAL_NAME)
     if args.batch_size is not None and args.iter_size is not None:
         stage.plan.append(
@@ -281,8 +341,16 @@ def check_infer_seg(stage: Stage, module, args) -> None:
     ids = _ids(stage, info, args.list)
     _sample_images(stage, info, args.data_root, ids)
     weights = Path(args.weights)
-    stage.need(weights / "checkpoint_final.pth" if weights.suffix != ".pth" else weights,
-               "DeepLab checkpoint (--weights)", "made by the seg stage")
+    weights = weights / "checkpoint_final.pth" if weights.suffix != ".pth" else weights
+    stage.need(weights, "DeepLab checkpoint (--weights)", "made by the seg stage")
+    if stage.usable(weights):
+        _try(stage, _check_deeplab, weights, info)
+    args.weights = weights
+    out = Path(args.out_dir)
+    folders = [out, (args.crf_dir or out.with_name(out.name + "_crf"))] if args.crf else [out]
+    problem = module.stale_predictions(args, folders, stage.made_earlier(weights))
+    if problem:
+        stage.problems.append(problem)
     if args.evaluate and args.gt_dir is not None:
         stage.need(args.gt_dir, "val ground truth (--gt_dir)",
                    _where(info.name, "masks", "one <id>.png of class indices per image"))
@@ -306,6 +374,19 @@ def check_infer_seg(stage: Stage, module, args) -> None:
     stage.makes.append(Path(args.out_dir))
     stage.plan.append(f"DeepLab on {Path(str(args.list)).stem} ({len(ids)} ids)"
                       f"{' + dense CRF' if args.crf else ''} -> {args.out_dir}")
+
+
+def _check_deeplab(weights: Path, info) -> None:
+    """infer_seg.py's reading of its checkpoint: a DeepLab-v2 of a known architecture with the
+    dataset's class count (memory-mapped keys and shapes)."""
+    from network.deeplab import SegWeightsError, infer_arch, read_state_dict
+    try:
+        _, n = infer_arch(read_state_dict(weights, mmap=True))
+    except SegWeightsError as e:
+        raise SegWeightsError(f"{weights}: {e}") from None
+    if n != info.num_classes + 1:
+        raise SegWeightsError(f"{weights} predicts {n} classes but {info.name} has "
+                              f"{info.num_classes + 1} (background included): wrong --dataset?")
 
 
 CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
@@ -350,7 +431,8 @@ def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[St
         per_node = 1 if single else procs.get(name, gpus)
         stage = Stage(name, script, argv, procs=(1 if single else nodes) * per_node,
                       per_node=per_node, nodes=1 if single else nodes,
-                      gpus=max(gpus, per_node), fixed=name in procs)
+                      gpus=max(gpus, per_node), fixed=name in procs, device=device,
+                      made_before=set(made))
         args, err = parse_stage(module, argv)
         if err is not None:
             stage.problems.append(f"flags: {err}")

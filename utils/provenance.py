@@ -126,6 +126,31 @@ def inputs_record(paths: Mapping[str, object]) -> Dict[str, Dict]:
             and Path(p).exists()}
 
 
+def recorded_input(folder, path) -> Optional[Dict]:
+    """The identity a folder's record holds for the input ``path``, or None."""
+    rec = read_record(Path(folder) / RECORD_NAME) or {}
+    return (rec.get("inputs") or {}).get(str(Path(path).resolve()))
+
+
+def weights_changed(folder, weights, made_earlier: bool = False) -> Optional[str]:
+    """Why the results in ``folder`` were made by other weights than ``weights`` is now (a
+    clause for an error message), or None when they were made by these, or nothing is recorded.
+    ``made_earlier``: an earlier stage of the same pipeline is about to write ``weights``."""
+    old = recorded_input(folder, weights)
+    if old is None:
+        return None
+    name = Path(weights).name
+    if made_earlier:
+        return (f"made by an earlier {name} ({describe(old)}), which an earlier stage of this "
+                f"run trains anew")
+    if not Path(weights).is_file():
+        return None
+    now = file_identity(weights, old)
+    if same(old, now):
+        return None
+    return f"made by another {name} ({describe(old)} then, {describe(now)} now: retrained or replaced)"
+
+
 def stale_reason(record: Optional[Mapping], depth: int = 0) -> Optional[str]:
     """Why the outputs a record describes are stale (one clause naming the changed input), or
     None: every recorded input still has its recorded identity, and so do their own inputs,
@@ -135,7 +160,11 @@ def stale_reason(record: Optional[Mapping], depth: int = 0) -> Optional[str]:
     for path, old in (record.get("inputs") or {}).items():
         p = Path(path)
         if not p.exists():
-            return f"{p} (recorded: {describe(old)}) is gone"
+            if "record_sha256" in old:  # a folder of an earlier stage: it will be made anew
+                return f"{p} (recorded: {describe(old)}) is gone"
+            continue  # a deleted file (e.g. an init no longer needed) is not a changed one
+        if p.is_dir() != ("record_sha256" in old):
+            return f"{p} is now a {'folder' if p.is_dir() else 'file'}"
         now = identity(p, known=old)
         if not same(old, now):
             return f"{p} changed since ({describe(old)} then, {describe(now)} now)"
