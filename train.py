@@ -167,6 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "Default: on with --weights (ImageNet init, as published), off from scratch")
     add_numerics_args(p, cudnn_benchmark=False, published="off (EPS main.py)")
     dist.add_dist_args(p)
+    dist.add_peer_timeout_arg(p)
     return p
 
 
@@ -279,7 +280,7 @@ def main(args):
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
                                   amp=args.amp)
-    dist.init_distributed(device, args.dist_timeout)
+    dist.init_distributed(device, args.dist_timeout, args.peer_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     check_data_root(args.data_root, "--data_root")
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)

@@ -173,6 +173,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "reason when it does not")
     add_numerics_args(r, cudnn_benchmark=True, published="on (deeplab-pytorch main.py)")
     dist.add_dist_args(r)
+    dist.add_peer_timeout_arg(r)
     return p
 
 
@@ -347,7 +348,7 @@ def main(args) -> Dict:
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
                                   amp=args.amp)
-    dist.init_distributed(device, args.dist_timeout)
+    dist.init_distributed(device, args.dist_timeout, args.peer_timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     check_args(args, world)
     check_shared_memory(args.num_workers)
