@@ -1,6 +1,6 @@
 """Second stage inference: DeepLab-v2 on full images -> label PNGs (+ dense CRF) -> mIoU.
 
-    python infer_seg.py --data_root $VOC --weights $OUT/deeplab/checkpoint_final.pth \\
+    python infer_seg.py --data-root $VOC --weights $OUT/deeplab/checkpoint_final.pth \\
         --out-dir $OUT/deeplab/val --crf
 
 As deeplab-pytorch's test: full-size image (no resize or padding), batch 1, MSC max logits ->
@@ -31,8 +31,8 @@ from data.datasets import DataError, check_files, load_rgb
 from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from data.seg_transforms import MEAN_BGR, SegEvalTransform
 from network.deeplab import MAX_SCALE, MIN_SCALE, MSC_SCALES, load_trained
-from utils import dist, provenance
-from utils.cli import run_cli
+from utils import dist, flags, provenance
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
 from utils.io import atomic_write_text, remove_stale_temps, save_label_png
 from utils.progress import Progress
@@ -50,61 +50,49 @@ class InferSegError(UserError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepLab-v2 inference and evaluation", add_help=False)
-    p.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-                   help="dataset registry entry")
-    p.add_argument("--data_root", "--data-root", dest="data_root", type=Path, required=True,
-                   help="dataset root (VOC: the folder holding JPEGImages) or its JPEGImages folder")
-    p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
-                   help="labels.txt and split lists (default: metadata/<dataset>; custom: data root)")
-    p.add_argument("--list", "--infer_list", "--infer-list", dest="list", type=str, default="val",
-                   help="id list, a split name or a path (paper: val, 1,449 images)")
+    p = parent_parser("DeepLab-v2 inference and evaluation")
+    flags.add_dataset(p, DATASETS)
+    flags.add_data_root(p, help="dataset root (VOC: the folder holding JPEGImages) or its "
+                                "JPEGImages folder")
+    flags.add_metadata_dir(p)
+    add_flag(p, "--list", "--infer-list", "--infer_list", type=str, default="val",
+             help="id list, a split name or a path (paper: val, 1,449 images; also "
+                  "--infer-list, as infer.py)")
     p.add_argument("--weights", type=Path, required=True,
                    help="checkpoint_final.pth of train_seg.py (or its run directory)")
-    p.add_argument("--out-dir", "--out_dir", dest="out_dir", type=Path, required=True,
+    add_flag(p, "--out-dir", type=Path, required=True,
                    help="folder for the label PNGs <id>.png (palette, 0 = background)")
-    p.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
+    add_flag(p, "--msc-scales", type=float, nargs="+",
                    default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                    help="also run the flipped image and take the pixel-wise max of the logits "
                         "(not in the published test; default off)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
                    help="also write dense-CRF labels (DeepLab parameters 4/67/3/3/1, 10 iterations)")
-    p.add_argument("--crf-dir", "--crf_dir", dest="crf_dir", type=Path, default=None,
+    add_flag(p, "--crf-dir", type=Path, default=None,
                    help="folder for the CRF PNGs (default: <out-dir>_crf)")
-    p.add_argument("--crf-image", "--crf_image", dest="crf_image", type=str, default="rgb",
+    add_flag(p, "--crf-image", type=str, default="rgb",
                    choices=CRF_IMAGES,
                    help="image given to the CRF: 'rgb' = the raw image (default, correct; as "
                         "deeplab-pytorch demo.py) or 'published' = deeplab-pytorch main.py's bug "
                         "(mean-subtracted BGR cast to uint8, negatives wrap around)")
-    p.add_argument("--crf-workers", "--crf_workers", dest="crf_workers", type=int, default=0,
+    add_flag(p, "--crf-workers", type=int, default=0,
                    help="CRF worker processes (0 = in this process; ~1 s per VOC image each)")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="score the PNGs with evaluate.py when the list has ground truth")
-    p.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", type=Path, default=None,
-                   help="ground-truth folder for evaluation (default: found under --data_root)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute every image, replacing the PNGs in --out-dir (default: keep "
-                        "them and compute the missing ones; PNGs of other weights are refused)")
-    p.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
-                   action=argparse.BooleanOptionalAction, default=False,
-                   help="skip ids whose image is missing (default: stop with the file name)")
-    p.add_argument("--check-data", "--check_data", dest="check_data",
-                   action=argparse.BooleanOptionalAction, default=True,
-                   help="before the network pass, read every image's header (~1 ms per file), "
-                        "so a corrupt image stops the run before any output folder is made")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
-                   help="image-loading workers")
+    add_flag(p, "--gt-dir", type=Path, default=None,
+             help="ground-truth folder for evaluation (default: found under --data-root)")
+    flags.add_overwrite(p, "recompute every image, replacing the PNGs in --out-dir (default: keep "
+                           "them and compute the missing ones; PNGs of other weights are refused)")
+    flags.add_skip_missing(p, "image")
+    flags.add_check_data(p, when="before any output folder is made")
+    flags.add_num_workers(p, 2, "image-loading workers")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="autocast (fp16 on CUDA, bf16 on CPU); default off")
-    p.add_argument("--channels-last", "--channels_last", dest="channels_last",
-                   action=argparse.BooleanOptionalAction, default=False,
-                   help="channels_last memory format (often faster on CPU); same results up to "
-                        "float rounding")
-    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
-                        "reason when it does not")
-    p.add_argument("--wait-poll", "--wait_poll", dest="wait_poll", type=float, default=5.0,
+    flags.add_channels_last(p, False, "channels_last memory format (often faster on CPU); same "
+                                      "results up to float rounding")
+    flags.add_device(p)
+    add_flag(p, "--wait-poll", type=float, default=5.0,
                    help="under torchrun, seconds between rank 0's checks that every rank's PNGs "
                         "are written, before it evaluates (no collective waits on slow ranks)")
     add_numerics_args(p, cudnn_benchmark=False, published="off (each image has its own size)")

@@ -1,9 +1,11 @@
 """Train the baseline CAM classifier (``resnet38_cls``) or EPS (``resnet38_eps``).
 
-    python train.py --dataset voc12 --network resnet38_eps --data_root VOC2012/JPEGImages \\
-        --saliency_root VOC2012/SALImages --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \\
-        --session voc12_eps --save_root runs
-    torchrun --nproc_per_node 2 train.py ...     # DDP; --batch_size stays the GLOBAL batch
+    python train.py --dataset voc12 --network resnet38_eps --data-root VOC2012/JPEGImages \\
+        --saliency-root VOC2012/SALImages --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \\
+        --session voc12_eps --save-root runs
+    torchrun --nproc_per_node 2 train.py ...     # DDP; --batch-size stays the GLOBAL batch
+
+The published EPS main.py command line (its underscore spellings, --data_root ...) runs unchanged.
 
 Defaults reproduce the published runs (EPS main.py and script/*.sh; docs/training.md): the
 dataset's recipe from data/registry.py, SGD with the published parameter groups, poly decay per
@@ -11,7 +13,7 @@ step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/opti
 losses the network's head defines (network/heads.py: multilabel soft margin, + the EPS saliency
 loss for EPS).
 
-Run directory ``<save_root>/<session>``: args.json, env.json, log.txt, metrics.jsonl, loss.png,
+Run directory ``<save-root>/<session>``: args.json, env.json, log.txt, metrics.jsonl, loss.png,
 ``checkpoint_last.pth`` (full state for --resume) and, at the end, ``checkpoint_cls.pth`` (plain
 state dict, the published name and layout for both heads, with the network recorded inside).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -34,10 +37,10 @@ from data.registry import DATASETS, check_data_root, get_dataset
 from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
 from network.weights import load_initial_weights, record_network
-from utils import dist
+from utils import dist, flags
 from utils.checkpoint import (changed_settings, check_ranks_agree, open_run_dir,
                               restore_training_state, save_training_state, start_run)
-from utils.cli import run_cli
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
@@ -62,29 +65,24 @@ class TrainingError(UserError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("EPS / baseline classifier training", add_help=False,
-                                allow_abbrev=False)
-    add = p.add_argument
-    bool_flag = argparse.BooleanOptionalAction
-    # --- the published main.py flags (underscored names; hyphenated aliases) ---
-    add("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-        help="dataset registry entry: voc12 (20 classes), coco (80) or custom (VOC layout, "
-             "metadata in the dataset root or --metadata-dir); published: voc12 / coco")
-    add("--train_list", "--train-list", type=str, default=None,
+    p = parent_parser("EPS / baseline classifier training")
+    add = functools.partial(add_flag, p)
+    # --- the published main.py flags (shown hyphenated; the underscore spellings are aliases) ---
+    flags.add_dataset(p, DATASETS)
+    add("--train-list", type=str, default=None,
         help="id list (path or split name); default from the dataset: published "
              "metadata/voc12/train_aug.txt (10,582 ids) or metadata/coco/train.txt (82,081)")
     add("--session", type=str, default="eps",
-        help="run name: the run directory is <save_root>/<session> (published default: eps)")
+        help="run name: the run directory is <save-root>/<session> (published default: eps)")
     add("--network", type=str, default="resnet38_cls",
         help=f"network = backbone_head: {', '.join(sorted(NETWORKS))}; the published "
              f"'network.resnet38_eps' spelling is accepted (published default: network.resnet38_cls)")
-    add("--data_root", "--data-root", type=Path, required=True,
-        help="folder with the images (VOC: VOCdevkit/VOC2012 or its JPEGImages/; COCO: the "
-             "folder holding train2014/)")
-    add("--saliency_root", "--saliency-root", type=Path, default=None,
+    flags.add_data_root(p, help="folder with the images (VOC: VOCdevkit/VOC2012 or its "
+                                "JPEGImages/, as published; COCO: the folder holding train2014/)")
+    add("--saliency-root", type=Path, default=None,
         help="folder with <id>.png saliency maps (heads that train with saliency, e.g. eps; "
              "published: PFAN maps, SALImages). Default: <dataset root>/SALImages")
-    add("--save_root", "--save-root", type=Path, default=Path("log"),
+    add("--save-root", type=Path, default=Path("log"),
         help="parent of the run directory (published default '/log', which needs root; ours is "
              "the relative 'log')")
     add("--weights", type=str, default=None,
@@ -92,27 +90,25 @@ def get_args_parser() -> argparse.ArgumentParser:
              "(ilsvrc-cls_rna-a1_cls1000_ep-0001.params, as published) or its converted .pth, a "
              "torchvision ResNet-101 .pth, or a trained checkpoint of this network and class "
              "count. 'none' (or omitted, small nets only) trains from scratch")
-    add("--crop_size", "--crop-size", type=int, default=None,
+    add("--crop-size", type=int, default=None,
         help="random crop size (published: VOC 448, COCO 321)")
-    add("--resize_size", "--resize-size", type=int, nargs=2, default=None,
-        metavar=("MIN_LONG", "MAX_LONG"),
+    add("--resize-size", type=int, nargs=2, default=None, metavar=("MIN_LONG", "MAX_LONG"),
         help="random resize range of the longer side (published: VOC 256 512, COCO 256 448)")
-    add("--batch_size", "--batch-size", type=int, default=None,
+    add("--batch-size", type=int, default=None,
         help="GLOBAL batch size; with torchrun each process takes batch_size / world_size "
              "(published: VOC 8, COCO 16, over 2 GPUs with DataParallel)")
-    add("--iter-size", "--iter_size", type=int, default=1,
+    add("--iter-size", type=int, default=1,
         help="forward/backward passes accumulated per optimizer step (gradient accumulation): "
              "--batch_size stays the global batch of one step, each pass takes 1/iter-size of "
              "it, so a GPU that cannot hold its share keeps the published batch (published: 1; "
              "the pipeline scripts' ITER_SIZE)")
     add("--lr", type=float, default=None,
         help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01)")
-    add("--wt_dec", "--wt-dec", type=float, default=None,
+    add("--wt-dec", type=float, default=None,
         help="weight decay of the weight groups (published 5e-4)")
-    add("--max_iters", "--max-iters", type=int, default=None,
+    add("--max-iters", type=int, default=None,
         help="training iterations; also the poly schedule length (published: VOC 20000, COCO 256500)")
-    add("--num_workers", "--num-workers", type=int, default=8,
-        help="data loading processes per training process (published 8)")
+    flags.add_num_workers(p, 8, "data loading processes per training process (published 8)")
     heads = p.add_argument_group("method hyper-parameters (added by the heads, network/heads.py)")
     for add_args in {h.add_args.__func__: h for h in HEADS.values()}.values():
         add_args.add_args(heads)
@@ -121,48 +117,27 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="SGD momentum. Default 5e-4 because the published optimizer passed its weight decay "
              "into SGD's momentum slot: that is what produced the published numbers (0.9 was "
              "only the poly power)")
-    add("--seed", type=int, default=0,
-        help="seed of initialisation, data order, augmentation and dropout (the published code "
-             "set no seed)")
-    add("--resume", type=str, nargs="?", const="auto", default=None, metavar="CKPT",
-        help="continue from a checkpoint: without a value, <run dir>/checkpoint_last.pth "
-             "(starting fresh if there is none); or a path to a checkpoint_last-style file")
-    add("--extend", action=bool_flag, default=False,
-        help="with --resume on a FINISHED run and a larger --max_iters: train it further (the "
-             "poly schedule is stretched to the new length; the finished checkpoint_cls.pth is "
-             "kept as checkpoint_cls_iter<N>.pth)")
-    add("--amp", type=str, default="off", choices=["off", "bf16", "fp16"],
-        help="mixed precision (fp16: CUDA; bf16: CUDA with compute capability >= 8.0, or the "
-             "CPU). Published: off (fp32)")
-    add("--channels-last", action=bool_flag, default=False,
-        help="NHWC memory layout: same math, faster convolutions on CPU and tensor cores")
-    add("--checkpointing", action=bool_flag, default=False,
+    flags.add_seed(p)
+    flags.add_resume(p, "run dir")
+    flags.add_extend(p, FINAL_NAME)
+    flags.add_training_amp(p)
+    flags.add_channels_last(p, False, "NHWC memory layout: same math, faster convolutions on "
+                                      "CPU and tensor cores")
+    add("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="gradient checkpointing of the trunk: less memory, ~30%% more compute")
-    add("--log-every", "--log_every", type=int, default=50,
-        help="iterations between metrics records and loss checks (published printed every 50)")
-    add("--ckpt-every", "--ckpt_every", type=int, default=1000,
-        help="iterations between checkpoint_last.pth rewrites (the published code saved only "
-             "at the end)")
-    add("--stop-after", "--stop_after", type=int, default=None,
-        help="stop with a checkpoint after this many iterations of this invocation (for "
-             "time-limited job slots); --resume continues")
-    add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-        help="auto = CUDA when it works (a warning says why not); cuda = fail with the reason "
-             "when it does not")
-    add("--metadata-dir", "--metadata_dir", type=Path, default=None,
-        help="folder with labels.txt, image_labels.txt and the id lists (default: the "
-             "repository's metadata/<dataset>, or the dataset root for --dataset custom)")
-    add("--skip-missing", action=bool_flag, default=False,
-        help="drop listed ids whose image or saliency file is missing instead of stopping")
-    add("--check-data", action=bool_flag, default=True,
-        help="before training, read every image's header and compare every saliency map's "
-             "size with its image (~1 ms per file), so a bad file stops the run before any "
-             "compute instead of hours into it")
-    add("--stretch-saliency", action=bool_flag, default=False,
+    flags.add_log_every(p, 50, "printed every 50")
+    flags.add_ckpt_every(p, 1000, "none, EPS main.py saved only at the end")
+    flags.add_stop_after(p)
+    flags.add_device(p)
+    flags.add_metadata_dir(p)
+    flags.add_skip_missing(p, "image or saliency")
+    flags.add_check_data(p, "every image's header and compare every saliency map's size with "
+                            "its image (~1 ms per file)")
+    add("--stretch-saliency", action=argparse.BooleanOptionalAction, default=False,
         help="stretch saliency maps whose aspect ratio differs from their image's to the image "
              "instead of stopping; a deviation (published: off, and its per-file resize would "
              "misalign them). Maps at another resolution with the image's aspect ratio need no flag")
-    add("--freeze-bn", action=bool_flag, default=None,
+    add("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
         help="published freezing: every BN in eval mode with fixed affine, conv1a/b2* frozen. "
              "Default: on with --weights (ImageNet init, as published), off from scratch")
     add_numerics_args(p, cudnn_benchmark=False, published="off (EPS main.py)")
@@ -217,7 +192,8 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
         if args.weights is None and backbone.expects_pretrained:
             raise TrainingError(
                 f"--network {args.network} starts from ImageNet weights: pass --weights "
-                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params, README 'Downloads'), or "
+                f"(published: ilsvrc-cls_rna-a1_cls1000_ep-0001.params: bash script/download.sh "
+                f"weights), or "
                 f"--weights none to train from scratch")
         args.weights = "none"
     if args.freeze_bn is None:
@@ -253,6 +229,15 @@ def check_inputs(args, info, head) -> None:
         raise TrainingError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
 
 
+def saliency_source(dataset: str) -> str:
+    """Where a dataset's saliency maps come from (data/downloads.py), for error messages."""
+    from data.downloads import DOWNLOADS, hint
+    key = f"{dataset}_saliency"
+    return hint(key) if key in DOWNLOADS else ("one saliency map <id>.png per image: "
+                                               "tools/make_saliency.py makes them "
+                                               "(docs/custom-data.md)")
+
+
 def build_dataset(args, info, head):
     """The training set of the head's method: images (+ saliency maps when it needs them)."""
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
@@ -266,7 +251,7 @@ def build_dataset(args, info, head):
     if not Path(sal_root).is_dir():
         raise TrainingError(f"--network {args.network} trains with saliency maps: "
                             f"{'--saliency_root ' if args.saliency_root else 'the default '}"
-                            f"{sal_root} is not a folder (README 'Downloads': PFAN saliency maps)")
+                            f"{sal_root} is not a folder ({saliency_source(info.name)})")
     dataset = ClsSalDataset(info, args.data_root, sal_root, args.train_list,
                             stretch_saliency=args.stretch_saliency, **common)
     if args.check_data:  # header reads on rank 0: a bad map stops every rank before any compute

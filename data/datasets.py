@@ -332,10 +332,13 @@ class InferDataset(_BaseDataset):
     Item: ``{"id", "images": [float32 (3, round(h*s), round(w*s)) per scale, normalized, NOT
     flipped], "label": float32 (C,), "size": (H, W)}`` plus ``"image"`` (uint8 H×W×3 RGB) when
     ``return_image`` (for CRF / overlays). Sizes differ per image: use ``batch_size=None`` or 1.
+    ``with_labels=False`` (infer.py --labels predicted) reads no image labels: "label" is None.
     """
 
     def __init__(self, info: DatasetInfo, data_root, ids, scales: Sequence[float] = INFER_SCALES,
-                 *, skip_missing: bool = False, return_image: bool = False):
+                 *, skip_missing: bool = False, return_image: bool = False,
+                 with_labels: bool = True):
+        self.needs_labels = bool(with_labels)
         super().__init__(info, data_root, ids, skip_missing=skip_missing)
         self.scales = tuple(float(s) for s in scales)
         if not self.scales or min(self.scales) <= 0:
@@ -346,7 +349,7 @@ class InferDataset(_BaseDataset):
         img = load_rgb(self.image_paths[index])
         item = {"id": self.ids[index],
                 "images": [torch.from_numpy(a) for a in multiscale_arrays(img, self.scales)],
-                "label": self.label(index),
+                "label": self.label(index) if self.labels is not None else None,
                 "size": (img.size[1], img.size[0])}
         if self.return_image:
             item["image"] = np.asarray(img).copy()

@@ -16,6 +16,10 @@ comparing method names:
 ``forward_cam(x)``          raw maps (N, out_channels(C), h, w) for inference; the CPU graph
                             (network/cpu) traces it, and runs it eager (with a warning) when
                             it has Python that torch.fx cannot trace
+``class_scores(x)``         the C multi-label logits of an image batch, those the
+                            classification loss trains (sigmoid = the class probabilities);
+                            ``infer.py --labels predicted`` thresholds them. Optional: a head
+                            without it cannot run without image labels
 ``needs_saliency``          training batches carry a saliency map (the EPS dataset)
 ``has_background``          ``cam_probs`` ends with a background map after the C class maps
 ``cam_probs(raw)``          the per-view non-linearity of inference, applied before resizing:
@@ -94,6 +98,10 @@ class Head(Backbone):
     def cam_probs(raw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) multi-label logits of the classes (call in eval mode)."""
+        raise NotImplementedError(f"the {self.name!r} head declares no class_scores(x)")
+
     def losses(self, out, labels: torch.Tensor, saliency: Optional[torch.Tensor] = None,
                **hparams) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -136,6 +144,9 @@ class ClsHead(Head):
         # No dropout here (published forward_cam): CAMs come from the full feature map.
         return F.relu(F.conv2d(self.forward_features(x), self.fc8.weight))
 
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)  # the logits of the loss (dropout7 is off in eval mode)
+
     @staticmethod
     def cam_probs(raw: torch.Tensor) -> torch.Tensor:
         # forward_cam is already ReLU'd; the published infer.py upsamples it as it is.
@@ -173,6 +184,9 @@ class EpsHead(Head):
 
     def forward_cam(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc8(self.forward_features(x))
+
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[0][:, :-1]  # the C class logits, background channel dropped
 
     @staticmethod
     def cam_probs(raw: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,13 @@ select_stages() {
 }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 skip() { say "skip $1: $2 exists"; }
+# drop_stage NAME REASON: take a stage out of $STAGES, saying why (e.g. no ground truth to score).
+drop_stage() {
+  if want "$1"; then
+    STAGES=$(echo " $STAGES " | sed "s/ $1 / /; s/^ *//; s/ *$//")
+    say "skip $1: $2"
+  fi
+}
 
 # positive_int NAME VALUE: a hardware variable must be a whole number >= 1 (NODE_RANK >= 0).
 positive_int() { [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= ${3:-1} )) || die "$1=$2: expected a whole number >= ${3:-1}"; }

@@ -7,8 +7,8 @@
 # train_seg.py (DeepLab). Set a variable to override it.
 #
 # Order of work:
-#   1. decide which stages run (a stage whose outputs are complete is skipped);
-#   2. build the exact command line of each of them;
+#   1. build the exact command line of every stage;
+#   2. decide which stages run (a stage whose outputs are complete and current is skipped);
 #   3. tools/preflight.py checks them all (flags, recipe, every input file) in seconds, chooses
 #      each training stage's process layout on NGPUS x NNODES (utils/layout.py: the published
 #      effective batch kept exactly) and prints the plan, or lists every problem and stops;
@@ -51,6 +51,7 @@ set_paths() {
   INFER_LIST=${INFER_LIST:-${defaults[0]}}
   SEG_LIST=${SEG_LIST:-${defaults[1]}}
   SEG_EVAL_LIST=${SEG_EVAL_LIST:-${defaults[2]}}
+  SAL_LIST=${TRAIN_LIST:-$(recipe "$DATASET" train_list)}  # the saliency stage: EPS's training list
   RUN_DIR=$SAVE_ROOT/$SESSION
   CKPT=$RUN_DIR/checkpoint_cls.pth
   RESULT=$RUN_DIR/result
@@ -73,20 +74,21 @@ current() {
   done
 }
 
-# 1. which stages run. Outputs count as done only when their recorded inputs are the current
+# 2. which stages run. Outputs count as done only when their recorded inputs are the current
 # ones (weights retrained under the same name are not); a stale evaluation is recomputed
-# (EVAL_OVERWRITE), a stale prediction folder or DeepLab run is named by preflight with the fix
+# (--overwrite added), a stale prediction folder or DeepLab run is named by preflight with the fix
 plan_stages() {
   RUN=()
-  EVAL_OVERWRITE=0
   local s
   for s in $STAGES; do
     case $s in
+      saliency) if [[ "$(saliency_todo)" == 0 ]]; then
+                  say "skip saliency: every map of $(list_name "$SAL_LIST") is in ${SALIENCY_ROOT:-the SALImages folder}"; continue; fi ;;
       train) if [[ -f "$CKPT" ]]; then skip train "$CKPT"; continue; fi ;;
       eval) if ! main_node; then continue; fi
             if [[ -f "$EVAL_TXT" ]]; then
               if current eval "${EVAL_TXT%.txt}.json"; then skip eval "$EVAL_TXT"; continue; fi
-              EVAL_OVERWRITE=1
+              EVAL_CMD+=(--overwrite)  # the old score is of pseudo-masks changed since
             fi ;;
       seg) if [[ -f "$SEG_DIR/checkpoint_final.pth" ]] && current seg "$SEG_DIR/inputs.json"; then
              skip seg "$SEG_DIR/checkpoint_final.pth"; continue; fi ;;
@@ -98,11 +100,26 @@ plan_stages() {
   done
 }
 
-# 2. the command line of every stage
+# saliency_todo: how many saliency maps of the training list are missing ("" when it cannot tell;
+# the preflight then says why)
+saliency_todo() {
+  stage_cmd saliency
+  "$PYTHON" "${CMD[@]}" --dry-run --no-progress 2>/dev/null | awk '/maps to make/ {print $1; exit}' || true
+}
+
+# 1. the command line of every stage
 build_commands() {
   local meta=() x=()
   if [[ -n "${METADATA_DIR:-}" ]]; then meta=(--metadata-dir "$METADATA_DIR"); fi
   local common=(--dataset "$DATASET" "${meta[@]}" --device "$DEVICE")
+
+  # saliency maps for the training list (tools/make_saliency.py); its own --device choice, since
+  # onnxruntime's CUDA provider is a separate install (onnxruntime-gpu)
+  SAL_CMD=("$REPO/tools/make_saliency.py" --dataset "$DATASET" "${meta[@]}" --data-root "$DATASET_ROOT"
+           --list "$SAL_LIST" --model "${SAL_MODEL:-u2net}" --device "${SAL_DEVICE:-auto}")
+  opt SAL_CMD --out "${SALIENCY_ROOT:-}"
+  opt SAL_CMD --model-path "${SAL_MODEL_PATH:-}"
+  words x "${SAL_ARGS:-}"; SAL_CMD+=("${x[@]}")
 
   # shellcheck disable=SC2207
   TRAIN_CMD=("$REPO/train.py" "${common[@]}" --network "$NETWORK" --session "$SESSION"
@@ -140,8 +157,6 @@ build_commands() {
   EVAL_CMD=("$REPO/evaluate.py" --dataset "$DATASET" "${meta[@]}" --datalist "$INFER_LIST"
             --data-root "$DATASET_ROOT" --pred_dir "$RESULT/png" --save_path "$EVAL_TXT")
   opt EVAL_CMD --gt_dir "${GT_DIR:-}"
-  # the old score is of pseudo-masks that have changed since (plan_stages): recompute it
-  if [[ "${EVAL_OVERWRITE:-0}" == 1 ]]; then EVAL_CMD+=(--overwrite); fi
   words x "${EVAL_ARGS:-}"; EVAL_CMD+=("${x[@]}")
 
   SEG_CMD=("$REPO/train_seg.py" "${common[@]}" --data_root "$DATASET_ROOT" --mask-dir "$RESULT/png"
@@ -158,7 +173,9 @@ build_commands() {
 
   SEGEVAL_CMD=("$REPO/infer_seg.py" "${common[@]}" --data_root "$DATASET_ROOT"
                --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth"
-               --out-dir "$SEG_PRED" --evaluate --num-workers "$NUM_WORKERS")
+               --out-dir "$SEG_PRED" --num-workers "$NUM_WORKERS")
+  # SEG_EVALUATE=0 (a dataset without ground truth): DeepLab's predictions, not scored
+  if [[ "${SEG_EVALUATE:-1}" != 0 ]]; then SEGEVAL_CMD+=(--evaluate); fi
   if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$(( NUM_WORKERS == 0 ? 0 : NUM_WORKERS / NGPUS > 1 ? NUM_WORKERS / NGPUS : 1 ))}"); fi
   opt SEGEVAL_CMD --gt_dir "${SEG_GT_DIR:-}"
   words x "${SEGINFER_ARGS:-}"; SEGEVAL_CMD+=("${x[@]}")
@@ -167,6 +184,7 @@ build_commands() {
 # The command array of a stage, by name.
 stage_cmd() {
   case $1 in
+    saliency) CMD=("${SAL_CMD[@]}") ;;
     train) CMD=("${TRAIN_CMD[@]}") ;; infer) CMD=("${INFER_CMD[@]}") ;;
     eval) CMD=("${EVAL_CMD[@]}") ;; pseudo) CMD=("${PSEUDO_CMD[@]}") ;;
     seg) CMD=("${SEG_CMD[@]}") ;; segeval) CMD=("${SEGEVAL_CMD[@]}") ;;
@@ -204,16 +222,31 @@ run_stage() {
   say "$s: ${CMD[*]}"
   case $s in
     eval) "$PYTHON" "${CMD[@]}" ;;
+    saliency) if main_node; then "$PYTHON" "${CMD[@]}"; else wait_for_saliency; fi ;;
     *) STAGE_PORT=$(stage_port "$s") launch "${PROCS[$s]:-$NGPUS}" "${CMD[@]}" ;;
   esac
 }
 
+# The saliency stage runs on node 0 only; the other nodes wait for its maps (up to RDZV_TIMEOUT
+# seconds without a new map) before their first torchrun stage.
+wait_for_saliency() {
+  local last="" now waited=0
+  while now=$(saliency_todo) && [[ "$now" != 0 ]]; do
+    if [[ "$now" != "$last" ]]; then last=$now; waited=0; say "waiting for node 0's saliency maps: ${now:-?} to go"; fi
+    (( waited < RDZV_TIMEOUT )) || die "no new saliency map from node 0 for ${RDZV_TIMEOUT} s; check its log"
+    sleep 10; waited=$(( waited + 10 ))
+  done
+}
+
+# A script may define adjust_stages (called after the paths are set, before the plan) to drop
+# stages its dataset cannot run, with drop_stage NAME REASON (script/custom_eps.sh).
 run_pipeline() {
-  select_stages train infer eval pseudo seg segeval
+  select_stages ${PIPELINE_STAGES:-train infer eval pseudo seg segeval}
   set_hardware
   set_paths
-  plan_stages
+  if declare -F adjust_stages > /dev/null; then adjust_stages; fi
   build_commands
+  plan_stages
   if (( ${#RUN[@]} )); then run_preflight; fi
   if [[ "$CHECK_ONLY" == 1 ]]; then say "CHECK_ONLY=1: nothing was run"; return; fi
   local s

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.downloads import hint  # noqa: E402
 from data.registry import dataset_root_of, get_dataset  # noqa: E402
 from utils import provenance  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import OneSpellingFormatter, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.layout import Layout, LayoutError, plan_layout  # noqa: E402
 
@@ -92,7 +92,8 @@ def split_stages(tokens: Sequence[str]) -> List[Tuple[str, str, List[str]]]:
 def parse_stage(module, argv: Sequence[str]):
     """Parse with the entry point's own parser; an argparse error becomes a problem string."""
     parser = argparse.ArgumentParser(prog=module.__name__ + ".py", parents=[module.get_args_parser()],
-                                     allow_abbrev=False, exit_on_error=False)
+                                     allow_abbrev=False, exit_on_error=False,
+                                     formatter_class=OneSpellingFormatter)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -200,7 +201,9 @@ def check_train(stage: Stage, module, args) -> None:
     if head.needs_saliency:
         from data.datasets import default_saliency_root
         sal = args.saliency_root or default_saliency_root(info, args.data_root)
-        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
+        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image: "
+                                                "tools/make_saliency.py makes them "
+                                                "(docs/custom-data.md)"))
     if args.weights != "none":
         stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
         if stage.usable(args.weights):  # read it: headers, keys and shapes, no weight values
@@ -226,7 +229,8 @@ def check_infer(stage: Stage, module, args) -> None:
         return
     name = args.infer_list or info.train_defaults.get("infer_list", "train")
     ids = _ids(stage, info, name)
-    _labels(stage, info)
+    if getattr(args, "labels", "gt") == "gt":  # --labels predicted reads no image labels
+        _labels(stage, info)
     _sample_images(stage, info, args.img_root, ids)
     stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
     if stage.usable(args.weights):
@@ -237,10 +241,12 @@ def check_infer(stage: Stage, module, args) -> None:
         stage.problems.append(problem)
     outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
     stage.makes.extend(outs)
+    labels = (f"predicted labels (sigmoid >= {args.label_thr})"
+              if getattr(args, "labels", "gt") == "predicted" else "image labels")
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
-        f"+ flips -> {', '.join(map(str, outs))}")
+        f"+ flips, {labels} -> {', '.join(map(str, outs))}")
 
 
 def _check_classifier(args, info) -> None:
@@ -389,9 +395,34 @@ def _check_deeplab(weights: Path, info) -> None:
                               f"{info.num_classes + 1} (background included): wrong --dataset?")
 
 
+def check_make_saliency(stage: Stage, module, args) -> None:
+    from data.registry import get_dataset_files
+    _try(stage, module.check_args, args)
+    files = _try(stage, get_dataset_files, args.dataset, args.metadata_dir, args.data_root)
+    if files is None:
+        return
+    stage.need(dataset_root_of(args.data_root), "dataset root", "the folder that holds JPEGImages/")
+    ids = _ids(stage, files, args.list)
+    _sample_images(stage, files, args.data_root, ids)
+    out = args.out if args.out is not None else \
+        dataset_root_of(args.data_root) / files.spec.saliency_dir
+    done = set(module.existing_maps(out))
+    todo = ids if args.overwrite else [i for i in ids if i not in done]
+    _try(stage, module.check_folder, out, args, done)
+    if todo and not args.dry_run and _try(stage, module.import_rembg) is not None:
+        _try(stage, module.providers_for, args.device)
+    stage.makes.append(out)
+    model = (f"--model-path {args.model_path} (fed as {args.model})" if args.model_path
+             else f"{args.model} through rembg (weights fetched on first use)")
+    stage.plan.append(f"saliency maps of {Path(str(args.list)).stem} ({len(ids)} ids, "
+                      f"{len(todo)} to make) with {model}, {args.postprocess} -> {out}")
+
+
 CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
                                "evaluate": check_evaluate, "train_seg": check_train_seg,
-                               "infer_seg": check_infer_seg}
+                               "infer_seg": check_infer_seg, "make_saliency": check_make_saliency}
+# Entry points that live in tools/ rather than at the top of the repository.
+MODULES = {"make_saliency": "tools.make_saliency"}
 
 
 def check_device(device: str, procs_per_node: int) -> List[str]:
@@ -412,7 +443,7 @@ def check_device(device: str, procs_per_node: int) -> List[str]:
 # The scripts' variables that fix a stage's processes per node (docs/pipelines.md).
 OVERRIDES = {"train": "CLS_NGPUS", "seg": "SEG_NGPUS"}
 # Entry points that run as one process on node 0 whatever the hardware (the scripts' `eval`).
-SINGLE = ("evaluate",)
+SINGLE = ("evaluate", "make_saliency")
 
 
 def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[Stage]:
@@ -426,7 +457,7 @@ def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[St
         module_name = Path(script).stem
         if module_name not in CHECKS:
             raise PreflightError(f"stage {name}: no check for entry point {script}")
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(MODULES.get(module_name, module_name))
         single = module_name in SINGLE
         per_node = 1 if single else procs.get(name, gpus)
         stage = Stage(name, script, argv, procs=(1 if single else nodes) * per_node,
