@@ -53,7 +53,7 @@ from network import NETWORKS, normalize_network_name
 from network.heads import Head
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
-from utils import cam as camlib
+from network import cam as camlib
 from utils import dist, flags, provenance
 from utils.cli import add_flag, parent_parser, run_cli
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
@@ -268,7 +268,7 @@ def cams_reference(model: InferenceModel, images: Sequence[torch.Tensor], label:
 def cams_fast(model: InferenceModel, images: Sequence[torch.Tensor], label: torch.Tensor,
               size: Tuple[int, int]):
     """Same numbers as :func:`cams_reference`, less work: each flip pair is summed at feature
-    resolution and only the present classes are upsampled (utils/cam.py); the model decides
+    resolution and only the present classes are upsampled (network/cam.py); the model decides
     whether an image and its flip run as one batch (network/inference.py)."""
     label = label.to(model.device)
     keys = camlib.present_classes(label)

@@ -8,10 +8,11 @@
 The published EPS main.py command line (its underscore spellings, --data_root ...) runs unchanged.
 
 Defaults reproduce the published runs (EPS main.py and script/*.sh; docs/training.md): the
-dataset's recipe from data/registry.py, SGD with the published parameter groups, poly decay per
-step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/optim.py), and the
-losses the network's head defines (network/heads.py: multilabel soft margin, + the EPS saliency
-loss for EPS).
+dataset's training recipe from data/registry.py, the method's hyper-parameters from its head
+(network/heads.py: EPS --tau / --lam per dataset), SGD with the published parameter groups, poly
+decay per step and momentum 5e-4 (the published weight-decay-as-momentum quirk, utils/optim.py),
+and the losses the network's head defines (multilabel soft margin, + the EPS saliency loss for
+EPS).
 
 Run directory ``<save-root>/<session>``: args.json, env.json, log.txt, metrics.jsonl, loss.png,
 ``checkpoint_last.pth`` (full state for --resume) and, at the end, ``checkpoint_cls.pth`` (plain
@@ -36,6 +37,7 @@ from data.datasets import ClsDataset, ClsSalDataset, check_files, default_salien
 from data.registry import DATASETS, check_data_root, get_dataset
 from data.saliency import check_saliency_maps
 from network import HEADS, NETWORKS, build_network, network_parts, normalize_network_name
+from network.heads import DeclareOnce, add_hparam_flag, flag_of
 from network.weights import load_initial_weights, record_network
 from utils import dist, flags
 from utils.checkpoint import (changed_settings, check_ranks_agree, open_run_dir,
@@ -46,17 +48,19 @@ from utils.device import (add_numerics_args, check_shared_memory, configure_nume
 from utils.errors import UserError
 from utils.io import torch_save
 from utils.layout import working_counts
-from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, set_poly_lr
+from utils.optim import PUBLISHED_MOMENTUM, build_adamw, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, peak_memory_mb, setup_logging, write_run_info
 from utils.sampler import seeded_loader
+from utils.tensorboard import open_board, summary_writer_class
 
 logger = logging.getLogger("train")
 
 FINAL_NAME = "checkpoint_cls.pth"   # published name, used for cls and eps alike (EPS main.py)
 LAST_NAME = "checkpoint_last.pth"   # full training state, rewritten every --ckpt-every steps
-# Flags whose default comes from the dataset's recipe (data/registry.py); the heads add theirs.
+# Flags whose default comes from the dataset's recipe (data/registry.py); the heads declare theirs
+# (Head.hparams, network/heads.py).
 RECIPE_KEYS = ("train_list", "crop_size", "resize_size", "batch_size", "max_iters", "lr", "wt_dec")
 
 
@@ -103,20 +107,26 @@ def get_args_parser() -> argparse.ArgumentParser:
              "it, so a GPU that cannot hold its share keeps the published batch (published: 1; "
              "the pipeline scripts' ITER_SIZE)")
     add("--lr", type=float, default=None,
-        help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01)")
+        help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01; "
+             "a backbone with its own optimizer recipe has its own default, network/vit.py)")
     add("--wt-dec", type=float, default=None,
-        help="weight decay of the weight groups (published 5e-4)")
+        help="weight decay of the weight groups (published 5e-4; a backbone with its own "
+             "optimizer recipe has its own default)")
     add("--max-iters", type=int, default=None,
         help="training iterations; also the poly schedule length (published: VOC 20000, COCO 256500)")
     flags.add_num_workers(p, 8, "data loading processes per training process (published 8)")
-    heads = p.add_argument_group("method hyper-parameters (added by the heads, network/heads.py)")
-    for add_args in {h.add_args.__func__: h for h in HEADS.values()}.values():
-        add_args.add_args(heads)
+    add_head_flags(p.add_argument_group(
+        "method hyper-parameters (declared by the heads, network/heads.py; default: the "
+        "head's value for --dataset)"), HEADS.values())
     # --- new flags ---
     add("--momentum", type=float, default=PUBLISHED_MOMENTUM,
         help="SGD momentum. Default 5e-4 because the published optimizer passed its weight decay "
              "into SGD's momentum slot: that is what produced the published numbers (0.9 was "
-             "only the poly power)")
+             "only the poly power). Not used by backbones whose recipe is AdamW")
+    add("--warmup-iters", type=int, default=None,
+        help="iterations of linear lr warmup before the poly decay (published: 0, none; default: "
+             "the backbone's optimizer recipe, e.g. ViT 7.5%% of --max-iters as ToCo's 1500 of "
+             "20000)")
     flags.add_seed(p)
     flags.add_resume(p, "run dir")
     flags.add_extend(p, FINAL_NAME)
@@ -133,6 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     flags.add_skip_missing(p, "image or saliency")
     flags.add_check_data(p, "every image's header and compare every saliency map's size with "
                             "its image (~1 ms per file)")
+    flags.add_tensorboard(p)
     add("--stretch-saliency", action=argparse.BooleanOptionalAction, default=False,
         help="stretch saliency maps whose aspect ratio differs from their image's to the image "
              "instead of stopping; a deviation (published: off, and its per-file resize would "
@@ -146,8 +157,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_head_flags(group, heads) -> None:
+    """One flag per hyper-parameter name over every registered head (network/heads.py HParam):
+    a head that inherits or shares a name (a subclass of EpsHead: --tau, --lam) adds no second
+    flag. The flag's default is None; resolve_args fills in the run's head's value for the
+    dataset. The help lists each head's defaults where they differ."""
+    declared: dict = {}
+    for head in heads:
+        for name, hp in head.hparams.items():
+            declared.setdefault(name, []).append((head, hp))
+    for name, decls in declared.items():
+        first = decls[0][1]
+        clash = [h.name for h, hp in decls if (hp.type, hp.choices) != (first.type, first.choices)]
+        if clash:
+            raise TypeError(f"heads {[h.name for h, _ in decls]} declare {flag_of(name)} with "
+                            f"different types or choices; rename one of them")
+        defaults = {hp.describe_default(): None for _, hp in decls}
+        where = (first.describe_default() if len(defaults) == 1 else
+                 "; ".join(f"{h.name}: {hp.describe_default()}" for h, hp in decls))
+        add_hparam_flag(group, name, first, help=f"{first.help}. Default: {where}")
+    # Then each head's own add_args (a subclass calling super().add_args included): on a
+    # DeclareOnce, a flag declared above or by another head is not declared twice.
+    once = DeclareOnce(group)
+    for head in heads:
+        head.add_args(once)
+
+
 def resolve_args(args, info, world: int) -> argparse.Namespace:
-    """Fill recipe flags left at None from the dataset registry and check every value (no
+    """Fill the shared recipe flags left at None from the dataset registry and the method's
+    hyper-parameters from the head (its per-dataset defaults), and check every value (no
     compute, no files written)."""
     try:
         args.network = normalize_network_name(args.network)
@@ -156,11 +194,22 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                             f"{sorted(NETWORKS)}") from None
     backbone, head = network_parts(args.network)
     recipe = info.train_defaults
-    for key in RECIPE_KEYS + head.hparams + tuple(k for k in recipe if hasattr(args, k)):
+    opt = backbone.optimizer_recipe  # the backbone's own lr / weight decay, else the dataset's
+    for key, value in (("lr", opt.lr), ("wt_dec", opt.weight_decay)):
+        if getattr(args, key, None) is None and value is not None:
+            setattr(args, key, value)
+    for key in RECIPE_KEYS:
         if getattr(args, key, None) is None:
-            if key not in recipe:
-                raise TrainingError(f"--{key} is needed by --network {args.network}; pass it")
             setattr(args, key, recipe[key])
+    if getattr(args, "warmup_iters", None) is None:
+        args.warmup_iters = int(round(opt.warmup_fraction * args.max_iters))
+    try:
+        hparams = head.resolve_hparams({k: getattr(args, k, None) for k in head.hparams},
+                                       info.name)
+    except ValueError as e:
+        raise TrainingError(f"{e} (--network {args.network})") from None
+    for key, value in hparams.items():
+        setattr(args, key, value)
     args.resize_size = [int(v) for v in args.resize_size]
     checks = [(args.crop_size > 0, "--crop_size must be positive"),
               (0 < args.resize_size[0] <= args.resize_size[1],
@@ -174,6 +223,8 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
                f"processes in all (the pipeline scripts choose one by default), or change "
                f"--batch_size (a deviation from the published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
+              (0 <= args.warmup_iters < max(args.max_iters, 1),
+               "--warmup-iters must be >= 0 and smaller than --max-iters"),
               # isfinite: an inf weight decay passed ">= 0" and made the loss NaN at step 2
               (all(map(math.isfinite, (args.lr, args.wt_dec, args.momentum))),
                "--lr, --wt_dec and --momentum must be finite numbers"),
@@ -183,8 +234,6 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
               (args.log_every > 0 and args.ckpt_every > 0, "--log-every/--ckpt-every must be > 0"),
               (args.num_workers >= 0, "--num_workers must be >= 0"),
               (args.stop_after is None or args.stop_after > 0, "--stop-after must be positive")]
-    problem = head.check_hparams(**{k: getattr(args, k) for k in head.hparams})
-    checks.append((problem is None, problem))
     for ok, msg in checks:
         if not ok:
             raise TrainingError(msg)
@@ -239,7 +288,17 @@ def saliency_source(dataset: str) -> str:
 
 
 def build_dataset(args, info, head):
-    """The training set of the head's method: images (+ saliency maps when it needs them)."""
+    """The training set of the head's method: images (+ saliency maps when it needs them), +
+    what the head's ``sample_extras`` hook adds to each sample."""
+    dataset = _build_dataset(args, info, head)
+    if head.sample_extras is not None:
+        # a static or class method of the head: loader workers run it, without the model
+        dataset.sample_extras = head.sample_extras
+        dataset.sample_hparams = {k: getattr(args, k) for k in head.hparams}
+    return dataset
+
+
+def _build_dataset(args, info, head):
     common = dict(crop_size=args.crop_size, resize_size=args.resize_size,
                   skip_missing=args.skip_missing)
     if not head.needs_saliency:
@@ -271,6 +330,8 @@ def main(args):
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
     args = resolve_args(args, info, world)
     check_inputs(args, info, network_parts(args.network)[1])
+    if args.tensorboard:
+        summary_writer_class()  # a missing package is one line now, not after the first steps
     check_shared_memory(args.num_workers)
     run_dir = Path(args.save_root) / args.session
     run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
@@ -320,9 +381,48 @@ def main(args):
         close_file_log(run_dir / "log.txt")
 
 
+def cam_overlays(model, img: torch.Tensor, label: torch.Tensor, num: int = 4) -> np.ndarray:
+    """--tensorboard: the CAMs of the first ``num`` images of a training batch as heat overlays,
+    uint8 (N, H, W, 3): one view through the inference math (network/cam.py: the head's
+    cam_probs, label mask, per-class max normalisation), the strongest present class per pixel.
+    Eval mode without gradients and back: no random draw, no BN statistic, no weight changes."""
+    from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from network import cam as camlib
+    from utils.vis import blend, heatmap
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = model.forward_cam(img[:num].float())
+    finally:
+        model.train(was_training)
+    size = tuple(img.shape[-2:])
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    out = []
+    for r, y, x in zip(raw.float(), label, img):
+        fg, bg, n = camlib.combine_views_reference([(r, False)], size, y.float(), model)
+        keys, cams, _ = camlib.finalize(fg, bg, n, y.float())
+        heat = cams.amax(0) if len(keys) else torch.zeros(size)
+        rgb = ((x.float().cpu().permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255).round()
+        out.append(blend(rgb.astype(np.uint8), heatmap(heat.cpu().numpy()), 0.5))
+    return np.stack(out)
+
+
 def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume_path=None) -> Path:
     # 5. optimizer (published: built before train() freezes layers; frozen params get no grad)
-    optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
+    recipe = model.optimizer_recipe  # network/base.py: the published SGD unless the backbone says
+    if recipe.name == "sgd":
+        optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec,
+                                    args.momentum)
+    elif recipe.name == "adamw":
+        optimizer = build_adamw(model.get_parameter_groups(), args.lr, args.wt_dec,
+                                betas=recipe.betas, eps=recipe.eps)
+    else:
+        raise ValueError(f"{type(model).__name__}: unknown optimizer {recipe.name!r} in its recipe")
+    if recipe.name != "sgd" or args.warmup_iters:
+        logger.info("optimizer %s, lr %g, weight decay %g, warmup %d iterations (%s)",
+                    recipe.name, args.lr, args.wt_dec, args.warmup_iters, recipe.source)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     model.train()  # the published freezing (BN eval, conv1a/b2* frozen) when requested
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -334,14 +434,26 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
     if ckpt:
         start_iter = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
                                             seed=args.seed)
-        changed = changed_settings(ckpt, args, RECIPE_KEYS + model.hparams)
+        changed = changed_settings(ckpt, args, RECIPE_KEYS + tuple(model.hparams))
         if changed:
             logger.warning("resuming with changed settings (checkpoint -> now): %s", changed)
         logger.info("resumed from %s at iteration %d", resume_path, start_iter)
         # the loaded tensors are a second copy of model + optimizer state: free them for the run
         ckpt.clear()
-    metrics = JsonlLogger(run_dir / "metrics.jsonl")
+    board = open_board(args.tensorboard, run_dir, start_iter, dist.is_main_process())
+    metrics = JsonlLogger(run_dir / "metrics.jsonl", mirror=board)  # --tensorboard: same records
     metrics.trim(start_iter)  # drop records a killed run wrote after its last checkpoint
+    try:
+        return _loop(args, model, optimizer, scaler, loader, metrics, board, run_dir, device,
+                     start_iter, recipe)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _loop(args, model, optimizer, scaler, loader, metrics, board, run_dir: Path,
+          device: torch.device, start_iter: int, recipe) -> Path:
+    """7-9: the training loop, the checkpoints and the end of the run."""
     hparams = {k: getattr(args, k) for k in model.hparams}
     net = dist.wrap_ddp(model, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -353,11 +465,25 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
     progress = Progress(args.max_iters, f"train {args.session}", initial=start_iter,
                         enabled=dist.is_main_process())
 
-    # 7. the loop
+    def step():
+        scaler.step(optimizer)
+        scaler.update()
+
+    # 7. the loop. The head's hooks (network/heads.py): sample_extras adds a dict as the last
+    #    entry of each batch, handed to losses as extras=; around_step runs step() with what the
+    #    method does around it. Without them this is the published step, bit for bit.
+    has_extras = model.sample_extras is not None
     for it in range(start_iter, end_iter):
-        lr = set_poly_lr(optimizer, it, args.max_iters)  # poly lr of this 0-based step, before SGD
+        # poly lr of this 0-based step, before the optimizer step (after a warmup, if any)
+        lr = set_poly_lr(optimizer, it, args.max_iters, warmup_iters=args.warmup_iters,
+                         warmup_ratio=recipe.warmup_ratio)
         for micro in range(args.iter_size):  # published: one pass (--iter-size 1)
             batch = next(loader_iter)  # an endless sampler: never StopIteration
+            extra = {}
+            if has_extras:
+                batch, extras = batch[:-1], batch[-1]
+                extra = {"extras": {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
+                                    else v for k, v in extras.items()}}
             img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
             label = batch[-1].to(device, non_blocking=True)
             sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
@@ -366,7 +492,7 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
             with contextlib.nullcontext() if sync else net.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = net(img)
-                losses = model.losses(out, label, sal, **hparams)  # the head's terms, in fp32
+                losses = model.losses(out, label, sal, **extra, **hparams)  # head's terms, fp32
                 loss = sum(losses.values())
                 if micro == 0:
                     optimizer.zero_grad(set_to_none=True)
@@ -378,8 +504,10 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
             stats = part if micro == 0 else stats + part
         if args.iter_size > 1:
             stats = stats / args.iter_size
-        scaler.step(optimizer)
-        scaler.update()
+        if model.around_step is None:
+            step()
+        else:
+            model.around_step(step, it, **hparams)
         window = stats if window is None else window + stats
         window_n, done = window_n + 1, it + 1
         progress.update(1)
@@ -411,6 +539,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device: torch.device, resume
                 model.state_dict(), model), optimizer=optimizer, scaler=scaler, iteration=done,
                 args=args)
             last_good = run_dir / LAST_NAME
+            if board is not None:
+                board.images("cams", cam_overlays(model, img, label), done)
     progress.close()
 
     # 9. the end: the published plain state dict, written after checkpoint_last.pth, so its

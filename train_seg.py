@@ -58,6 +58,7 @@ from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, setup_logging, write_run_info
 from utils.sampler import seeded_loader
+from utils.tensorboard import open_board, summary_writer_class
 
 logger = logging.getLogger("train_seg")
 
@@ -148,6 +149,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --eval-list, also the dense-CRF result (DeepLab parameters)")
     flags.add_seed(r)
     flags.add_device(r)
+    flags.add_tensorboard(r)
     add_numerics_args(r, cudnn_benchmark=True, published="on (deeplab-pytorch main.py)")
     dist.add_dist_args(r)
     dist.add_peer_timeout_arg(r)
@@ -329,6 +331,8 @@ def main(args) -> Dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     check_args(args, world)
     check_shared_memory(args.num_workers)
+    if args.tensorboard:
+        summary_writer_class()  # a missing package is one line now, before any compute
     run_dir = args.run_dir
     run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
                     expect={"arch": args.arch, "dataset": args.dataset}, writer="train_seg.py",
@@ -429,7 +433,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device, n_classes: int, resu
         logger.info("resumed from %s at iteration %d", resume, start_iter)
         # the loaded tensors are a second copy of model + optimizer state: free them for the run
         ckpt.clear()
-    jsonl = JsonlLogger(run_dir / "metrics.jsonl")
+    jsonl = JsonlLogger(run_dir / "metrics.jsonl", mirror=open_board(  # --tensorboard: the same
+        args.tensorboard, run_dir, start_iter, dist.is_main_process()))  # records as events
     jsonl.trim(start_iter)
     model.train()
     net = dist.wrap_ddp(model, device)

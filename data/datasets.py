@@ -16,14 +16,20 @@ Override contract of ``_BaseDataset``: a subclass sets ``needs_labels`` and impl
 ``_extra_files(img_id) -> {kind: Path}`` (files besides the image that must exist) and
 ``__getitem__``; the base class resolves ``self.ids``, ``self.image_paths``, ``self.extra_paths``
 and ``self.labels``.
+
+A method's extra sample entries (the head's ``sample_extras`` hook, network/heads.py): the
+training datasets call ``sample_extras(SampleContext)`` after the published item is made and
+append the dict it returns as the item's last element (the DataLoader stacks its tensors). With
+no hook (``sample_extras=None``, the default) the items are the published ones, bit for bit.
 """
 from __future__ import annotations
 
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -186,10 +192,41 @@ class _ImageLocator:
 
 
 # --------------------------------------------------------------------------------------------
+# What a head's sample_extras hook sees
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SampleContext:
+    """One training sample, as a head's ``sample_extras(ctx)`` hook sees it (in a loader
+    worker): ``index`` in the dataset, ``id``, the decoded ``image`` (RGB PIL image, before any
+    augmentation), its ``saliency`` map (PIL image, or None without saliency), the ``label``
+    tensor (C,), the run's method ``hparams`` and the ``dataset`` (its ``info``, paths and
+    ``transform``). ``view()`` draws another augmented view of the same image with the
+    dataset's own transform and random stream: a tensor (3, crop, crop), or (image, saliency)
+    with saliency."""
+
+    index: int
+    id: str
+    image: Image.Image
+    saliency: Optional[Image.Image]
+    label: torch.Tensor
+    hparams: Dict[str, Any]
+    dataset: "_BaseDataset"
+
+    def view(self):
+        if self.saliency is None:
+            return self.dataset.transform(self.image)
+        return self.dataset.transform(self.image, self.saliency)
+
+
+# --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
 class _BaseDataset(Dataset):
     needs_labels = True
+    # The head's hook (network/heads.py Head.sample_extras) and the method's hyper-parameters,
+    # set by train.py; None = nothing extra
+    sample_extras: Optional[Callable[[SampleContext], Dict[str, Any]]] = None
+    sample_hparams: Dict[str, Any] = {}
 
     def __init__(self, info: DatasetInfo, data_root, ids: Union[Sequence[str], str, os.PathLike],
                  *, skip_missing: bool = False):
@@ -250,6 +287,18 @@ class _BaseDataset(Dataset):
     def label(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.labels[index].copy())
 
+    def _with_extras(self, item: tuple, index: int, image, saliency=None) -> tuple:
+        """The item, plus the head's extra entries when it has the hook (after the published
+        item is made, so the item's own random draws come first)."""
+        if self.sample_extras is None:
+            return item
+        ctx = SampleContext(index=index, id=self.ids[index], image=image, saliency=saliency,
+                            label=item[-1], hparams=dict(self.sample_hparams), dataset=self)
+        extras = self.sample_extras(ctx)
+        if not isinstance(extras, dict):
+            raise TypeError(f"sample_extras must return a dict, got {type(extras).__name__}")
+        return item + (extras,)
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -284,7 +333,8 @@ class ClsDataset(_BaseDataset):
 
     def __getitem__(self, index: int):
         img = load_rgb(self.image_paths[index])
-        return self.ids[index], self.transform(img), self.label(index)
+        return self._with_extras((self.ids[index], self.transform(img), self.label(index)),
+                                 index, img)
 
     def _repr_extra(self):
         return f", transform={self.transform}"
@@ -319,7 +369,7 @@ class ClsSalDataset(_BaseDataset):
         sal = load_saliency(self.extra_paths[index]["saliency"], img.size, img_path,
                             stretch=self.stretch_saliency)
         img_t, sal_t = self.transform(img, sal)
-        return self.ids[index], img_t, sal_t, self.label(index)
+        return self._with_extras((self.ids[index], img_t, sal_t, self.label(index)), index, img, sal)
 
     def _repr_extra(self):
         stretch = ", stretch_saliency=True" if self.stretch_saliency else ""

@@ -19,16 +19,17 @@ from data.metadata import MetadataError, read_class_names, read_id_list, read_im
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 METADATA_ROOT = PACKAGE_ROOT / "metadata"
 
-# The published recipes: the one place they live (the pipeline scripts pass only what a user
-# overrides). Keys match train.py flag names (EPS script/voc12_eps.sh, coco_eps.sh and main.py
-# defaults; the VOC script passes no --lam, so main.py's 0.5 applied); infer_list is the list the
-# published scripts score; seg_list / seg_eval_list are the DeepLab stage's train and val lists.
+# The published training recipes shared by every method: the one place they live (the pipeline
+# scripts pass only what a user overrides). Keys match train.py flag names (EPS
+# script/voc12_*.sh, coco_*.sh and main.py defaults); infer_list is the list the published
+# scripts score; seg_list / seg_eval_list are the DeepLab stage's train and val lists. A method's
+# own per-dataset values (EPS --tau / --lam) are the head's: network/heads.py, HParam.
 VOC12_TRAIN_DEFAULTS = dict(train_list="train_aug", infer_list="train", crop_size=448,
                             resize_size=(256, 512), batch_size=8, max_iters=20000, lr=0.01,
-                            wt_dec=5e-4, tau=0.4, lam=0.5, seg_list="train_aug", seg_eval_list="val")
+                            wt_dec=5e-4, seg_list="train_aug", seg_eval_list="val")
 COCO_TRAIN_DEFAULTS = dict(train_list="train", infer_list="train", crop_size=321,
                            resize_size=(256, 448), batch_size=16, max_iters=256500, lr=0.01,
-                           wt_dec=5e-4, tau=0.4, lam=0.9, seg_list="train", seg_eval_list="val")
+                           wt_dec=5e-4, seg_list="train", seg_eval_list="val")
 # Published mIoU (%): pseudo-masks on the infer list per head (EPS README "Train(mIoU)"), and the
 # DeepLab-v2 ResNet-101 val mIoU on EPS pseudo-masks (EPS paper, with CRF); none for COCO DeepLab.
 VOC12_PUBLISHED = {"cls": 47.05, "eps": 69.22, "deeplab_eps": 70.9}

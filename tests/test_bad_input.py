@@ -540,7 +540,7 @@ CASES = [
     Case("train-wt-dec-inf", T, lambda w, c: train_argv(w.root, c.out, "--wt_dec", "inf"),
          r"--lr, --wt_dec and --momentum must be finite numbers"),
     Case("train-tau-2", T, lambda w, c: train_argv(w.root, c.out, "--tau", 2),
-         r"--tau and --lam must be in \[0, 1\]"),
+         r"--tau must be in \[0, 1\]"),
     Case("train-num-workers-negative", T, lambda w, c: replace_flag(
         train_argv(w.root, c.out), "--num_workers", -1), r"--num_workers must be >= 0"),
     Case("train-stop-after-0", T, lambda w, c: train_argv(w.root, c.out, "--stop-after", 0),

@@ -73,7 +73,7 @@ def test_fused_network_is_inference_only():
 
 def test_fused_cams_through_the_infer_arithmetic():
     """Softmax + normalisation of the fused CAMs stay within the infer tolerance (1e-5)."""
-    from utils import cam as camlib
+    from network import cam as camlib
     model = make("small_eps", num_classes=3, seed=2)
     fused = fuse_for_inference(model)
     x = torch.randn(2, 3, 48, 60, generator=torch.Generator().manual_seed(3))

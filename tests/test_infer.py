@@ -23,7 +23,7 @@ from utils import dist
 from utils.cli import run_cli
 from utils.errors import UserError
 from network import build_network
-from utils import cam as camlib
+from network import cam as camlib
 from utils.io import load_npz
 
 C = 3

@@ -267,8 +267,8 @@ def get_args_parser() -> argparse.ArgumentParser:
              help="ground-truth folder (default: SegmentationClassAug/ or SegmentationClass/ of "
                   "the data root)")
     add_flag(p, "--tau", type=float, default=None,
-             help="EPS's overlap threshold for the coverage flags (default: the dataset's "
-                  "recipe; paper: 0.4)")
+             help="EPS's overlap threshold for the coverage flags (default: the EPS head's "
+                  "value for the dataset, network/heads.py; paper: 0.4)")
     add_flag(p, "--miss-below", type=float, default=MISS_BELOW,
              help=f"report an object when less than this share of its pixels is salient "
                   f"(default {MISS_BELOW})")
@@ -310,7 +310,10 @@ def main(args) -> Dict:
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
     root = dataset_root_of(args.data_root)
     ids = info.read_ids(args.list)
-    tau = args.tau if args.tau is not None else float(info.train_defaults.get("tau", 0.4))
+    tau = args.tau
+    if tau is None:  # the EPS head owns its recipe (network/heads.py); torch only in this case
+        from network.heads import EpsHead
+        tau = float(EpsHead.hparams["tau"].default_for(info.name))
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise SaliencyEvalError(f"--out {args.out} exists; pass --overwrite to replace it")
 

@@ -10,3 +10,9 @@ caller can still tell them apart. Anything else is a bug and keeps its traceback
 
 class UserError(ValueError):
     """A problem with the user's input; the message names the file or flag and the fix."""
+
+
+class WeightsError(UserError):
+    """A weights or checkpoint file that cannot be read or does not fit the network (the message
+    says why). Defined here, torch-free, so that utils/torchfile.py (checkpoints) and
+    network/ (weights, the numpy-only MXNet reader) raise the same class."""

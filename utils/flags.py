@@ -119,3 +119,10 @@ def add_log_every(p, default: int, published: str) -> argparse.Action:
 
 def add_overwrite(p, help: str) -> argparse.Action:
     return add_flag(p, "--overwrite", action=BOOL, default=False, help=help)
+
+
+def add_tensorboard(p) -> argparse.Action:
+    return add_flag(p, "--tensorboard", action=BOOL, default=False, help=(
+        "also write TensorBoard event files to <run dir>/tensorboard: the scalars of "
+        "metrics.jsonl (which stays the record) and CAM overlays at each checkpoint; needs "
+        "pip install -r requirements-tensorboard.txt (published: none)"))
