@@ -118,10 +118,12 @@ _EPS = "EPS README"
 _NOT_PUBLISHED = "not published"
 
 
-def _gdrive_manual(file_id: str, dest: str) -> str:
+def _gdrive_manual(file_id: str, dest: str, name: str) -> str:
+    # The name the next run looks for (tools/download.py fetch_file), not the one the browser
+    # saves: a file under another name would not be found.
     return (f"open {GDRIVE_VIEW.format(file_id)} in a browser (Google Drive refuses scripted "
             f"downloads for a while after a quota is reached), save the file as "
-            f"<root>/{dest.split('/')[0]}/.downloads/<file> and rerun")
+            f"<root>/{dest.split('/')[0]}/.downloads/{name} and rerun")
 
 
 def _released(key: str, file_id: str, network: str, classes: int, what: str) -> "Row":
@@ -133,7 +135,7 @@ def _released(key: str, file_id: str, network: str, classes: int, what: str) -> 
         archive="file", place=(Place(".", dest),),
         checks=(Check(dest, load=f"network:{network}:{classes}",
                       cite="network/weights.py identify_checkpoint"),),
-        manual=_gdrive_manual(file_id, dest), used_by=("eval_released.sh",))
+        manual=_gdrive_manual(file_id, dest, f"{key}.pth"), used_by=("eval_released.sh",))
 
 
 ROWS: Dict[str, Row] = {r.key: r for r in (
@@ -192,7 +194,8 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
         checks=(Check(f"{VOC}/SALImages", ".png", ids="voc12/train_aug",
                       cite="one map per train_aug id (train.py reads them all)"),),
         unpacked=300_000_000,
-        manual=_gdrive_manual("19AjSmgdMlIZH4FXVZ5zjlUZcoZZCkwrI", VOC), used_by=("voc12_eps.sh",)),
+        manual=_gdrive_manual("19AjSmgdMlIZH4FXVZ5zjlUZcoZZCkwrI", VOC, "EPS_saliency_voc12"),
+        used_by=("voc12_eps.sh",)),
     Row(key="coco_train2014", group="coco_images", what="COCO 2014 train images",
         file="train2014.zip",
         sources=(Source("http", "http://images.cocodataset.org/zips/train2014.zip",
@@ -244,7 +247,7 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
         checks=(Check(f"{COCO}/SegmentationClass/train2014", ".png", ids="coco/train"),
                 Check(f"{COCO}/SegmentationClass/val2014", ".png", ids="coco/val")),
         unpacked=1_000_000_000,
-        manual=_gdrive_manual("16wuPinx0rdIP_PO0uYeCn9rfX2-evc-S", COCO)
+        manual=_gdrive_manual("16wuPinx0rdIP_PO0uYeCn9rfX2-evc-S", COCO, "EPS_coco_masks")
         + "; or make them from the annotations: bash script/download.sh coco --coco-masks make "
           "(python tools/make_coco_masks.py --data-root <root>/datasets/coco)",
         used_by=("coco_cls.sh", "coco_eps.sh", "eval_released.sh")),
@@ -256,7 +259,8 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
         archive="auto", place=(Place("@coco/train.png", f"{COCO}/SALImages"),),
         checks=(Check(f"{COCO}/SALImages", ".png", ids="coco/train"),),
         unpacked=2_000_000_000,
-        manual=_gdrive_manual("1o50oztQqTc_xZdgpIEvgKD2Xi_HqBFig", COCO), used_by=("coco_eps.sh",)),
+        manual=_gdrive_manual("1o50oztQqTc_xZdgpIEvgKD2Xi_HqBFig", COCO,
+                              "EPS_saliency_coco"), used_by=("coco_eps.sh",)),
     Row(key="coco_labels", group="coco_labels",
         what="COCO image labels (not shipped: made from the annotations by tools/make_cls_labels.py)",
         file=None, archive="none", post=(("coco_labels", COCO, "repo:metadata/coco/image_labels.txt"),),
@@ -280,7 +284,8 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
                 Check(f"{WEIGHTS}/resnet38d_imagenet.pth", load="imagenet_trunk",
                       cite="tools/convert_resnet38.py")),
         post=(("convert_resnet38", f"{WEIGHTS}/resnet38d_imagenet.pth"),), unpacked=421_000_000,
-        manual=_gdrive_manual("15F13LEL5aO45JU-j45PYjzv5KW5bn_Pn", WEIGHTS),
+        manual=_gdrive_manual("15F13LEL5aO45JU-j45PYjzv5KW5bn_Pn", WEIGHTS,
+                              "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"),
         used_by=("voc12_cls.sh", "voc12_eps.sh", "coco_cls.sh", "coco_eps.sh")),
     Row(key="deeplab_init", group="deeplab_init",
         what="DeepLab-v2 ResNet-101 COCO init (the paper's, via OAA / deeplab-pytorch): "

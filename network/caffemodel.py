@@ -476,6 +476,8 @@ def main(args) -> None:
         return
     if args.output.exists() and not args.force:
         raise CaffeModelError(f"{args.output} exists; pass --force to overwrite it")
+    from utils.run import check_writable
+    check_writable(args.output.parent, "output")  # before the conversion, not at the write
     from utils.io import torch_save
     torch_save(convert_init(args.caffemodel, args.arch), args.output)
     print(f"wrote {args.output}")

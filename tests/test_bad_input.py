@@ -814,6 +814,13 @@ CASES = [
         c.root(), c.tmp / "data" / "SALImages", saliency_onnx(c.tmp / "m" / "tiny.onnx")),
         r"SALImages holds 6 maps but no saliency_model\.json .*choose another --out",
         needs=no_rembg),
+    Case("make_saliency-unwritable-out", M, lambda w, c: sal_argv(
+        w.root, c.unwritable(), saliency_onnx(c.tmp / "m" / "tiny.onnx")),
+        r"--out \S+: \S+ (is a file, not a folder|is not writable)", needs=no_rembg),
+    Case("eval_saliency-unwritable-out", A, lambda w, c: [
+        "--data-root", w.root, "--list", "train", "--out", c.unwritable() / "report.md",
+        "--workers", 1, "--no-progress"],
+        r"--out \S+: \S+ (is a file, not a folder|is not writable)"),
     Case("eval_saliency-missing-map", A, lambda w, c: [
         "--data-root", c.root(edit=no_map_002), "--list", "train", "--out", c.out,
         "--workers", 1, "--no-progress"],

@@ -251,3 +251,18 @@ def test_scale_without_batchnorm_is_refused():
     layers = read_caffemodel_bytes(net([layer("scale_conv1", "Scale", [np.ones(2), np.ones(2)])]))[1]
     with pytest.raises(CaffeModelError, match="no BatchNorm layer before it"):
         caffe_layers_to_state_dict(layers)
+
+
+def test_command_line_lists_layers_and_refuses_an_unwritable_output(tmp_path, capsys):
+    from network import caffemodel
+    from utils.cli import run_cli
+    path = tmp_path / "init.caffemodel"
+    write_deeplab_caffemodel(path, n_fc=5)
+    cli = lambda *argv: run_cli(caffemodel.get_args_parser, caffemodel.main,  # noqa: E731
+                                caffemodel.__doc__, argv=[str(a) for a in argv])
+    assert cli(path) in (0, None)
+    assert "res3a_branch2a" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("x")
+    assert cli(path, tmp_path / "a_file" / "out.pth", "--arch", "deeplabv2_small") == 2
+    err = capsys.readouterr().err
+    assert "output" in err and "is a file, not a folder" in err and "Traceback" not in err

@@ -269,6 +269,14 @@ def test_csv_one_column_per_class_with_an_existing_class_list(tmp_path):
     assert (root / "labels.txt").read_text() == "0 background\n1 cat\n2 dog\n"  # untouched
 
 
+def test_csv_a_single_class_column_of_0_and_1_is_that_class(tmp_path):
+    """Not two classes named "0" and "1" (the negatives labelled as class "0")."""
+    labels, root = _csv_run(tmp_path, "image,cat\na.jpg,1\nb.jpg,0\nc.jpg,\n")
+    assert (root / "labels.txt").read_text() == "0 background\n1 cat\n"
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["a 0", "b", "c"]
+
+
 @pytest.mark.parametrize("text, expect", [
     ("image,labels\na.jpg,cat\na.jpg,dog\n", r"image 'a' is on rows 2 and 3"),
     ("image,cat,dog\na.jpg,1,maybe\n", r"labels.csv:2: column 'dog' holds 'maybe'"),

@@ -151,6 +151,9 @@ def test_another_models_maps_are_refused_or_recomputed(model, root, tmp_path):
     ms.main(args_for(root, "--model-path", model))
     with pytest.raises(ms.SaliencyError, match="another model or setting.*weights_sha256"):
         ms.main(args_for(root, "--model-path", other))
+    # ... also when asked for rembg's named model (whose weights are not hashed before loading)
+    with pytest.raises(ms.SaliencyError, match="another model or setting.*model: 'tiny.onnx "):
+        ms.main(args_for(root))
     before = stamps(sal)
     assert ms.main(args_for(root, "--model-path", other, "--overwrite"))["todo"] == len(IDS)
     assert all(stamps(sal)[k] != v for k, v in before.items())

@@ -83,7 +83,8 @@ def test_unusable_weights_files_are_named_before_any_compute(tmp_path):
                          (other, "neither deeplab-pytorch keys")):
         problems = _problems([_seg_stage(root, tmp_path, init)])
         assert len(problems) == 1 and expect in problems[0] and str(init) in problems[0], problems
-    assert "convert.py --dataset coco" in _problems([_seg_stage(root, tmp_path, caffe)])[0]
+    assert f"python -m network.caffemodel {caffe} deeplabv1_resnet101-coco.pth" in \
+        _problems([_seg_stage(root, tmp_path, caffe)])[0]
     corrupt = tmp_path / "w.pth"
     torch.save(build_network("small_eps", 3).state_dict(), corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:3000])

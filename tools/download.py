@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
@@ -269,6 +270,9 @@ def _digest_failure(ctx: Ctx, row: Row, p: Path) -> Optional[str]:
     return None
 
 
+LOAD_KINDS = ("checksum", "network", "deeplab_init", "imagenet_trunk", "labels")
+
+
 def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
     kind, _, arg = check.load.partition(":")
     try:
@@ -308,6 +312,9 @@ def _load_failure(ctx: Ctx, check: Check, row: Row, p: Path) -> Optional[str]:
                 if missing:
                     what = spec if isinstance(spec, str) else "listed"
                     return f"{p}: no labels for {len(missing):,} {what} ids (first: {missing[0]})"
+        else:  # a misspelt kind must not pass every file unchecked
+            raise ValueError(f"{row.key}: unknown check kind {check.load!r} (data/downloads.py "
+                             f"Check.load: one of {', '.join(LOAD_KINDS)})")
     except UserError as e:
         return " ".join(str(e).split())
     return None
@@ -502,7 +509,37 @@ def move_into_place(ctx: Ctx, row: Row, placed: Path, produced: Sequence[str]) -
                 continue
             raise DownloadError(f"{dest} exists but is not complete; move it away and rerun")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        move_across_disks(src, dest)
+
+
+def move_across_disks(src: Path, dest: Path) -> None:
+    """``os.replace``; when ``dest`` is on another disk than the staging folder (a symlinked
+    datasets/VOCdevkit, say), a copy beside ``dest`` renamed into place, then ``src`` removed:
+    ``dest`` appears whole or not at all either way."""
+    try:
         os.replace(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    logger.info("copying %s to %s (another disk)", src, dest)
+    tmp = dest.with_name(f".{dest.name}.copying")
+    remove = shutil.rmtree if tmp.is_dir() and not tmp.is_symlink() else Path.unlink
+    if tmp.exists() or tmp.is_symlink():
+        remove(tmp)  # what an interrupted copy left
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise fetch.DiskFullError(f"disk full while copying {src.name} to {dest.parent}; "
+                                      f"free some space there and rerun") from None
+        raise
+    os.replace(tmp, dest)
+    shutil.rmtree(src) if src.is_dir() else src.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -831,6 +868,9 @@ def main(args) -> List[Result]:
         return []
     rows = [ctx.rows[k] for k in keys]
     todo = [r for r in rows if row_failures(ctx, r)]
+    if todo:
+        from utils.run import check_writable
+        check_writable(ctx.root, "--root")  # one line now, not a traceback at the first write
     for r in todo:
         bad = conflicts(ctx, r)
         if bad:

@@ -44,10 +44,10 @@ from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.progress import Progress  # noqa: E402
+from tools.make_saliency import RECORD_NAME  # noqa: E402  (the record beside the maps)
 
 logger = logging.getLogger("eval_saliency")
 
-RECORD_NAME = "saliency_model.json"  # written by tools/make_saliency.py beside its maps
 _SHOW = 5
 
 
@@ -316,6 +316,12 @@ def main(args) -> Dict:
         tau = float(EpsHead.hparams["tau"].default_for(info.name))
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise SaliencyEvalError(f"--out {args.out} exists; pass --overwrite to replace it")
+    if args.out is not None:  # before any map is scored, not at the first write
+        if args.out.is_dir():
+            raise SaliencyEvalError(f"--out {args.out} is a folder; pass a file name such "
+                                    f"as {args.out / 'report.md'}")
+        from utils.run import check_writable
+        check_writable(args.out.parent, "--out")
 
     gt = {i: (args.gt_dir / f"{i}.png" if args.gt_dir is not None else info.gt_path(root, i))
           for i in ids}

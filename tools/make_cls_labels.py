@@ -202,7 +202,11 @@ def read_label_csv(path, class_names=None, id_column=None, labels_column=None,
     elif class_names is not None:
         wide = len(rest) > 1 or (len(rest) == 1 and header[rest[0]] in known)
     else:
-        wide = len(rest) > 1
+        # One column of nothing but 0/1 cells is the one class of a single-class spreadsheet
+        # ("image,cat" / "a.jpg,1"), not the class names "0" and "1".
+        cells = [r[rest[0]].strip().lower() for _, r in rows[1:] if len(r) > rest[0]] \
+            if len(rest) == 1 else []
+        wide = len(rest) > 1 or (any(cells) and all(c in _TRUE | _FALSE for c in cells))
     if not rest:
         raise LabelToolError(f"--csv {path}: no label column besides the id (header: {', '.join(header)})")
     names = list(class_names) if class_names is not None else (

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -242,11 +241,8 @@ def versions() -> Dict[str, str]:
 
 
 def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from utils.fetch import file_digests
+    return file_digests(Path(path), ["sha256"])["sha256"]
 
 
 @contextmanager
@@ -461,6 +457,8 @@ def check_settings_match(prev: Dict, args, out: Path) -> None:
                postprocess=args.postprocess, threshold=args.threshold, spec=args.model)
     if args.model_path is not None:
         now["weights_sha256"] = sha256_of(args.model_path)
+    else:  # a named model's weights are not hashed here: its record names it (make_record)
+        now["model"] = args.model
     diff = {k: (prev.get(k), v) for k, v in now.items() if json.dumps(prev.get(k)) != json.dumps(v)}
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -601,6 +599,8 @@ def main(args) -> Dict:
                     "them)", len(pairs), out)
         return {"todo": 0, "listed": len(pairs), "out": str(out), "record": prev}
 
+    from utils.run import check_writable  # here: it imports torch, which the workers need not
+    check_writable(out, "--out")  # before any image or model is read, not at the first write
     # every input before any compute: the images' headers, the model and its shapes
     with_problems = [f"{i}: {p}" for i, p in ((i, image_problem(path)) for i, path in todo) if p]
     if with_problems:

@@ -179,7 +179,9 @@ def http_download(url: str, part: Path, *, size: Optional[int] = None, timeout: 
                     if progress is not None:
                         progress(have, total)
                     while True:
-                        chunk = resp.read(CHUNK)
+                        # read1: what has arrived (up to 1 MB), not a wait for a full 1 MB, so a
+                        # stall or Ctrl-C keeps every byte received so far in the .part file
+                        chunk = resp.read1(CHUNK)
                         if not chunk:
                             break
                         write_chunk(f, chunk)

@@ -80,9 +80,9 @@ def looks_like_caffemodel(path: Path, head: bytes) -> bool:
     return all(32 <= b < 127 for b in name) and head[2 + head[1]] in (0x12, 0xA2, 0x1A, 0x22)
 
 
-CAFFE_HINT = ("convert it to PyTorch first: kazuto1011/deeplab-pytorch scripts/setup_caffemodels.sh "
-              "downloads it and 'python convert.py --dataset coco' writes deeplabv1_resnet101-coco.pth "
-              "(README 'Downloads', docs/segmentation.md 'Initial weights')")
+CAFFE_HINT = ("convert it first: python -m network.caffemodel FILE.caffemodel "
+              "deeplabv1_resnet101-coco.pth (bash script/download.sh weights fetches and converts "
+              "DeepLab's init; docs/segmentation.md 'Initial weights')")
 
 
 def load_torch_file(path, resave_hint: str = RESAVE_HINT, mmap: bool = False):
@@ -104,7 +104,8 @@ def load_torch_file(path, resave_hint: str = RESAVE_HINT, mmap: bool = False):
                            "and pass it as ImageNet initialisation, or convert it with "
                            "tools/convert_resnet38.py")
     if looks_like_caffemodel(path, head):
-        raise WeightsError(f"{path}: a Caffe .caffemodel, not a PyTorch file; {CAFFE_HINT}")
+        raise WeightsError(f"{path}: a Caffe .caffemodel, not a PyTorch file; "
+                       f"{CAFFE_HINT.replace('FILE.caffemodel', str(path))}")
     try:
         obj = None
         if mmap and kind == "zip":
