@@ -32,7 +32,7 @@ from eval.cam_sweep import evaluate_cams, format_sweep, thresholds_from_range
 from eval.evaluator import (EvalError, default_workers, evaluate_folders, paths_in_dir,
                             resolve_gt_paths)
 from eval.metrics import compute_scores, format_summary, format_table, scores_to_json
-from utils import flags
+from utils import flags, provenance
 from utils.cli import add_flag, parent_parser, run_cli
 from utils.io import atomic_write_text, remove_stale_temps
 from utils.errors import UserError
@@ -183,7 +183,10 @@ def main(args) -> dict:
         remove_stale_temps(out.parent)
     record = {"dataset": info.name, "num_classes": num_classes, "class_names": info.label_names,
               "datalist": str(list_path), "num_ids": len(ids),
-              "gt": str(args.gt_dir if args.gt_dir is not None else data_root)}
+              "gt": str(args.gt_dir if args.gt_dir is not None else data_root),
+              # what was scored: the predictions' own record, so that this result counts as stale
+              # once they are recomputed from other weights (utils/provenance.py)
+              "inputs": provenance.inputs_record({"predictions": source})}
     logger.info("%s: %d ids from %s, %d classes, %d workers", info.name, len(ids), list_path,
                 num_classes, args.num_workers)
     start = time.time()

@@ -55,7 +55,7 @@ from network.heads import Head
 from network.inference import InferenceModel, SpeedOptions, prepare_for_inference
 from network.weights import load_network
 from network import cam as camlib
-from utils import dist, flags
+from utils import dist, flags, provenance
 from utils.cli import add_flag, parent_parser, run_cli
 from utils.crf import CRF_PRESETS, cam_crf, crf_mask
 from utils.device import check_shared_memory, configure_numerics, pin_memory, resolve_device
@@ -83,7 +83,9 @@ RESULT_DEFAULTS = {"labels": "gt", "label_thr": None}
 # What --labels predicted's labels depend on: the settings record of their folder (runs that
 # differ only in --thr, CRF ... share it; a different checkpoint or threshold is refused).
 LABEL_FLAGS = ("dataset", "weights", "network", "scales", "amp", "labels", "label_thr")
-SETTINGS_FILE = ".infer_settings.json"  # in every output folder
+# In every output folder: the result flags and the identity of the weights (utils/provenance.py),
+# so that a checkpoint retrained under the same name is never taken for the one that made them
+SETTINGS_FILE = provenance.RECORD_NAME
 LABEL_SOURCES = ("gt", "predicted")
 # --labels predicted: a class is in the image when sigmoid(score) >= this. Chosen on the demo's
 # val split with its small_eps classifier: the best pseudo-mask mIoU of 0.1..0.9 (57.80, against
@@ -319,9 +321,9 @@ def make_scorer(model: torch.nn.Module, device: torch.device, scales: Sequence[f
     return score
 
 
-def output_folders(args) -> List[Path]:
-    """The per-image output folders given, first one first (it holds the run records when
-    --run-dir is not given)."""
+def given_folders(args) -> List[Path]:
+    """The output folders as the flags give them (--crf before its a<alpha>_t<t> sub-folders),
+    first one first: it holds the run records when --run-dir is not given."""
     return [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
 
 
@@ -329,7 +331,7 @@ def labels_home(args) -> Path:
     """Where --labels predicted writes the labels it used: --run-dir when given, else beside
     the output folders (the first one's parent), so that no folder of per-image results holds
     anything but those results (docs/inference.md)."""
-    return args.run_dir if args.run_dir is not None else output_folders(args)[0].parent
+    return args.run_dir if args.run_dir is not None else given_folders(args)[0].parent
 
 
 class PredictedLabels:
@@ -475,11 +477,49 @@ def recorded_folders(outputs: Outputs) -> List[Tuple[Path, Sequence[str], Tuple[
     return out
 
 
+def output_folders(args) -> List[Path]:
+    """Every output folder of the flags (Outputs.folders without building the writer)."""
+    return [d for d in (args.png_dir, args.cam_dir, *crf_dirs(args.crf, args.crf_alpha,
+                                                               args.crf_t).values(), args.vis_dir)
+            if d is not None]
+
+
+def weights_inputs(args, folders: Sequence[Path]) -> Dict[str, Dict]:
+    """{weights path: identity} for the records; the sha256 a folder recorded is reused while
+    the file's size and modification time are unchanged (no 1 s hash on every rerun)."""
+    key = str(Path(args.weights).resolve())
+    known = None
+    for folder in folders:
+        known = ((provenance.read_record(Path(folder) / SETTINGS_FILE) or {}).get("inputs")
+                 or {}).get(key)
+        if known:
+            break
+    return {key: provenance.file_identity(args.weights, known)}
+
+
+def stale_weights(args, folders: Sequence[Path], weights_made_earlier: bool = False) -> Optional[str]:
+    """A problem line when an output folder holds results of other weights than --weights now:
+    a checkpoint retrained or replaced under the same name (train.py --resume --extend), or one
+    an earlier stage of the same pipeline is about to write. None with --overwrite."""
+    if args.overwrite:
+        return None
+    for folder in folders:
+        why = has_results(Path(folder)) and provenance.weights_changed(folder, args.weights,
+                                                                       weights_made_earlier)
+        if why:
+            return (f"{folder} holds results {why}; pass --overwrite (INFER_ARGS for the "
+                    f"scripts) to recompute every image, or delete {folder}")
+    return None
+
+
 def check_settings(outputs: Outputs, args) -> None:
     """Refuse to add results to ANY output folder that holds results made with other
-    result-affecting flags (each folder records its own in SETTINGS_FILE)."""
+    result-affecting flags or by other weights (each folder records its own in SETTINGS_FILE)."""
     if args.overwrite:
         return
+    problem = stale_weights(args, outputs.folders())
+    if problem:
+        raise InferError(problem)
     settings = result_settings(args)
     for folder, keys, suffixes, way_out in recorded_folders(outputs):
         if not has_results(folder, suffixes):
@@ -500,10 +540,11 @@ def check_settings(outputs: Outputs, args) -> None:
                              f"image, or {way_out}")
 
 
-def record_settings(outputs: Outputs, args) -> None:
+def record_settings(outputs: Outputs, args, inputs: Dict[str, Dict]) -> None:
     settings = result_settings(args)
     for folder, keys, _, _ in recorded_folders(outputs):
-        text = json.dumps({k: settings.get(k) for k in keys}, indent=2, sort_keys=True) + "\n"
+        record = dict({k: settings.get(k) for k in keys}, inputs=inputs)
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
         atomic_write_text(folder / SETTINGS_FILE, text)
 
 
@@ -551,7 +592,7 @@ def make_cams(model: InferenceModel, items: Iterable[dict], outputs: Outputs, *,
 def main(args):
     # 1. flags, device, dataset, checkpoint, outputs: all checked before anything is written
     check_args(args)
-    outputs_given = output_folders(args)
+    outputs_given = given_folders(args)
     if not outputs_given:
         raise InferError("nothing to write: pass at least one of --png-dir (--cam_png), "
                          "--cam-dir (--cam_npy), --crf or --vis-dir")
@@ -604,6 +645,7 @@ def main(args):
               if predict else None)
     outputs = Outputs(args, info.class_names, vis_ids, labels)
     check_settings(outputs, args)
+    inputs = weights_inputs(args, outputs.folders())
     mine = ids[rank::world]  # interleaved split: every rank gets a similar mix of image sizes
     todo = mine if args.overwrite else [i for i in mine if not outputs.complete(i)]
     dataset = (InferDataset(info, args.img_root, todo, scales=args.scales,
@@ -621,7 +663,7 @@ def main(args):
     if rank == 0:
         for folder in outputs.folders() + [run_dir] + ([labels.dir] if labels else []):
             remove_stale_temps(folder)
-    record_settings(outputs, args)
+    record_settings(outputs, args, inputs)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
     logger.info("network %s (%s) from %s", found.network, found, args.weights)

@@ -21,6 +21,7 @@ state dict, the published name and layout for both heads, with the network recor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -46,6 +47,7 @@ from utils.device import (add_numerics_args, check_shared_memory, configure_nume
                           resolve_device)
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.layout import working_counts
 from utils.optim import PUBLISHED_MOMENTUM, build_adamw, build_optimizer, set_poly_lr
 from utils.plots import plot_losses
 from utils.progress import Progress
@@ -99,6 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=None,
         help="GLOBAL batch size; with torchrun each process takes batch_size / world_size "
              "(published: VOC 8, COCO 16, over 2 GPUs with DataParallel)")
+    add("--iter-size", type=int, default=1,
+        help="forward/backward passes accumulated per optimizer step (gradient accumulation): "
+             "--batch_size stays the global batch of one step, each pass takes 1/iter-size of "
+             "it, so a GPU that cannot hold its share keeps the published batch (published: 1; "
+             "the pipeline scripts' ITER_SIZE)")
     add("--lr", type=float, default=None,
         help="base learning rate of the 1x group; 2x/10x/20x groups scale it (published 0.01; "
              "a backbone with its own optimizer recipe has its own default, network/vit.py)")
@@ -146,6 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "Default: on with --weights (ImageNet init, as published), off from scratch")
     add_numerics_args(p, cudnn_benchmark=False, published="off (EPS main.py)")
     dist.add_dist_args(p)
+    dist.add_peer_timeout_arg(p)
     return p
 
 
@@ -207,11 +215,13 @@ def resolve_args(args, info, world: int) -> argparse.Namespace:
               (0 < args.resize_size[0] <= args.resize_size[1],
                "--resize_size needs 0 < MIN_LONG <= MAX_LONG"),
               (args.batch_size > 0, "--batch_size must be positive"),
-              (args.batch_size % world == 0,
+              (args.iter_size > 0, "--iter-size must be >= 1"),
+              (args.iter_size <= 0 or args.batch_size % (world * args.iter_size) == 0,
                f"--batch_size {args.batch_size} (global) cannot be split evenly over {world} "
-               f"processes: use {', '.join(str(d) for d in range(1, args.batch_size + 1) if args.batch_size % d == 0)} "
-               f"processes in all (NGPUS x NNODES), or change --batch_size (a deviation from the "
-               f"published recipe)"),
+               f"processes{f' x {args.iter_size} accumulated passes' if args.iter_size > 1 else ''}: use "
+               f"{', '.join(map(str, working_counts(args.batch_size, accum=max(1, args.iter_size))))} "
+               f"processes in all (the pipeline scripts choose one by default), or change "
+               f"--batch_size (a deviation from the published recipe)"),
               (args.max_iters > 0, "--max_iters must be positive"),
               (0 <= args.warmup_iters < max(args.max_iters, 1),
                "--warmup-iters must be >= 0 and smaller than --max-iters"),
@@ -314,7 +324,7 @@ def main(args):
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
                                   amp=args.amp)
-    dist.init_distributed(device, args.dist_timeout)
+    dist.init_distributed(device, args.dist_timeout, args.peer_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     check_data_root(args.data_root, "--data_root")
     info = get_dataset(args.dataset, args.metadata_dir, args.data_root)
@@ -349,7 +359,8 @@ def main(args):
     dataset = build_dataset(args, info, model)
     loader = seeded_loader(dataset, global_batch=args.batch_size, seed=args.seed,
                            start_batch=start_iter, rank=rank, world_size=world,
-                           num_workers=args.num_workers, pin_memory=pin_memory(device))
+                           num_workers=args.num_workers, pin_memory=pin_memory(device),
+                           accum=args.iter_size)
 
     # 4. run directory
     open_run_dir(run_dir, FINAL_NAME, start_iter)
@@ -360,7 +371,11 @@ def main(args):
         if getattr(dataset, "map_report", None) is not None:
             logger.info("%s", dataset.map_report.summary())
         logger.info("run directory %s; %d process(es) on %s; per-process batch %d", run_dir,
-                    world, device, args.batch_size // world)
+                    world, device, args.batch_size // (world * args.iter_size))
+        if args.iter_size > 1:
+            logger.info("batch %d = %d per process x %d processes x %d accumulated passes",
+                        args.batch_size, args.batch_size // (world * args.iter_size), world,
+                        args.iter_size)
         return train(args, model, loader, ckpt, run_dir, device, run.resume)
     finally:  # in-process callers (tests, pipelines) must not keep logging into this run's file
         close_file_log(run_dir / "log.txt")
@@ -459,30 +474,40 @@ def _loop(args, model, optimizer, scaler, loader, metrics, board, run_dir: Path,
     #    method does around it. Without them this is the published step, bit for bit.
     has_extras = model.sample_extras is not None
     for it in range(start_iter, end_iter):
-        batch = next(loader_iter)  # an endless sampler: never StopIteration
         # poly lr of this 0-based step, before the optimizer step (after a warmup, if any)
         lr = set_poly_lr(optimizer, it, args.max_iters, warmup_iters=args.warmup_iters,
                          warmup_ratio=recipe.warmup_ratio)
-        extra = {}
-        if has_extras:
-            batch, extras = batch[:-1], batch[-1]
-            extra = {"extras": {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                for k, v in extras.items()}}
-        img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        label = batch[-1].to(device, non_blocking=True)
-        sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = net(img)
-        losses = model.losses(out, label, sal, **extra, **hparams)  # the head's terms, in fp32
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for micro in range(args.iter_size):  # published: one pass (--iter-size 1)
+            batch = next(loader_iter)  # an endless sampler: never StopIteration
+            extra = {}
+            if has_extras:
+                batch, extras = batch[:-1], batch[-1]
+                extra = {"extras": {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
+                                    else v for k, v in extras.items()}}
+            img = batch[1].to(device, non_blocking=True).contiguous(memory_format=fmt)
+            label = batch[-1].to(device, non_blocking=True)
+            sal = batch[2].to(device, non_blocking=True) if model.needs_saliency else None
+            # DDP all-reduces the gradients on the last pass only
+            sync = net is model or micro == args.iter_size - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = net(img)
+                losses = model.losses(out, label, sal, **extra, **hparams)  # head's terms, fp32
+                loss = sum(losses.values())
+                if micro == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                # Every head's terms are means over the images of the pass, so the mean of the
+                # passes' losses is the loss of the whole batch (network/losses.py)
+                scaler.scale(loss / args.iter_size if args.iter_size > 1 else loss).backward()
+            terms = terms or list(losses)
+            part = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
+            stats = part if micro == 0 else stats + part
+        if args.iter_size > 1:
+            stats = stats / args.iter_size
         if model.around_step is None:
             step()
         else:
             model.around_step(step, it, **hparams)
-        terms = terms or list(losses)
-        stats = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in terms])
         window = stats if window is None else window + stats
         window_n, done = window_n + 1, it + 1
         progress.update(1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import random
@@ -44,14 +45,15 @@ from data.registry import DATASETS, check_data_root, dataset_root_of, get_datase
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
 from network.deeplab import (MAX_SCALE, MIN_SCALE, MSC_SCALES, SEG_ARCHS, build_deeplab,
                              load_init_weights)
-from utils import dist, flags
+from utils import dist, flags, provenance
 from utils.checkpoint import (changed_settings, open_run_dir, restore_training_state,
                               save_training_state, start_run)
 from utils.cli import add_flag, parent_parser, run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import atomic_write_text, torch_save
+from utils.layout import LayoutError, plan_layout, working_counts
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, setup_logging, write_run_info
@@ -99,6 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(m, "--init-kind", type=str, default="auto",
                    choices=["auto", "deeplab", "torchvision"],
                    help="layout of --init (default: detected from the key names)")
+    add_flag(m, "--allow-supervised-init", action=argparse.BooleanOptionalAction, default=False,
+             help="accept an --init whose classifier has this dataset's class count, i.e. a "
+                  "DeepLab trained on its label set (e.g. deeplab-pytorch's "
+                  "deeplabv2_resnet101_msc-vocaug-20000.pth): refused by default, because it "
+                  "makes the weakly supervised result fully supervised (paper: off)")
     add_flag(m, "--msc-scales", type=float, nargs="+",
                    default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
     o = p.add_argument_group("optimisation (defaults = published recipe)")
@@ -145,6 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     flags.add_tensorboard(r)
     add_numerics_args(r, cudnn_benchmark=True, published="on (deeplab-pytorch main.py)")
     dist.add_dist_args(r)
+    dist.add_peer_timeout_arg(r)
     return p
 
 
@@ -214,7 +222,8 @@ def build_model(args, n_classes: int, init: bool):
             raise TrainSegError(f"--init {args.init}: file not found; pass "
                                 f"deeplabv1_resnet101-coco.pth (bash script/download.sh weights), a torchvision "
                                 f"resnet101 .pth, or --init none")
-        load_init_weights(model, args.init, args.init_kind)
+        load_init_weights(model, args.init, args.init_kind,
+                          allow_supervised=args.allow_supervised_init)
     else:
         logger.warning("no --init: %s starts from random weights", args.arch)
     return model
@@ -255,23 +264,24 @@ def resolve_batch(batch_size: Optional[int], iter_size: Optional[int], world: in
                   effective: int = EFFECTIVE_BATCH) -> Tuple[int, int]:
     """(global batch per pass, accumulation) for ``world`` processes.
 
-    Unset (None, None): the published effective batch (5 x 2 = 10) split so that it divides
-    over the processes with at most 5 images per process and pass, fewest accumulation steps
+    Unset (None, None): the published effective batch (5 x 2 = 10) split by the layout planner
+    (utils/layout.py) with at most 5 images per process and pass, fewest accumulation steps
     first: 1 process 5 x 2 (published), 2 processes 10 x 1 (5 each), 5 processes 10 x 1 (2 each),
-    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the effective
-    batch is never changed silently. Set values are only checked."""
+    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the
+    effective batch is never changed silently (the pipeline scripts ask the planner for a count
+    that works). Set values are only checked."""
     if batch_size is None and iter_size is None:
-        for accum in sorted(d for d in range(1, effective + 1) if effective % d == 0):
-            per_pass = effective // accum
-            if per_pass % world == 0 and per_pass // world <= MAX_PER_PROCESS:
-                return per_pass, accum
-        ok = [w for w in range(1, effective + 1)
-              if any(effective % a == 0 and (effective // a) % w == 0
-                     and (effective // a) // w <= MAX_PER_PROCESS for a in range(1, effective + 1))]
-        raise TrainSegError(
-            f"{world} processes cannot split the published effective batch {effective} (5 x 2) "
-            f"evenly: use {', '.join(map(str, ok))} processes for this stage (SEG_NGPUS for the "
-            f"scripts), or set --batch-size and --iter-size yourself (a deviation)")
+        try:
+            layout = plan_layout(effective, world, procs_per_node=world, what="DeepLab",
+                                 max_per_process=MAX_PER_PROCESS, override="the process count")
+        except LayoutError:
+            ok = working_counts(effective, max_per_process=MAX_PER_PROCESS)
+            raise TrainSegError(
+                f"{world} processes cannot split the published effective batch {effective} "
+                f"(5 x 2) evenly: use {', '.join(map(str, ok))} processes for this stage "
+                f"(SEG_NGPUS for the scripts, which choose one by default), or set --batch-size "
+                f"and --iter-size yourself (a deviation)") from None
+        return layout.global_batch, layout.accum
     batch_size = BATCH_SIZE if batch_size is None else batch_size
     iter_size = ITER_SIZE if iter_size is None else iter_size
     if batch_size < 1 or iter_size < 1:
@@ -317,7 +327,7 @@ def main(args) -> Dict:
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
                                   amp=args.amp)
-    dist.init_distributed(device, args.dist_timeout)
+    dist.init_distributed(device, args.dist_timeout, args.peer_timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     check_args(args, world)
     check_shared_memory(args.num_workers)
@@ -340,6 +350,23 @@ def main(args) -> Dict:
     if args.eval_list:  # resolved now: a wrong name failed only after the training
         info.list_path(args.eval_list)
     n_classes = info.num_classes + 1
+    # What this run is made from (utils/provenance.py): the pseudo-masks (their own record) and
+    # the init file (name, size, sha256; in the pipeline's results table). A run is never
+    # resumed on other inputs: its checkpoint would mix two trainings.
+    record_file = run_dir / provenance.RUN_RECORD_NAME
+    if ckpt is not None:
+        stale = provenance.check(record_file)
+        if stale:
+            raise TrainSegError(f"{run_dir} was started on other inputs: {stale}; resuming would "
+                                f"mix two trainings: start a new --run-dir (or move {run_dir} "
+                                f"away)")
+    inputs = provenance.read_record(record_file) if ckpt is not None else None
+    if inputs is None and dist.is_main_process():  # rank 0 writes it (a hash of --init)
+        init = args.init if args.init and args.init.lower() != "none" else None
+        inputs = {"inputs": provenance.inputs_record({"masks": args.mask_dir, "init": init}),
+                  "init": (dict(path=str(Path(init).resolve()),
+                                **provenance.file_identity(init)) if init and Path(init).is_file()
+                           else None)}
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
@@ -371,6 +398,11 @@ def main(args) -> Dict:
     setup_logging(run_dir / "log.txt")
     try:
         write_run_info(run_dir, args, numerics=numerics)
+        if dist.is_main_process() and inputs is not None:
+            atomic_write_text(record_file, json.dumps(inputs, indent=2) + "\n")
+        if inputs and inputs.get("init"):
+            logger.info("init %s: %d bytes, sha256 %s", inputs["init"]["path"],
+                        inputs["init"]["size"], inputs["init"]["sha256"])
         logger.info("%s, transform %s", dataset, dataset.transform)
         logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: "
                     "5 x 2)", args.batch_size * args.iter_size, args.batch_size, args.iter_size,

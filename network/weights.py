@@ -75,7 +75,7 @@ def _unwrap(obj, source: str) -> StateDict:
     raise WeightsError(f"{source}: holds a {type(obj).__name__}, not a state_dict; {RESAVE_HINT}")
 
 
-def load_state_dict_file(path) -> StateDict:
+def load_state_dict_file(path, mmap: bool = False) -> StateDict:
     """Read a PyTorch weights file into a plain state_dict on the CPU.
 
     Accepts plain state_dicts (with or without the ``module.`` prefix) and checkpoint dicts with a
@@ -90,7 +90,7 @@ def load_state_dict_file(path) -> StateDict:
     if path.suffix == ".params":
         raise WeightsError(f"{path}: an MXNet .params file; pass it as ImageNet initialisation "
                            "(load_pretrained / --weights) or convert it with tools/convert_resnet38.py")
-    return _unwrap(load_torch_file(path), str(path))
+    return _unwrap(load_torch_file(path, mmap=mmap), str(path))
 
 
 def _as_state_dict(source: PathOrStateDict) -> tuple:
@@ -408,15 +408,23 @@ def imagenet_classifier_keys() -> frozenset:
         *(b.imagenet_classifier_keys for b in BACKBONES.values()))
 
 
-def read_pretrained(path) -> StateDict:
+def read_pretrained(path, shapes_only: bool = False) -> StateDict:
     """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed as
     psa's resnet38d.convert_mxnet_to_torch does) or a PyTorch file, with any ImageNet classifier
-    removed."""
+    removed. ``shapes_only``: tensors on the meta device (MXNet: a header pass over the file;
+    PyTorch: memory-mapped), for checks that read no weight values."""
     path = Path(path)
-    if path.suffix == ".params":
+    if path.suffix == ".params" and shapes_only:
+        from network.resnet38d import mxnet_name_to_torch
+        sd = {}
+        for name, shape in mxnet_params.read_shapes(path).items():
+            key = mxnet_name_to_torch(name)
+            if key is not None:
+                sd[key] = torch.empty(shape, device="meta")
+    elif path.suffix == ".params":
         sd = convert_mxnet_to_torch(mxnet_params.load_params(path))
     else:
-        sd = load_state_dict_file(path)
+        sd = load_state_dict_file(path, mmap=shapes_only)
     drop = imagenet_classifier_keys()
     dropped = [k for k in sd if k in drop]
     for k in dropped:
@@ -451,6 +459,37 @@ def load_pretrained(model: nn.Module, path, sd: Optional[StateDict] = None) -> d
     assert set(result.missing_keys) == set(head) and not result.unexpected_keys, result
     logger.info("ImageNet init from %s: %d tensors loaded, new: %s", path, len(sd), head)
     return dict(missing=list(result.missing_keys), loaded=len(sd))
+
+
+def _initial_kind(model: nn.Module, path: Path, sd: StateDict) -> str:
+    """"imagenet" or "checkpoint" for train.py --weights, or the WeightsError the loading would
+    raise (shapes only: works on a meta-device model; the checks of load_pretrained and of the
+    checkpoint branch of load_initial_weights)."""
+    head = set(head_keys(model))
+    if not any(k in head for k in sd):
+        missing, unexpected, mismatched = _compare(model, _fill_num_batches_tracked(model, sd))
+        if mismatched or unexpected or set(missing) != head:
+            raise WeightsError(_mismatch_message(str(path), model, sd, [k for k in missing if k not in head],
+                                                 unexpected, mismatched, "ImageNet initialisation "
+                                                 "leaves exactly the head new"))
+        return "imagenet"
+    if not fits(sd, model.network_name, model.num_classes, model.options()):
+        raise WeightsError(
+            f"--weights {path}: {describe_checkpoint(sd)}; but {model.network_name} for the "
+            f"dataset's {model.num_classes} classes needs other shapes. Pass the ImageNet weights "
+            f"(README 'Downloads'), or a checkpoint trained for this network and dataset")
+    return "checkpoint"
+
+
+def check_initial_weights(path, network: str, num_classes: int, **build_kwargs) -> str:
+    """What load_initial_weights would do with ``path``, in seconds and without any weight
+    values: the file's header (MXNet) or memory-mapped keys and shapes (PyTorch) against the
+    network built on the meta device. Raises the WeightsError the run would meet; returns
+    "imagenet" or "checkpoint" (tools/preflight.py)."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = build_network(network, num_classes, **build_kwargs)
+    return _initial_kind(model, path, read_pretrained(path, shapes_only=True))
 
 
 def load_initial_weights(model: nn.Module, path) -> str:

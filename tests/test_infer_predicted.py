@@ -165,11 +165,12 @@ def test_ranks_write_their_own_records_and_the_last_one_combines(env, tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted")
+    # (--device auto under a launcher of 2 processes needs CUDA: utils/device.py)
+    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted", "--device", "cpu")
     assert sorted(p.stem for p in (out.parent / infer.PREDICTED_DIR).glob("*.txt")) == ["img_a", "img_c"]
     assert not (out.parent / infer.PREDICTED_FILE).exists()   # rank 1 has not written its part yet
     monkeypatch.setenv("RANK", "1")
-    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted")
+    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted", "--device", "cpu")
     assert list(read_image_labels(out.parent / infer.PREDICTED_FILE, C)) == IDS   # list order
 
 
@@ -217,7 +218,7 @@ def test_torchrun_two_ranks_predicted_labels(env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "infer.py"), "--dataset", "custom", "--img_root", str(env["root"]),
            "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0",
-           "--labels", "predicted", "--scales", "1.0"]
+           "--labels", "predicted", "--scales", "1.0", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]

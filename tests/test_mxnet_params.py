@@ -418,6 +418,22 @@ def test_convert_tool_rejects_a_wrong_file(tmp_path):
         convert(path)
 
 
+def test_preflight_reads_only_the_headers(full_params, tmp_path):
+    """tools/preflight.py checks --weights with a header pass (shapes, no data read) against the
+    network on the meta device; a truncated file is named as such there, before any compute."""
+    from network.mxnet_params import read_shapes
+    from network.weights import check_initial_weights
+    params, _ = full_params
+    shapes = read_shapes(params)
+    assert len(shapes) == len(ademxapp_names()) and shapes["conv1a_weight"] == (64, 3, 3, 3)
+    assert check_initial_weights(params, "resnet38_eps", 20) == "imagenet"
+    cut = tmp_path / "cut.params"
+    with open(params, "rb") as f:
+        cut.write_bytes(f.read(10_000_000))
+    with pytest.raises(MXNetParamsError, match="truncated"):
+        check_initial_weights(cut, "resnet38_eps", 20)
+
+
 def test_download_converts_the_params_and_checks_the_trunk(full_params, converted, tmp_path,
                                                            monkeypatch):
     """`bash script/download.sh weights` with the .params in place (as fetched, or put there by

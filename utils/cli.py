@@ -165,5 +165,11 @@ def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callab
     except KeyboardInterrupt:
         report_error(parser.prog, "interrupted")
         return 130
+    except Exception as e:  # a peer that vanished mid-collective: one line naming it
+        lost = dist.failure_message(e)
+        if lost is None:
+            raise
+        report_error(parser.prog, lost)
+        return 2
     dist.cleanup()
     return exit_code(result) if exit_code is not None else 0

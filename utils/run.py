@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, write_errors
 from utils.dist import is_main_process
 from utils.errors import UserError
 
@@ -131,9 +131,10 @@ class JsonlLogger:
     def log(self, **record) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        with write_errors(self.path.parent, self.path.name):  # a full disk: one line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=float) + "\n")
         if self.mirror is not None:
             self.mirror.scalars(record)
 

@@ -69,10 +69,28 @@ def _unreadable_message(path: Path, head: bytes, e: Exception,
             f"torch.save, or download it again if a download saved something else in its place")
 
 
-def load_torch_file(path, resave_hint: str = RESAVE_HINT):
+def looks_like_caffemodel(path: Path, head: bytes) -> bool:
+    """A Caffe .caffemodel (a NetParameter protobuf: field 1 'name', a short text, then layers
+    as field 100 or the legacy field 2), by its name or its first bytes."""
+    if path.suffix.lower() == ".caffemodel":
+        return True
+    if len(head) < 4 or head[0] != 0x0A or not 0 < head[1] < 0x80 or len(head) < 3 + head[1]:
+        return False
+    name = head[2:2 + head[1]]
+    return all(32 <= b < 127 for b in name) and head[2 + head[1]] in (0x12, 0xA2, 0x1A, 0x22)
+
+
+CAFFE_HINT = ("convert it first: python -m network.caffemodel FILE.caffemodel "
+              "deeplabv1_resnet101-coco.pth (bash script/download.sh weights fetches and converts "
+              "DeepLab's init; docs/segmentation.md 'Initial weights')")
+
+
+def load_torch_file(path, resave_hint: str = RESAVE_HINT, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` on the CPU, with every failure as one
     WeightsError line (see load_state_dict_file). ``resave_hint`` is the fix named for a file
-    that holds Python objects (train.py's resume checkpoints need their own)."""
+    that holds Python objects (train.py's resume checkpoints need their own). ``mmap``: map the
+    tensors instead of reading them (keys and shapes in a fraction of a second, for checks
+    such as tools/preflight.py's; legacy-format files are read whole)."""
     path = Path(path)
     try:
         head = read_file_start(path)
@@ -85,8 +103,20 @@ def load_torch_file(path, resave_hint: str = RESAVE_HINT):
         raise WeightsError(f"{path}: an MXNet .params file under another name; rename it to .params "
                            "and pass it as ImageNet initialisation, or convert it with "
                            "tools/convert_resnet38.py")
+    if looks_like_caffemodel(path, head):
+        raise WeightsError(f"{path}: a Caffe .caffemodel, not a PyTorch file; "
+                       f"{CAFFE_HINT.replace('FILE.caffemodel', str(path))}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = None
+        if mmap and kind == "zip":
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - read it whole below; its error is the message
+                obj = None
+        if obj is None:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, EOFError, ... here
