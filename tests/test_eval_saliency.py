@@ -246,3 +246,5 @@ def test_message_examples_and_file_hashes_have_one_place(tmp_path):
     (tmp_path / "f").write_bytes(b"eps" * 1000)
     assert fetch.sha256_of(tmp_path / "f") == hashlib.sha256(b"eps" * 1000).hexdigest()
     assert make_saliency.sha256_of is convert_resnet38.sha256_of is fetch.sha256_of
+    from utils import provenance
+    assert not hasattr(provenance, "sha256_of")  # its file identities hash through fetch too
