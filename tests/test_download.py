@@ -439,6 +439,38 @@ def test_a_destination_on_another_disk_is_copied_into_place(fixtures, server, tm
     assert not list((root / "datasets" / ".downloads").iterdir())
 
 
+def test_file_system_errors_of_a_row_are_one_line_naming_the_path(fixtures, server, tmp_path,
+                                                                   monkeypatch):
+    """Permission denied on an existing sub-folder (simulated: the tests run as root, whom
+    permissions do not stop) and a file where a folder belongs (real): the row fails in one
+    line naming the path and the problem, the other rows are done, no traceback."""
+    real = os.replace
+
+    def replace(src, dst):
+        if "staging-" in str(src) and "staging-" not in str(dst) and "SALImages" in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", replace)
+    root = tmp_path / "root"
+    msg = fail(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    sal = root / VOC / "SALImages"
+    assert msg.startswith("1 of 5 rows failed: voc12_saliency: ")
+    assert re.search(rf"staging-voc12_saliency/placed/{VOC}/SALImages -> {re.escape(str(sal))}: "
+                     r"permission denied: fix the folder's permissions or choose another folder "
+                     r"\(\[Errno 13\] Permission denied\)$", msg), msg
+    assert (root / VOC / "JPEGImages").is_dir() and not sal.exists()
+    monkeypatch.setattr(download.os, "replace", real)
+    # a file where the saliency maps' parent folder belongs
+    shutil.rmtree(root / VOC)
+    root.joinpath(VOC).write_text("not a folder")
+    msg = fail(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    assert msg.startswith("3 of 5 rows failed: voc12_images: ")
+    assert (f"{root / VOC}: a file stands where a folder belongs: move it away and rerun ([Errno "
+            f"17] File exists)") in msg, msg
+    assert "Traceback" not in msg
+
+
 def test_full_disk_is_one_line_and_the_partial_file_stays(fixtures, server, tmp_path, monkeypatch):
     real = fetch.write_chunk
     written = []

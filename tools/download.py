@@ -53,7 +53,7 @@ from utils import fetch  # noqa: E402
 from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fetch import ArchiveError, DownloadError, SourceError, human  # noqa: E402
-from utils.io import atomic_write_text, torch_save  # noqa: E402
+from utils.io import atomic_write_text, file_system_errors, torch_save  # noqa: E402
 from utils.progress import format_duration, is_terminal  # noqa: E402
 
 logger = logging.getLogger("download")
@@ -889,6 +889,14 @@ def make_ctx(args) -> Ctx:
 
 
 def main(args) -> List[Result]:
+    # Everything here is file work on the user's folders: an OSError on a path (permission
+    # denied on an existing sub-folder, a file where a folder belongs) is one line naming it,
+    # for the whole run before the rows, and per row below (the other rows go on)
+    with file_system_errors():
+        return _main(args)
+
+
+def _main(args) -> List[Result]:
     ctx = make_ctx(args)
     names = list(ctx.items) + ["all"]
     if not args.items:
@@ -928,12 +936,13 @@ def main(args) -> List[Result]:
     results: Dict[str, Result] = {}
     for r in rows:
         try:
-            results[r.key] = process_row(ctx, r)
+            with file_system_errors():
+                results[r.key] = process_row(ctx, r)
         except KeyboardInterrupt:
             print(f"interrupted during {r.key}: rerun the same command to resume (a partial "
                   f"download continues where it stopped)", file=sys.stderr, flush=True)
             raise
-        except UserError as e:  # this row failed (download, check, conversion): go on with the rest
+        except UserError as e:  # this row failed (download, check, conversion, file system): go on
             msg = " ".join(str(e).split())
             msg = msg if msg.startswith(f"{r.key}:") else f"{r.key}: {msg}"
             logger.error("%s", msg)
