@@ -19,8 +19,9 @@ Outputs (all optional, written atomically, one file per image):
 ``--labels predicted`` masks the CAMs with the classifier's own multi-label prediction instead of
 image_labels.txt (images without labels; docs/custom-data.md): the classes whose sigmoid score on
 the unflipped view nearest scale 1 reaches --label-thr, or the top class when none does. The labels
-used go to <run dir>/predicted_labels/<id>.txt (one record per image, written by whichever rank
-made it) and, once every id has one, to <run dir>/predicted_labels.txt (image_labels.txt format)
+used go beside the output folders (into their parent, or into --run-dir when given; never into a
+folder of per-image results): predicted_labels/<id>.txt (one record per image, written by
+whichever rank made it) and, once every id has one, predicted_labels.txt (image_labels.txt format)
 and predicted_scores.csv.
 A rerun skips ids whose requested outputs all exist (resume); --overwrite recomputes them. Each
 output folder records the settings that made it, and a rerun with other settings is refused.
@@ -79,6 +80,9 @@ RESULT_FLAGS = ("dataset", "weights", "network", "thr", "scales", "bg_from_eps",
                 "crf_alpha", "crf_t", "crf_params", "amp", "labels", "label_thr")
 # What a settings record written before a flag existed meant by its absence.
 RESULT_DEFAULTS = {"labels": "gt", "label_thr": None}
+# What --labels predicted's labels depend on: the settings record of their folder (runs that
+# differ only in --thr, CRF ... share it; a different checkpoint or threshold is refused).
+LABEL_FLAGS = ("dataset", "weights", "network", "scales", "amp", "labels", "label_thr")
 # In every output folder: the result flags and the identity of the weights (utils/provenance.py),
 # so that a checkpoint retrained under the same name is never taken for the one that made them
 SETTINGS_FILE = provenance.RECORD_NAME
@@ -132,7 +136,8 @@ def get_args_parser():
                    help="which classes' CAMs make the pseudo-mask: gt = image_labels.txt (the "
                         "published behaviour); predicted = the classifier's own multi-label "
                         "prediction (images without labels; no image_labels.txt needed), "
-                        "written to <run dir>/predicted_labels.txt")
+                        "written to predicted_labels.txt beside the output folders (in their "
+                        "parent; in --run-dir when given)")
     add_flag(g, "--label-thr", type=float, default=DEFAULT_LABEL_THR,
              help=f"--labels predicted: a class is present when its sigmoid score reaches this "
                   f"(at least the top class is kept); default {DEFAULT_LABEL_THR}, chosen on the "
@@ -316,6 +321,19 @@ def make_scorer(model: torch.nn.Module, device: torch.device, scales: Sequence[f
     return score
 
 
+def given_folders(args) -> List[Path]:
+    """The output folders as the flags give them (--crf before its a<alpha>_t<t> sub-folders),
+    first one first: it holds the run records when --run-dir is not given."""
+    return [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
+
+
+def labels_home(args) -> Path:
+    """Where --labels predicted writes the labels it used: --run-dir when given, else beside
+    the output folders (the first one's parent), so that no folder of per-image results holds
+    anything but those results (docs/inference.md)."""
+    return args.run_dir if args.run_dir is not None else given_folders(args)[0].parent
+
+
 class PredictedLabels:
     """The labels --labels predicted used. One record per image, ``<dir>/<id>.txt`` (its
     image_labels.txt line, then ``# scores`` with the C probabilities), written atomically by
@@ -441,11 +459,22 @@ def result_settings(args) -> Dict:
     return out
 
 
-def has_results(folder: Path) -> bool:
+def has_results(folder: Path, suffixes: Tuple[str, ...] = (".png", ".npz")) -> bool:
     if not folder.is_dir():
         return False
     with os.scandir(folder) as it:
-        return any(e.name.endswith((".png", ".npz")) and not e.name.startswith(".") for e in it)
+        return any(e.name.endswith(suffixes) and not e.name.startswith(".") for e in it)
+
+
+def recorded_folders(outputs: Outputs) -> List[Tuple[Path, Sequence[str], Tuple[str, ...], str]]:
+    """(folder, the flags its results depend on, its results' suffixes, the other way out of a
+    refusal) of every folder that records its settings: the output folders, and the per-image
+    records of --labels predicted (shared by runs beside each other that predict the same)."""
+    out = [(f, RESULT_FLAGS, (".png", ".npz"), "choose another folder") for f in outputs.folders()]
+    if outputs.labels is not None:
+        out.append((outputs.labels.dir, LABEL_FLAGS, (".txt",),
+                    "give this run its own --run-dir (the labels go there)"))
+    return out
 
 
 def output_folders(args) -> List[Path]:
@@ -491,29 +520,31 @@ def check_settings(outputs: Outputs, args) -> None:
     problem = stale_weights(args, outputs.folders())
     if problem:
         raise InferError(problem)
-    now = result_settings(args)
-    for folder in outputs.folders():
-        if not has_results(folder):
+    settings = result_settings(args)
+    for folder, keys, suffixes, way_out in recorded_folders(outputs):
+        if not has_results(folder, suffixes):
             continue
         record = folder / SETTINGS_FILE
         try:
             prev = json.loads(record.read_text())
         except (OSError, ValueError):
             raise InferError(f"{folder} already holds results but no record of their settings "
-                             f"({record}); pass --overwrite to recompute every image, or choose "
-                             f"another folder") from None
-        prev = {k: prev.get(k, RESULT_DEFAULTS.get(k)) for k in RESULT_FLAGS}
-        diff = {k: (prev.get(k), now.get(k)) for k in RESULT_FLAGS if prev.get(k) != now.get(k)}
+                             f"({record}); pass --overwrite to recompute every image, or "
+                             f"{way_out}") from None
+        prev = {k: prev.get(k, RESULT_DEFAULTS.get(k)) for k in keys}
+        diff = {k: (prev.get(k), settings.get(k)) for k in keys if prev.get(k) != settings.get(k)}
         if diff:
             text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise InferError(f"{folder} holds results made with other settings ({text}); rerun "
                              f"with the same flags to resume, pass --overwrite to recompute every "
-                             f"image, or choose another folder")
+                             f"image, or {way_out}")
 
 
 def record_settings(outputs: Outputs, args, inputs: Dict[str, Dict]) -> None:
-    text = json.dumps(dict(result_settings(args), inputs=inputs), indent=2, sort_keys=True) + "\n"
-    for folder in outputs.folders():
+    settings = result_settings(args)
+    for folder, keys, _, _ in recorded_folders(outputs):
+        record = dict({k: settings.get(k) for k in keys}, inputs=inputs)
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
         atomic_write_text(folder / SETTINGS_FILE, text)
 
 
@@ -561,7 +592,7 @@ def make_cams(model: InferenceModel, items: Iterable[dict], outputs: Outputs, *,
 def main(args):
     # 1. flags, device, dataset, checkpoint, outputs: all checked before anything is written
     check_args(args)
-    outputs_given = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
+    outputs_given = given_folders(args)
     if not outputs_given:
         raise InferError("nothing to write: pass at least one of --png-dir (--cam_png), "
                          "--cam-dir (--cam_npy), --crf or --vis-dir")
@@ -582,8 +613,10 @@ def main(args):
                     "launch with torchrun --nproc_per_node N infer.py ...")
     check_shared_memory(args.num_workers)
     run_dir = args.run_dir or outputs_given[0]
+    predict = args.labels == "predicted"
     for flag, folder in (("--png-dir", args.png_dir), ("--cam-dir", args.cam_dir),
-                         ("--crf", args.crf), ("--vis-dir", args.vis_dir), ("--run-dir", run_dir)):
+                         ("--crf", args.crf), ("--vis-dir", args.vis_dir), ("--run-dir", run_dir),
+                         ("--labels predicted", labels_home(args) if predict else None)):
         if folder is not None:
             check_writable(folder, flag)
     if args.crf is not None:
@@ -602,14 +635,13 @@ def main(args):
     if args.bg_from_eps and not model.has_background:
         raise InferError(f"--bg-from-eps needs a head with a background map (eps); "
                          f"{found.network} has none")
-    predict = args.labels == "predicted"
     if predict and type(model).class_scores is Head.class_scores:
         raise InferError(f"--labels predicted needs the head's class scores, and the "
                          f"{model.head_type!r} head of {found.network} declares no "
                          f"class_scores(x) (network/heads.py); use --labels gt")
     ids = info.read_ids(args.infer_list or info.train_defaults.get("infer_list", "train"))
     vis_ids = set(ids[:args.vis_num]) if args.vis_dir is not None else set()
-    labels = (PredictedLabels(run_dir, info.class_names, args.label_thr, args.weights)
+    labels = (PredictedLabels(labels_home(args), info.class_names, args.label_thr, args.weights)
               if predict else None)
     outputs = Outputs(args, info.class_names, vis_ids, labels)
     check_settings(outputs, args)

@@ -43,12 +43,9 @@ from data.registry import DatasetInfo, dataset_root_of
 from data.saliency import check_map_size
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
                              multiscale_arrays)
+from utils.errors import examples
 
 logger = logging.getLogger(__name__)
-
-# How many offending files an error message lists before "... and N more".
-_SHOW = 5
-
 
 # --------------------------------------------------------------------------------------------
 # File readers with clear errors
@@ -110,11 +107,6 @@ def load_mask(path, image_size=None, image_path=None) -> np.ndarray:
     return mask
 
 
-def _examples(items: Sequence[str]) -> str:
-    text = "; ".join(str(x) for x in items[:_SHOW])
-    return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
 def _image_problem(path) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     """(why an image cannot be read as load_rgb reads it, or None; its (w, h) when it can).
     Header only for 8-bit files."""
@@ -166,7 +158,7 @@ def check_files(ids: Sequence[str], image_paths: Sequence, mask_paths: Optional[
     if problems:
         what = "image or mask" if mask_paths is not None else "image"
         raise DataError(f"{len(problems)} of {len(ids)} ids have an {what} that cannot be used "
-                        f"({_examples(problems)}); replace or fix these files, or remove their "
+                        f"({examples(problems)}); replace or fix these files, or remove their "
                         f"ids from the list (tools/check_dataset.py lists every problem)")
 
 
@@ -257,12 +249,12 @@ class _BaseDataset(Dataset):
         if missing and not skip_missing:
             raise DataError(
                 f"{len(missing)} of {len(ids)} listed ids have missing files (not found: "
-                f"{_examples(missing)}). Fix the data root / saliency root / mask folder "
+                f"{examples(missing)}). Fix the data root / saliency root / mask folder "
                 f"(tools/check_dataset.py prints a full report), or pass --skip-missing to "
                 f"drop these ids")
         if missing:
             logger.warning("%s: skipped %d of %d ids with missing files (first: %s)",
-                           type(self).__name__, len(missing), len(ids), _examples(missing))
+                           type(self).__name__, len(missing), len(ids), examples(missing))
         if not self.ids:
             raise DataError(f"no listed id has its files under {self.data_root}: check the root")
         self.labels: Optional[np.ndarray] = self._collect_labels() if self.needs_labels else None

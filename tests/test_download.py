@@ -45,6 +45,7 @@ from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 VOC = table.VOC
+COCO = table.COCO
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,8 +390,9 @@ def test_interrupted_run_resumes_on_the_next_run(fixtures, server, tmp_path, mon
 def test_unreachable_source_hands_over_to_the_second_one(fixtures, server, tmp_path, monkeypatch,
                                                          caplog):
     row = fixtures["rows"]["voc12_masks"]
-    dead = closed_port_url(row.file)
-    two = dataclasses.replace(row, sources=(Source("http", dead, "dead"),
+    dead, dead2 = closed_port_url(row.file), f"{server.url}/missing/{row.file}"
+    # three sources, as VOC's images have: each hand-over names the rank of both sources
+    two = dataclasses.replace(row, sources=(Source("http", dead, "dead"), Source("http", dead2, "404"),
                                             Source("http", f"{server.url}/{row.file}", "alive")))
     # no mirror here: every row names the server as its source, the masks a dead one first
     rows = {k: dataclasses.replace(r, sources=(Source("http", f"{server.url}/{r.file}", "fixture"),))
@@ -402,7 +404,9 @@ def test_unreachable_source_hands_over_to_the_second_one(fixtures, server, tmp_p
     args = ["voc12", "--root", root, "--retries", "0"]
     run(args, path, monkeypatch)
     assert (root / VOC / "SegmentationClassAug").is_dir()
-    assert f"trying the second source {server.url}/{row.file}" in caplog.text
+    assert f"source {dead} failed (" in caplog.text and f"trying the second source {dead2}\n" in caplog.text
+    assert f"second source {dead2} failed (" in caplog.text
+    assert f"trying the third source {server.url}/{row.file}\n" in caplog.text
     # no source left: the error names the manual step
     shutil.rmtree(root / VOC / "SegmentationClassAug")
     rows["voc12_masks"] = dataclasses.replace(row, sources=(Source("http", dead, "dead"),))
@@ -433,6 +437,38 @@ def test_a_destination_on_another_disk_is_copied_into_place(fixtures, server, tm
     assert sorted(p.stem for p in (voc / "SALImages").iterdir()) == sorted(fixtures["ids"])
     assert not [p for p in voc.iterdir() if p.name.startswith(".")]
     assert not list((root / "datasets" / ".downloads").iterdir())
+
+
+def test_file_system_errors_of_a_row_are_one_line_naming_the_path(fixtures, server, tmp_path,
+                                                                   monkeypatch):
+    """Permission denied on an existing sub-folder (simulated: the tests run as root, whom
+    permissions do not stop) and a file where a folder belongs (real): the row fails in one
+    line naming the path and the problem, the other rows are done, no traceback."""
+    real = os.replace
+
+    def replace(src, dst):
+        if "staging-" in str(src) and "staging-" not in str(dst) and "SALImages" in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", replace)
+    root = tmp_path / "root"
+    msg = fail(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    sal = root / VOC / "SALImages"
+    assert msg.startswith("1 of 5 rows failed: voc12_saliency: ")
+    assert re.search(rf"staging-voc12_saliency/placed/{VOC}/SALImages -> {re.escape(str(sal))}: "
+                     r"permission denied: fix the folder's permissions or choose another folder "
+                     r"\(\[Errno 13\] Permission denied\)$", msg), msg
+    assert (root / VOC / "JPEGImages").is_dir() and not sal.exists()
+    monkeypatch.setattr(download.os, "replace", real)
+    # a file where the saliency maps' parent folder belongs
+    shutil.rmtree(root / VOC)
+    root.joinpath(VOC).write_text("not a folder")
+    msg = fail(["voc12", "--root", root, "--mirror", server.url], fixtures["table"], monkeypatch)
+    assert msg.startswith("3 of 5 rows failed: voc12_images: ")
+    assert (f"{root / VOC}: a file stands where a folder belongs: move it away and rerun ([Errno "
+            f"17] File exists)") in msg, msg
+    assert "Traceback" not in msg
 
 
 def test_full_disk_is_one_line_and_the_partial_file_stays(fixtures, server, tmp_path, monkeypatch):
@@ -482,6 +518,40 @@ def test_free_disk_is_checked_before_anything_is_fetched(fixtures, server, tmp_p
     assert server.requests == [] and not (root / "datasets").exists()
 
 
+def test_free_disk_is_measured_on_each_destinations_own_disk(tmp_path, monkeypatch):
+    """datasets/VOCdevkit linked to another disk: the extracted data is charged to that disk
+    (by its real path), the archives and the staging copy to the disk of datasets/.downloads;
+    a shortage on the linked disk is refused naming it."""
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "datasets").mkdir(parents=True)
+    (other / "VOCdevkit").mkdir(parents=True)
+    (root / "datasets" / "VOCdevkit").symlink_to(other / "VOCdevkit", target_is_directory=True)
+    real_stat = os.stat
+
+    def stat(path, *a, **k):  # everything under other/ is on a second device
+        st = real_stat(path, *a, **k)
+        if os.path.realpath(path).startswith(str(other)):
+            return os.stat_result(st[:2] + (st.st_dev + 1,) + st[3:])
+        return st
+
+    monkeypatch.setattr(os, "stat", stat)
+    rows = {k: table.ROWS[k] for k in ("voc12_images", "voc12_masks", "voc12_saliency")}
+    ctx = download.Ctx(root=root, rows=rows, items={"voc12": tuple(rows)})
+    todo = list(rows.values())
+    known, estimated, need = download.disk_plan(ctx, todo)
+    fetched = {r.key: r.size if r.size is not None else r.estimate for r in todo}
+    assert need == {
+        other / "VOCdevkit": sum(r.unpacked for r in todo),  # everything extracted lands there
+        root / "datasets": max(fetched[r.key] + r.unpacked for r in todo)}  # archive + staging
+    # enough room where the archives go, too little on the linked disk: refused, naming it
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(fetch, "disk_usage", lambda p: Usage(10 ** 13, 0, (
+        10 ** 9 if str(p).startswith(str(other)) else 10 ** 12)))
+    with pytest.raises(download.DownloadError, match=rf"needed on the disk of {re.escape(str(other))}/"
+                                                     rf"VOCdevkit \("):
+        download.check_disk(ctx, todo)
+
+
 def test_dry_run_lists_every_input_and_fetches_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(download.TABLE_ENV, raising=False)
     root = tmp_path / "root"
@@ -505,6 +575,10 @@ def test_dry_run_lists_every_input_and_fetches_nothing(tmp_path, monkeypatch, ca
     used = {u for r in table.ROWS.values() for u in r.used_by}
     assert used == {"voc12_cls.sh", "voc12_eps.sh", "coco_cls.sh", "coco_eps.sh", "eval_released.sh"}
     assert "15 of 15 rows to fetch or make" in out
+    # sources by rank: VOC's images have three
+    voc = out[out.index("] voc12_images: "):]
+    assert re.search(r"\n    source     http://host\.robots.*\n    second     https://thor\.robots.*\n"
+                     r"    third      http://pjreddie\.com/", voc), voc[:1000]
     assert not root.exists()
 
 
@@ -819,6 +893,10 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
     (root / "weights").mkdir()
     torch.manual_seed(0)
     torch.save(build_network("small_eps", 20).state_dict(), root / "weights" / "voc12_eps.pth")
+    # a COCO checkpoint whose dataset folder is there but empty: preflight refuses that row,
+    # which says why, and the table is still printed in full
+    torch.save(build_network("small_eps", 80).state_dict(), root / "weights" / "coco_eps.pth")
+    (root / COCO).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("CHECKPOINT", "DATASET_ROOT", "DATASET",
                                                             "OUT_DIR", "LIST", "NGPUS")}
     env.update(PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1", DOWNLOAD_ROOT=str(root),
@@ -826,7 +904,7 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
                INFER_ARGS="--scales 1.0 --num-workers 0 --writer-threads 1")
     proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "| dataset | network | list | published mIoU | this run |"
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]
@@ -835,6 +913,10 @@ def test_eval_released_without_arguments_evaluates_what_download_fetched(tmp_pat
         ["coco", "resnet38_cls", "-", "31.23"], ["coco", "resnet38_eps", "-", "37.15"]]
     assert re.fullmatch(r"\d+\.\d\d", cells[1][4])
     assert cells[0][4] == "not downloaded: bash script/download.sh released"
+    assert cells[3][4].startswith("failed: preflight: "), cells[3][4]
+    assert "problem(s), nothing was run: infer: " in cells[3][4] and "Traceback" not in proc.stderr
+    assert "1 of the checkpoints above could not be evaluated" in proc.stderr
+    assert not (tmp_path / "out" / "released_coco_eps_coco").exists()
     assert (tmp_path / "out" / "released_voc12_eps_voc12" / "miou.txt").is_file()
     # nothing downloaded at all: one line naming the command
     proc = subprocess.run(["bash", str(REPO / "script" / "eval_released.sh")],

@@ -139,9 +139,26 @@ def test_demo_report_flags_the_deliberately_missed_objects(demo, tmp_path, capsy
     assert rows[0].startswith("id,mae,max_f,f_eps") and len(rows) == 151
     some_id, some_class = sorted(damaged)[0]
     assert any(r.startswith(some_id + ",") and some_class in r for r in rows)
-    # no overwrite of a finished report
-    with pytest.raises(es.SaliencyEvalError, match="exists; pass --overwrite"):
+    # no overwrite of a finished report: of any of its files, the .md gone or not
+    with pytest.raises(es.SaliencyEvalError, match="report.md, .*report.json, .*report_per_image.csv "
+                                                   r"exist\(s\) .*pass --overwrite"):
         run(demo, "--out", tmp_path / "report.md")
+    (tmp_path / "report.md").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("report*")}
+    with pytest.raises(es.SaliencyEvalError, match=r"report.json, .*report_per_image.csv exist\(s\)"):
+        run(demo, "--out", tmp_path / "report.md")
+    (tmp_path / "report.json").unlink()
+    with pytest.raises(es.SaliencyEvalError, match=r": \S*report_per_image.csv exist\(s\)"):
+        run(demo, "--out", tmp_path / "report.md")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("report*")} == {
+        "report_per_image.csv": before["report_per_image.csv"]}
+    run(demo, "--out", tmp_path / "report.md", "--overwrite")
+    assert sorted(p.name for p in tmp_path.glob("report*")) == [
+        "report.json", "report.md", "report_per_image.csv"]
+    # a report named like its own summary would be overwritten by it
+    with pytest.raises(es.SaliencyEvalError, match=r"--out \S*r.json: the JSON summary is written "
+                                                   r"beside the report as"):
+        run(demo, "--out", tmp_path / "r.json")
 
 
 def test_a_class_the_maps_never_cover_is_flagged(demo, tmp_path, caplog, capsys):
@@ -212,3 +229,22 @@ def test_voc_report_puts_pfan_beside_the_users_maps(tmp_path, capsys):
     assert pfan.mae == 0 and pfan.f_eps == 1.0
     out = capsys.readouterr().out
     assert "| PFAN |" in out and "| person |" in out
+
+
+def test_message_examples_and_file_hashes_have_one_place(tmp_path):
+    """The "a; b; ... and N more" of the one-line errors (utils/errors.py) and a file's sha256
+    (utils/fetch.py) are each written once, and the tools use those."""
+    import hashlib
+    from data import datasets, saliency
+    from tools import convert_resnet38, make_saliency
+    from utils import errors, fetch
+    assert errors.examples(range(7)) == "0; 1; 2; 3; 4; ... and 2 more"
+    assert errors.examples(iter(["a", "b"])) == "a; b" and errors.examples([]) == ""
+    assert errors.examples(range(4), n=2) == "0; 1; ... and 2 more"
+    for module in (es, make_saliency, datasets, saliency):
+        assert module.examples is errors.examples and not hasattr(module, "_examples")
+    (tmp_path / "f").write_bytes(b"eps" * 1000)
+    assert fetch.sha256_of(tmp_path / "f") == hashlib.sha256(b"eps" * 1000).hexdigest()
+    assert make_saliency.sha256_of is convert_resnet38.sha256_of is fetch.sha256_of
+    from utils import provenance
+    assert not hasattr(provenance, "sha256_of")  # its file identities hash through fetch too

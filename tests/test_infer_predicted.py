@@ -82,25 +82,28 @@ def test_pseudo_masks_without_image_labels(env, tmp_path):
     run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted", "--label-thr", 0.5)
     assert sorted(pngs(out)) == sorted(IDS)
     # the combined file is an image_labels.txt; each record holds the line and the C scores
-    labels = read_image_labels(out / infer.PREDICTED_FILE, C)
+    labels = read_image_labels(out.parent / infer.PREDICTED_FILE, C)
     assert list(labels) == IDS and all(v.any() for v in labels.values())
-    scores = np.loadtxt(out / infer.SCORES_FILE, delimiter=",", skiprows=1, usecols=(1, 2, 3))
-    header = (out / infer.SCORES_FILE).read_text().splitlines()[0]
+    scores = np.loadtxt(out.parent / infer.SCORES_FILE, delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    header = (out.parent / infer.SCORES_FILE).read_text().splitlines()[0]
     assert header == "id,cat,dog,train"
     for i, row in zip(IDS, scores):
         expect = infer.labels_from_scores(torch.tensor(row), 0.5).numpy()
         np.testing.assert_array_equal(labels[i], expect)
-        assert (out / infer.PREDICTED_DIR / f"{i}.txt").read_text().startswith(f"{i} ")
+        assert (out.parent / infer.PREDICTED_DIR / f"{i}.txt").read_text().startswith(f"{i} ")
     # the same masks as a ground-truth-label run whose image_labels.txt holds those labels
     root2 = tmp_path / "with_labels"
     shutil.copytree(env["root"], root2)
-    shutil.copy(out / infer.PREDICTED_FILE, root2 / "image_labels.txt")
+    shutil.copy(out.parent / infer.PREDICTED_FILE, root2 / "image_labels.txt")
     run(root2, env["eps"], "--png-dir", tmp_path / "gt_png")
     a, b = pngs(out), pngs(tmp_path / "gt_png")
     assert all(np.array_equal(a[i], b[i]) for i in IDS)
     # the settings record names the label source and its threshold
     rec = json.loads((out / infer.SETTINGS_FILE).read_text())
     assert rec["labels"] == "predicted" and rec["label_thr"] == 0.5
+    # the labels are beside the output folder, which holds the masks and the run's records only
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
+        infer.SETTINGS_FILE, "args.json", "env.json", "log.txt"]
 
 
 def test_resume_settings_and_the_combined_file(env, tmp_path):
@@ -108,20 +111,38 @@ def test_resume_settings_and_the_combined_file(env, tmp_path):
     run(env["root"], env["cls"], "--png-dir", out, "--labels", "predicted")
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     # a lost label record is a missing output: that image alone is made again
-    (out / infer.PREDICTED_DIR / "img_c.txt").unlink()
-    (out / infer.PREDICTED_FILE).unlink()
+    (out.parent / infer.PREDICTED_DIR / "img_c.txt").unlink()
+    (out.parent / infer.PREDICTED_FILE).unlink()
     run(env["root"], env["cls"], "--png-dir", out, "--labels", "predicted")
     now = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert [k for k in stamp if now[k] != stamp[k]] == ["img_c.png"]
-    assert list(read_image_labels(out / infer.PREDICTED_FILE, C)) == IDS
+    assert list(read_image_labels(out.parent / infer.PREDICTED_FILE, C)) == IDS
     # other label settings on the same folder are refused
     with pytest.raises(infer.InferError, match=r"label_thr: 0.4 -> 0.3"):
         run(env["root"], env["cls"], "--png-dir", out, "--labels", "predicted", "--label-thr", 0.3)
     root2 = tmp_path / "with_labels"
     shutil.copytree(env["root"], root2)
-    shutil.copy(out / infer.PREDICTED_FILE, root2 / "image_labels.txt")
+    shutil.copy(out.parent / infer.PREDICTED_FILE, root2 / "image_labels.txt")
     with pytest.raises(infer.InferError, match=r"labels: 'predicted' -> 'gt'"):
         run(root2, env["cls"], "--png-dir", out)
+
+
+def test_where_the_labels_go_and_who_shares_them(env, tmp_path):
+    """Beside the output folders (their parent) by default, in --run-dir when given; runs side by
+    side that predict the same labels share them (a --thr sweep), another checkpoint is refused
+    with the way out; evaluate.py scores the masks of such a folder as any other."""
+    run(env["root"], env["eps"], "--png-dir", tmp_path / "thr20", "--labels", "predicted")
+    run(env["root"], env["eps"], "--png-dir", tmp_path / "thr30", "--labels", "predicted",
+        "--thr", 0.3)
+    assert list(read_image_labels(tmp_path / infer.PREDICTED_FILE, C)) == IDS
+    with pytest.raises(infer.InferError, match=r"predicted_labels holds results made with other "
+                                               r"settings \(weights: .*give this run its own --run-dir"):
+        run(env["root"], env["cls"], "--png-dir", tmp_path / "cls", "--labels", "predicted")
+    assert not (tmp_path / "cls").exists()
+    run(env["root"], env["cls"], "--png-dir", tmp_path / "cls", "--labels", "predicted",
+        "--run-dir", tmp_path / "cls_run")
+    assert list(read_image_labels(tmp_path / "cls_run" / infer.PREDICTED_FILE, C)) == IDS
+    assert [p.name for p in (tmp_path / "cls").iterdir() if p.suffix != ".png"] == [infer.SETTINGS_FILE]
 
 
 def test_records_written_before_the_flag_existed_still_resume(env, tmp_path):
@@ -144,12 +165,13 @@ def test_ranks_write_their_own_records_and_the_last_one_combines(env, tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted")
-    assert sorted(p.stem for p in (out / infer.PREDICTED_DIR).glob("*.txt")) == ["img_a", "img_c"]
-    assert not (out / infer.PREDICTED_FILE).exists()   # rank 1 has not written its part yet
+    # (--device auto under a launcher of 2 processes needs CUDA: utils/device.py)
+    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted", "--device", "cpu")
+    assert sorted(p.stem for p in (out.parent / infer.PREDICTED_DIR).glob("*.txt")) == ["img_a", "img_c"]
+    assert not (out.parent / infer.PREDICTED_FILE).exists()   # rank 1 has not written its part yet
     monkeypatch.setenv("RANK", "1")
-    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted")
-    assert list(read_image_labels(out / infer.PREDICTED_FILE, C)) == IDS   # list order
+    run(env["root"], env["eps"], "--png-dir", out, "--labels", "predicted", "--device", "cpu")
+    assert list(read_image_labels(out.parent / infer.PREDICTED_FILE, C)) == IDS   # list order
 
 
 def test_heads_without_class_scores_and_bad_threshold_are_refused(env, tmp_path, monkeypatch):
@@ -196,11 +218,11 @@ def test_torchrun_two_ranks_predicted_labels(env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "infer.py"), "--dataset", "custom", "--img_root", str(env["root"]),
            "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0",
-           "--labels", "predicted", "--scales", "1.0"]
+           "--labels", "predicted", "--scales", "1.0", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
-    assert list(read_image_labels(out / infer.PREDICTED_FILE, C)) == IDS
-    lines = (out / infer.SCORES_FILE).read_text().splitlines()
+    assert list(read_image_labels(out.parent / infer.PREDICTED_FILE, C)) == IDS
+    lines = (out.parent / infer.SCORES_FILE).read_text().splitlines()
     assert len(lines) == 1 + len(IDS) and all(len(x.split(",")) == 1 + C for x in lines)

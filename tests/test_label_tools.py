@@ -261,6 +261,34 @@ def test_csv_one_column_of_names_writes_labels_lists_and_class_names(tmp_path):
     assert info.class_names == ["bird", "cat", "dog"] and info.labels_for("c").tolist() == [1, 1, 0]
 
 
+def test_csv_images_without_a_class_leave_the_training_lists(tmp_path, caplog):
+    """They stay in image_labels.txt (no indices) and in evaluation lists; the training lists
+    lose them to no_class.txt (for infer.py --labels predicted)."""
+    text = ("image,cat,dog,split\n"
+            "a.jpg,1,0,train\nb.jpg,0,0,train\nc.jpg,0,1,train\nd.jpg,0,0,val\ne.jpg,,,train\n")
+    labels, root = _csv_run(tmp_path, text, "--list-dir", tmp_path / "mine")
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["a 0", "b", "c 1", "d", "e"]
+    assert (root / "train.txt").read_text() == "a\nc\n"
+    assert (root / "val.txt").read_text() == "d\n"
+    assert (root / "no_class.txt").read_text() == "b\ne\n"
+    assert ("3 images have no class (e.g. ['b', 'd', 'e']); they are written without indices; 2 of "
+            f"them left the training lists for {root / 'no_class.txt'}") in caplog.text
+    # the training list is usable as it is: every id has a class
+    from data.registry import get_dataset
+    info = get_dataset("custom", None, root)
+    assert all(info.labels_for(i).any() for i in info.read_ids("train"))
+    # without a split column every image is a training one
+    (tmp_path / "two").mkdir()
+    labels, root = _csv_run(tmp_path / "two", "image,labels\na.jpg,cat\nb.jpg,\n", "--list-dir",
+                            tmp_path / "two" / "mine", labels_txt="0 background\n1 cat\n")
+    assert (root / "train.txt").read_text() == "a\n" and (root / "no_class.txt").read_text() == "b\n"
+    # a split of that name would be overwritten: refused
+    with pytest.raises(mcl.LabelToolError, match="a split is named 'no_class'"):
+        _csv_run(tmp_path / "two", "image,labels,split\na.jpg,cat,no_class\n", "--overwrite",
+                 labels_txt="0 background\n1 cat\n")
+
+
 def test_csv_one_column_per_class_with_an_existing_class_list(tmp_path):
     text = "file,dog,cat\nx.jpg,1,0\ny.jpg,yes,1\nz.jpg,0,\n"
     labels, root = _csv_run(tmp_path, text, labels_txt="0 background\n1 cat\n2 dog\n")

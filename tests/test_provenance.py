@@ -16,7 +16,7 @@ import infer
 import infer_seg
 import train_seg
 from test_infer import make_checkpoint, make_dataset
-from utils import provenance
+from utils import fetch, provenance
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_file_identity_reuses_the_hash_and_sees_content_not_time(tmp_path):
     p = tmp_path / "w.bin"
     p.write_bytes(b"abc")
     a = provenance.file_identity(p)
-    assert a["sha256"] == provenance.sha256_of(p) and a["size"] == 3
+    assert a["sha256"] == fetch.sha256_of(p) and a["size"] == 3
     fake = dict(a, sha256="recorded")  # same size and time: the recorded hash is trusted
     assert provenance.file_identity(p, fake)["sha256"] == "recorded"
     os.utime(p, ns=(a["mtime_ns"] + 10 ** 9, a["mtime_ns"] + 10 ** 9))  # touched: same content
@@ -68,7 +68,7 @@ def test_pseudo_masks_of_a_retrained_checkpoint_are_refused(env):
     run_infer(env)
     rec = json.loads((out / infer.SETTINGS_FILE).read_text())
     ident = rec["inputs"][str(env["ckpt"].resolve())]
-    assert ident["sha256"] == provenance.sha256_of(env["ckpt"]) and ident["name"] == "checkpoint_cls.pth"
+    assert ident["sha256"] == fetch.sha256_of(env["ckpt"]) and ident["name"] == "checkpoint_cls.pth"
     run_infer(env)  # same weights: resumes (nothing to do)
     shutil.copy2(env["ckpt"], env["tmp"] / "copy.pth")
     os.utime(env["ckpt"])  # a touch is no change
@@ -81,7 +81,7 @@ def test_pseudo_masks_of_a_retrained_checkpoint_are_refused(env):
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
     run_infer(env, "--overwrite")  # recomputes with the new weights and records them
     rec = json.loads((out / infer.SETTINGS_FILE).read_text())
-    assert rec["inputs"][str(env["ckpt"].resolve())]["sha256"] == provenance.sha256_of(env["ckpt"])
+    assert rec["inputs"][str(env["ckpt"].resolve())]["sha256"] == fetch.sha256_of(env["ckpt"])
     assert sorted(before) == sorted(p.name for p in out.glob("*.png"))
     run_infer(env)
 

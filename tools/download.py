@@ -53,7 +53,7 @@ from utils import fetch  # noqa: E402
 from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fetch import ArchiveError, DownloadError, SourceError, human  # noqa: E402
-from utils.io import atomic_write_text, torch_save  # noqa: E402
+from utils.io import atomic_write_text, file_system_errors, torch_save  # noqa: E402
 from utils.progress import format_duration, is_terminal  # noqa: E402
 
 logger = logging.getLogger("download")
@@ -361,6 +361,14 @@ def describe_check(c: Check) -> str:
 # ------------------------------------------------------------------------------------------------
 # fetching one file
 # ------------------------------------------------------------------------------------------------
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+
+
+def ordinal(i: int) -> str:
+    """A source's rank by its 0-based position: "first", "second", "third", ..., "10th"."""
+    return ORDINALS[i] if i < len(ORDINALS) else f"{i + 1}th"
+
+
 def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
     """The row's file in its .downloads folder, complete; returns (path, source used). A file
     already there (an earlier run, or put there by hand) is used as it is."""
@@ -370,7 +378,7 @@ def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
         return target, "already in " + str(target.parent)
     tried = []
     for i, src in enumerate(sources(ctx, row)):
-        label = "source" if i == 0 else "second source"
+        label = "source" if i == 0 else f"{ordinal(i)} source"
         logger.info("%s: fetching %s from %s", row.key, row.file, src.url)
         try:
             with byte_progress(row.file, row.size, ctx.progress) as bar:
@@ -388,8 +396,8 @@ def fetch_file(ctx: Ctx, row: Row) -> Tuple[Path, str]:
             tried.append(f"{src.url}: {e}")
             rest = sources(ctx, row)[i + 1:]
             if rest:
-                logger.warning("%s: %s %s failed (%s); trying the second source %s", row.key,
-                               label, src.url, e, rest[0].url)
+                logger.warning("%s: %s %s failed (%s); trying the %s source %s", row.key,
+                               label, src.url, e, ordinal(i + 1), rest[0].url)
     raise DownloadError(f"{row.key}: {row.file} could not be fetched ({'; '.join(tried)}); "
                         f"{'no second source is known' if len(tried) < 2 else 'every source failed'}"
                         f": {row.manual}")
@@ -546,13 +554,13 @@ def move_across_disks(src: Path, dest: Path) -> None:
 # steps after placing (conversions, files made here)
 # ------------------------------------------------------------------------------------------------
 def post_convert_resnet38(ctx: Ctx, row: Row, base: Path, out_rel: str) -> List[str]:
-    from tools.convert_resnet38 import convert, sha256_of
+    from tools.convert_resnet38 import convert
     src, out = ctx.path(row.place[0].dest, base), ctx.path(out_rel, base)
     if out.is_file() and not check_failure(ctx, row, Check(out_rel, load="imagenet_trunk"), base):
         return [out_rel]
     logger.info("%s: converting %s -> %s (tools/convert_resnet38.py)", row.key, src.name, out.name)
     torch_save(convert(src), out)
-    logger.info("%s: wrote %s (sha256 %s)", row.key, out, sha256_of(out))
+    logger.info("%s: wrote %s (sha256 %s)", row.key, out, fetch.sha256_of(out))
     return [out_rel]
 
 
@@ -693,7 +701,7 @@ def _record(ctx: Ctx, row: Row, path: Path, source: str, info: dict, produced: S
     for rel in produced:
         p = ctx.path(rel)
         if p.is_file():
-            outputs[rel] = fetch.file_digests(p, ["sha256"])["sha256"]
+            outputs[rel] = fetch.sha256_of(p)
     entry = {"file": row.file, "size": info["size"], "sha256": info["sha256"],
              "verified": info["verified"], "source": source,
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -723,28 +731,60 @@ def _existing(p: Path) -> Path:
     return p
 
 
+def _filesystem(p: Path) -> Tuple[int, Path]:
+    """The file system ``p`` is (or will be) written on: the device of its nearest existing
+    folder with symlinks followed (a datasets/VOCdevkit linked to another disk counts there),
+    and that folder's real path, which names the disk in messages."""
+    where = _existing(p)
+    return where.stat().st_dev, where.resolve()
+
+
+def _destinations(ctx: Ctx, row: Row) -> List[Path]:
+    """Where a row's data lands: its placed folders and converted files (rows made here: the
+    folders their checks look at)."""
+    rels = [p.dest for p in row.place] + [o for o in map(post_output, row.post) if o]
+    return [ctx.path(r) for r in rels or [c.path for c in row.checks]]
+
+
 def disk_plan(ctx: Ctx, todo: Sequence[Row]) -> Tuple[int, int, Dict[Path, int]]:
     """(bytes to download (published sizes), bytes estimated (sizes not published), bytes needed
-    per disk: everything extracted or converted, plus the archives: all of them with
-    --keep-archives, else the largest one, since each is removed once its row is done)."""
+    per file system). Each destination's real file system (symlinks followed) is charged what
+    stays there: the extracted or converted data, a downloaded file that is the data itself;
+    the downloads folder's file system the archives (all of them with --keep-archives) plus,
+    for the largest row, what it holds only while that row runs: its archive (removed once the
+    row is done) and, when a destination is on another disk, the extracted tree in the staging
+    folder that is copied there. A row whose destinations span several file systems charges
+    each the whole of it (how it splits is not published)."""
     known = sum(max(0, r.size - _have_bytes(ctx, r)) for r in todo if r.file and r.size)
     estimated = sum(r.estimate for r in todo if r.file and r.size is None)
-    unpacked: Dict[int, int] = {}
-    archives: Dict[int, List[int]] = {}
+    stays: Dict[int, int] = {}
+    passing: Dict[int, List[int]] = {}
     anchors: Dict[int, Path] = {}
+
+    def seen(path: Path) -> int:
+        dev, anchor = _filesystem(path)
+        anchors.setdefault(dev, anchor)
+        return dev
+
     for r in todo:
-        where = _existing(ctx.root / (top(r) or "datasets"))
-        dev = where.stat().st_dev
-        anchors.setdefault(dev, where)
-        unpacked[dev] = unpacked.get(dev, 0) + r.unpacked
+        fetched = 0
         if r.file:
-            size = (r.size if r.size is not None else r.estimate) - _have_bytes(ctx, r)
-            archives.setdefault(dev, []).append(max(0, size))
-    need = {}
-    for dev, anchor in anchors.items():
-        sizes = archives.get(dev, [])
-        need[anchor] = unpacked[dev] + (sum(sizes) if ctx.keep_archives else max(sizes, default=0))
-    return known, estimated, need
+            fetched = max(0, (r.size if r.size is not None else r.estimate) - _have_bytes(ctx, r))
+        staging = seen(downloads_dir(ctx, r))
+        dests = {seen(p) for p in _destinations(ctx, r)} or {staging}
+        for dev in dests:
+            stays[dev] = stays.get(dev, 0) + r.unpacked + (fetched if r.archive == "file" else 0)
+        transient = 0
+        if r.archive != "file" and ctx.keep_archives:
+            stays[staging] = stays.get(staging, 0) + fetched
+        elif r.archive != "file":
+            transient += fetched
+        if dests - {staging}:  # staged (downloaded, extracted) here, then copied across
+            transient += r.unpacked if r.archive != "file" else fetched
+        passing.setdefault(staging, []).append(transient)
+    need = {anchor: stays.get(dev, 0) + max(passing.get(dev, []), default=0)
+            for dev, anchor in anchors.items()}
+    return known, estimated, {a: n for a, n in need.items() if n}
 
 
 def check_disk(ctx: Ctx, todo: Sequence[Row]) -> str:
@@ -760,7 +800,7 @@ def check_disk(ctx: Ctx, todo: Sequence[Row]) -> str:
                                 f"--root on a larger disk")
         lines.append(f"{human(n)} needed on the disk of {anchor} ({human(free)} free)")
     est = f" + about {human(estimated)} whose size is not published (estimated)" if estimated else ""
-    return f"to download: {human(known)}{est}; " + "; ".join(lines)
+    return "; ".join([f"to download: {human(known)}{est}"] + lines)
 
 
 def _checksum_text(ctx: Ctx, row: Row) -> str:
@@ -790,7 +830,7 @@ def dry_run(ctx: Ctx, keys: Sequence[str]) -> List[Row]:
         if row.file:
             print(f"    file       {row.file} ({row.archive})")
         for i, s in enumerate(sources(ctx, row)):
-            print(f"    {'source' if i == 0 else 'second':10s} {s.url} [{s.cite}]")
+            print(f"    {'source' if i == 0 else ordinal(i):10s} {s.url} [{s.cite}]")
         if row.file and not sources(ctx, row):
             print("    source     none")
         if row.file:
@@ -849,6 +889,14 @@ def make_ctx(args) -> Ctx:
 
 
 def main(args) -> List[Result]:
+    # Everything here is file work on the user's folders: an OSError on a path (permission
+    # denied on an existing sub-folder, a file where a folder belongs) is one line naming it,
+    # for the whole run before the rows, and per row below (the other rows go on)
+    with file_system_errors():
+        return _main(args)
+
+
+def _main(args) -> List[Result]:
     ctx = make_ctx(args)
     names = list(ctx.items) + ["all"]
     if not args.items:
@@ -888,12 +936,13 @@ def main(args) -> List[Result]:
     results: Dict[str, Result] = {}
     for r in rows:
         try:
-            results[r.key] = process_row(ctx, r)
+            with file_system_errors():
+                results[r.key] = process_row(ctx, r)
         except KeyboardInterrupt:
             print(f"interrupted during {r.key}: rerun the same command to resume (a partial "
                   f"download continues where it stopped)", file=sys.stderr, flush=True)
             raise
-        except UserError as e:  # this row failed (download, check, conversion): go on with the rest
+        except UserError as e:  # this row failed (download, check, conversion, file system): go on
             msg = " ".join(str(e).split())
             msg = msg if msg.startswith(f"{r.key}:") else f"{r.key}: {msg}"
             logger.error("%s", msg)

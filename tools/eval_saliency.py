@@ -41,23 +41,16 @@ from eval.saliency import (EPS_SALIENT_MIN, MISS_BELOW, ImageScores, SaliencySum
                            image_scores, summarize)
 from utils import flags  # noqa: E402
 from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, examples  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.progress import Progress  # noqa: E402
 from tools.make_saliency import RECORD_NAME  # noqa: E402  (the record beside the maps)
 
 logger = logging.getLogger("eval_saliency")
 
-_SHOW = 5
-
 
 class SaliencyEvalError(UserError):
     """Bad input; the message names the file or flag and the fix."""
-
-
-def _examples(items: Sequence[str], n: int = _SHOW) -> str:
-    text = "; ".join(str(x) for x in items[:n])
-    return text + (f"; ... and {len(items) - n} more" if len(items) > n else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +269,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flag(p, "--out", type=Path, default=None,
              help="also write the report here (markdown), with <stem>.json and "
                   "<stem>_per_image.csv beside it")
-    flags.add_overwrite(p, "replace an existing --out")
+    flags.add_overwrite(p, "replace an existing --out report and its .json and .csv")
     add_flag(p, "--workers", type=int, default=None,
              help="reader processes (default: min(4, cores))")
     add_flag(p, "--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -299,6 +292,33 @@ def _folders(args, root: Path, spec_dir: str) -> List[Tuple[str, Path, bool]]:
     return out
 
 
+def output_paths(out: Path) -> Tuple[Path, Path, Path]:
+    """--out (the markdown report) and the two files written beside it: <stem>.json (every
+    figure) and <stem>_per_image.csv."""
+    stem = out.with_suffix("")
+    return out, Path(f"{stem}.json"), Path(f"{stem}_per_image.csv")
+
+
+def check_outputs(out: Path, overwrite: bool) -> None:
+    """Every file --out writes: none a folder, none replaced without --overwrite (a finished
+    report's .json is as much a result as its .md), all writable."""
+    paths = output_paths(out)
+    if len(set(paths)) < len(paths):
+        raise SaliencyEvalError(f"--out {out}: the JSON summary is written beside the report as "
+                                f"{paths[1]}; name the report with another ending, e.g. "
+                                f"{out.with_suffix('.md')}")
+    for p in paths:
+        if p.is_dir():
+            raise SaliencyEvalError(f"--out {out}: {p} is a folder; pass another file name"
+                                    + (f" such as {out / 'report.md'}" if p == out else ""))
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise SaliencyEvalError(f"--out {out}: {', '.join(existing)} exist(s) (a finished "
+                                f"report); pass --overwrite to replace them, or another --out")
+    from utils.run import check_writable
+    check_writable(out.parent, "--out")
+
+
 def main(args) -> Dict:
     if not 0 < args.miss_below <= 1:
         raise SaliencyEvalError(f"--miss-below {args.miss_below} must be in (0, 1]")
@@ -314,14 +334,8 @@ def main(args) -> Dict:
     if tau is None:  # the EPS head owns its recipe (network/heads.py); torch only in this case
         from network.heads import EpsHead
         tau = float(EpsHead.hparams["tau"].default_for(info.name))
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise SaliencyEvalError(f"--out {args.out} exists; pass --overwrite to replace it")
     if args.out is not None:  # before any map is scored, not at the first write
-        if args.out.is_dir():
-            raise SaliencyEvalError(f"--out {args.out} is a folder; pass a file name such "
-                                    f"as {args.out / 'report.md'}")
-        from utils.run import check_writable
-        check_writable(args.out.parent, "--out")
+        check_outputs(args.out, args.overwrite)
 
     gt = {i: (args.gt_dir / f"{i}.png" if args.gt_dir is not None else info.gt_path(root, i))
           for i in ids}
@@ -331,7 +345,7 @@ def main(args) -> Dict:
     if no_gt:
         (dropped.update(i for i, p in gt.items() if not p.is_file()) if args.skip_missing
          else problems.append(f"{len(no_gt)} of {len(ids)} ids have no ground-truth mask "
-                              f"({_examples(no_gt)}): evaluate a list with masks, or pass "
+                              f"({examples(no_gt)}): evaluate a list with masks, or pass "
                               f"--gt-dir"))
     for name, folder, required in folders:
         if not folder.is_dir():
@@ -346,7 +360,7 @@ def main(args) -> Dict:
             continue
         if absent and not args.skip_missing:
             problems.append(f"{len(absent)} of {len(ids)} ids have no map in {folder} "
-                            f"({_examples(absent)}): make them (tools/make_saliency.py) or pass "
+                            f"({examples(absent)}): make them (tools/make_saliency.py) or pass "
                             f"--skip-missing")
         dropped.update(absent)
         usable.append((name, folder))
@@ -355,7 +369,7 @@ def main(args) -> Dict:
     keep = [i for i in ids if i not in dropped]
     if dropped:
         logger.warning("left out %d of %d ids without a map or mask (first: %s)", len(dropped),
-                       len(ids), _examples(sorted(dropped)))
+                       len(ids), examples(sorted(dropped)))
     if not keep:
         raise SaliencyEvalError("no id of the list has both a map and a mask")
 
@@ -375,13 +389,12 @@ def main(args) -> Dict:
         logger.warning("class %s: only %s of its pixels are salient (tau %g): EPS cannot learn it "
                        "from %s", c.name, _pct(c.coverage), tau, results[0][1])
     if args.out is not None:
-        stem = args.out.with_suffix("")
-        atomic_write_text(args.out, report)
-        atomic_write_text(Path(f"{stem}.json"),
-                          json.dumps(summary_json(results, scores0, info.class_names), indent=1) + "\n")
-        atomic_write_text(Path(f"{stem}_per_image.csv"),
-                          per_image_csv(scores0, info.class_names, args.miss_below))
-        logger.info("wrote %s, %s.json and %s_per_image.csv", args.out, stem, stem)
+        md_path, json_path, csv_path = output_paths(args.out)
+        atomic_write_text(md_path, report)
+        atomic_write_text(json_path, json.dumps(summary_json(results, scores0, info.class_names),
+                                                indent=1) + "\n")
+        atomic_write_text(csv_path, per_image_csv(scores0, info.class_names, args.miss_below))
+        logger.info("wrote %s, %s and %s", md_path, json_path, csv_path)
     return {"results": results, "scores": scores0, "report": report}
 
 

@@ -12,7 +12,8 @@ column of class names per image ("image,labels" / "a.jpg,cat;dog") or one 0/1 co
 ("image,cat,dog" / "a.jpg,1,1"). Ids are the file names without extension. The class names come
 from labels.txt when the metadata folder has one, else from the CSV (labels.txt is then written
 beside --out: one-column names sorted, per-class columns in their order). A "split" column
-(train / val ...) gives one list per split with --list-dir.
+(train / val ...) gives one list per split with --list-dir; images whose row names no class leave
+the training lists (train*.txt) for no_class.txt beside them.
 
     python tools/make_cls_labels.py --dataset custom --data-root my_data --csv labels.csv \
         --out my_data/image_labels.txt --list-dir my_data
@@ -286,7 +287,8 @@ def get_args_parser():
                         "scripts and the published 82,081/40,137-image lists)")
     p.add_argument("--list-dir", type=Path, default=None,
                    help="COCO: also write <list-dir>/<split>.txt (train.txt, val.txt) with the "
-                        "images that have >= 1 annotation")
+                        "images that have >= 1 annotation; --csv: one <split>.txt per split, "
+                        "images without a class moved from the train* lists to no_class.txt")
     p.add_argument("--csv", type=Path, default=None,
                    help="a spreadsheet of image labels instead of annotations: one row per image, "
                         "a column of class names (cat;dog) or one 0/1 column per class "
@@ -305,6 +307,27 @@ def get_args_parser():
     return p
 
 
+# With --list-dir, images whose row names no class leave the training lists (splits whose name
+# starts with "train": train, train_aug, trainval) for this one, beside them: EPS's classifier and
+# its CAM masking need >= 1 class per image (docs/data.md), while infer.py --labels predicted can
+# still make their pseudo-masks. Evaluation splits (val ...) keep them: an all-background image
+# is a fair test image.
+NO_CLASS_LIST = "no_class"
+
+
+def is_training_split(split: str) -> bool:
+    return split.startswith("train")
+
+
+def split_no_class(splits: Mapping[str, Sequence[str]], empty: Iterable[str]
+                   ) -> Tuple[Dict[str, List[str]], List[str]]:
+    """({split: ids}, ids taken out): the images without a class leave the training splits."""
+    empty = set(empty)
+    kept = {s: [i for i in ids if not (is_training_split(s) and i in empty)] for s, ids in splits.items()}
+    out = [i for s, ids in splits.items() if is_training_split(s) for i in ids if i in empty]
+    return kept, out
+
+
 def main_csv(args) -> Dict[str, np.ndarray]:
     """--csv: labels (and, when absent, labels.txt; with --list-dir, the split lists)."""
     from data.metadata import read_class_names, write_class_names
@@ -315,6 +338,13 @@ def main_csv(args) -> Dict[str, np.ndarray]:
     _refuse_overwrite(args.out, args.overwrite)
     labels, names, splits = read_label_csv(args.csv, class_names, args.csv_id_column,
                                            args.csv_labels_column, args.csv_split_column)
+    empty = [k for k, v in labels.items() if not v.any()]
+    if NO_CLASS_LIST in splits:
+        raise LabelToolError(f"--csv {args.csv}: a split is named '{NO_CLASS_LIST}', the list "
+                             f"that --list-dir writes for images without a class; rename it")
+    splits, no_class = split_no_class(splits, empty)
+    if no_class:
+        splits[NO_CLASS_LIST] = no_class
     outputs = []
     if class_names is None:
         outputs.append(("labels", args.out.parent / "labels.txt"))
@@ -322,10 +352,14 @@ def main_csv(args) -> Dict[str, np.ndarray]:
         outputs += [("list", Path(args.list_dir) / f"{split}.txt") for split in splits]
     for _, path in outputs:
         _refuse_overwrite(path, args.overwrite)
-    empty = [k for k, v in labels.items() if not v.any()]
-    if empty:
-        logger.warning("%d images have no class (e.g. %s); they are written without indices and "
-                       "must be removed from training lists", len(empty), empty[:3])
+    if empty and args.list_dir is not None:
+        logger.warning("%d images have no class (e.g. %s); they are written without indices; %d of "
+                       "them left the training lists for %s (infer.py --labels predicted --infer_list "
+                       "%s makes their pseudo-masks)", len(empty), empty[:3], len(no_class),
+                       Path(args.list_dir) / f"{NO_CLASS_LIST}.txt", NO_CLASS_LIST)
+    elif empty:
+        logger.warning("%d images have no class (e.g. %s); they are written without indices: leave "
+                       "them out of training lists (--list-dir does that)", len(empty), empty[:3])
     header = (f"image_id followed by the 0-based indices of the classes present "
               f"(0={names[0]} ... {len(names) - 1}={names[-1]})\n"
               f"made by tools/make_cls_labels.py from {args.csv}")
@@ -377,10 +411,11 @@ def main(args) -> Dict[str, np.ndarray]:
                 raise LabelToolError(f"no XML files in {ann_dir}; check --data-root")
         labels = make_voc_labels(ann_dir, ids, class_names)
         source = f"{ann_dir} (every <name> that is a class; difficult/truncated included)"
+    # (COCO's --list-dir lists hold only images with >= 1 annotation: never one without a class)
     empty = [k for k, v in labels.items() if not v.any()]
     if empty:
-        logger.warning("%d images have no class (e.g. %s); they are written without indices and "
-                       "must be removed from training lists", len(empty), empty[:3])
+        logger.warning("%d images have no class (e.g. %s); they are written without indices: leave "
+                       "them out of training lists", len(empty), empty[:3])
     header = (f"image_id followed by the 0-based indices of the classes present "
               f"(0={class_names[0]} ... {len(class_names) - 1}={class_names[-1]})\n"
               f"made by tools/make_cls_labels.py from {source}")

@@ -51,7 +51,8 @@ from data.pixels import image_to_8bit  # noqa: E402
 from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset_files  # noqa: E402
 from utils import flags  # noqa: E402
 from utils.cli import add_flag, parent_parser, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, examples  # noqa: E402
+from utils.fetch import sha256_of  # noqa: E402
 from utils.io import atomic_write_text, remove_stale_temps, save_label_png  # noqa: E402
 from utils.progress import Progress  # noqa: E402
 
@@ -67,7 +68,6 @@ CONSTANT_SPREAD = 1e-6
 # Raw outputs must be probabilities; float rounding of a sigmoid may step this far outside [0, 1].
 PROB_TOLERANCE = 1e-3
 PROBE_IMAGES = 4  # images run before any output exists (shape, range and constant checks)
-_SHOW = 5
 
 
 class SaliencyError(UserError):
@@ -238,11 +238,6 @@ def versions() -> Dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def sha256_of(path) -> str:
-    from utils.fetch import file_digests
-    return file_digests(Path(path), ["sha256"])["sha256"]
 
 
 @contextmanager
@@ -538,11 +533,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _examples(items: Sequence[str]) -> str:
-    text = "; ".join(str(x) for x in items[:_SHOW])
-    return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
 def check_args(args) -> None:
     problems = []
     if args.threshold is not None and not (math.isfinite(args.threshold) and 0 < args.threshold <= 1):
@@ -572,11 +562,11 @@ def resolve_jobs(args) -> Tuple[Path, List[Tuple[str, Path]], List[str]]:
     missing = [f"{i} ({p})" for i, p in pairs if not p.is_file()]
     if missing and not args.skip_missing:
         raise SaliencyError(f"{len(missing)} of {len(ids)} listed ids have no image "
-                            f"({_examples(missing)}): fix --data-root or the list, or pass "
+                            f"({examples(missing)}): fix --data-root or the list, or pass "
                             f"--skip-missing to drop them")
     if missing:
         logger.warning("skipping %d of %d listed ids without an image (first: %s)",
-                       len(missing), len(ids), _examples(missing))
+                       len(missing), len(ids), examples(missing))
         pairs = [(i, p) for i, p in pairs if p.is_file()]
         if not pairs:
             raise SaliencyError(f"no listed id has an image under {args.data_root}: check the root")
@@ -605,7 +595,7 @@ def main(args) -> Dict:
     with_problems = [f"{i}: {p}" for i, p in ((i, image_problem(path)) for i, path in todo) if p]
     if with_problems:
         raise SaliencyError(f"{len(with_problems)} of {len(todo)} images cannot be read as "
-                            f"training reads them ({_examples(with_problems)}); fix these files "
+                            f"training reads them ({examples(with_problems)}); fix these files "
                             f"or remove their ids from the list")
     import_rembg()
     spec = MODELS[args.model]
@@ -673,7 +663,7 @@ def main(args) -> Dict:
     if constant:
         logger.warning("%d of %d predictions were constant (first: %s): their maps carry no "
                        "saliency; look at those images, or try another --model", len(constant),
-                       len(jobs), _examples(constant))
+                       len(jobs), examples(constant))
     logger.info("wrote %d saliency maps to %s (record: %s)", len(jobs), out, out / RECORD_NAME)
     return {"todo": len(jobs), "listed": len(pairs), "out": str(out), "record": record,
             "constant": constant}

@@ -239,10 +239,13 @@ def check_infer(stage: Stage, module, args) -> None:
                                    weights_made_earlier=stage.made_earlier(args.weights))
     if problem:
         stage.problems.append(problem)
-    outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
+    outs = module.given_folders(args)
     stage.makes.extend(outs)
-    labels = (f"predicted labels (sigmoid >= {args.label_thr})"
-              if getattr(args, "labels", "gt") == "predicted" else "image labels")
+    labels = "image labels"
+    if getattr(args, "labels", "gt") == "predicted" and outs:
+        home = module.labels_home(args)
+        labels = (f"predicted labels (sigmoid >= {args.label_thr}; written to "
+                  f"{home / module.PREDICTED_FILE})")
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "

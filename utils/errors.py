@@ -16,3 +16,14 @@ class WeightsError(UserError):
     """A weights or checkpoint file that cannot be read or does not fit the network (the message
     says why). Defined here, torch-free, so that utils/torchfile.py (checkpoints) and
     network/ (weights, the numpy-only MXNet reader) raise the same class."""
+
+
+# How many offending files or ids a one-line message lists before "... and N more".
+SHOW = 5
+
+
+def examples(items, n: int = SHOW) -> str:
+    """The first ``n`` of ``items`` for a one-line message: "a; b; c; d; e; ... and 7 more"."""
+    items = list(items)
+    text = "; ".join(str(x) for x in items[:n])
+    return text + (f"; ... and {len(items) - n} more" if len(items) > n else "")

@@ -263,6 +263,11 @@ def file_digests(path: Path, algorithms: Iterable[str] = ("sha256",),
     return {a: h.hexdigest() for a, h in hashers.items()}
 
 
+def sha256_of(path) -> str:
+    """The sha256 of a file, in hex (the lock files, the model records, the converted weights)."""
+    return file_digests(Path(path), ["sha256"])["sha256"]
+
+
 def sniff_archive(path: Path) -> str:
     """'zip' or 'tar' (also gzip/bz2/xz-compressed tar) from the file's first bytes."""
     head = read_file_start(path, 512)

@@ -70,6 +70,12 @@ WRITE_ERRNOS = {
 LOW_SPACE_BYTES = 1 << 20  # below this, a failed write is taken for a full disk
 
 
+def _problem(e: OSError) -> str:
+    """What the user reads for ``e``: the fix for the errors of WRITE_ERRNOS, and the error."""
+    text = f"[Errno {e.errno}] {os.strerror(e.errno)}" if e.errno else str(e)
+    return f"{WRITE_ERRNOS[e.errno]} ({text})" if e.errno in WRITE_ERRNOS else text
+
+
 @contextlib.contextmanager
 def write_errors(folder, what: str) -> Iterator[None]:
     """Turn a write error the user can fix into one :class:`OutputError` line naming ``folder``
@@ -79,8 +85,27 @@ def write_errors(folder, what: str) -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        raise OutputError(f"{folder}: cannot write {what}: {WRITE_ERRNOS[e.errno]} "
-                          f"([Errno {e.errno}] {os.strerror(e.errno)})") from None
+        raise OutputError(f"{folder}: cannot write {what}: {_problem(e)}") from None
+
+
+@contextlib.contextmanager
+def file_system_errors() -> Iterator[None]:
+    """For a tool whose every step is file work on the user's folders (tools/download.py):
+    any OSError on a named path (permission denied on an existing sub-folder, a file where a
+    folder belongs, a full disk ...) becomes one :class:`OutputError` line naming the path and
+    the problem, with the fix where :data:`WRITE_ERRNOS` knows one (e.g. "datasets/VOCdevkit:
+    permission denied: fix the folder's permissions ... ([Errno 13] Permission denied)"). An
+    OSError that names no path is not the file system's: it keeps its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise
+        path = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        problem = _problem(e)
+        if e.errno in (errno.EEXIST, errno.ENOTDIR) and not os.path.isdir(e.filename):
+            problem = f"a file stands where a folder belongs: move it away and rerun ({problem})"
+        raise OutputError(f"{path}: {problem}") from None
 
 
 def disk_full(folder) -> bool:

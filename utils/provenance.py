@@ -41,14 +41,6 @@ RUN_RECORD_NAME = "inputs.json"       # a training run's record (train_seg.py), 
 MAX_DEPTH = 8                         # records upstream followed by stale_reason
 
 
-def sha256_of(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_identity(path, known: Optional[Mapping] = None) -> Dict:
     """{name, size, mtime_ns, sha256} of a file; the sha256 of ``known`` (a recorded identity)
     is reused when the size and modification time are unchanged."""
@@ -58,6 +50,7 @@ def file_identity(path, known: Optional[Mapping] = None) -> Dict:
             and known.get("sha256"):
         ident["sha256"] = known["sha256"]
     else:
+        from utils.fetch import sha256_of  # here: the record check itself never hashes
         ident["sha256"] = sha256_of(path)
     return ident
 
