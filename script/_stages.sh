@@ -175,7 +175,7 @@ build_commands() {
                --list "$SEG_EVAL_LIST" --weights "$SEG_DIR/checkpoint_final.pth"
                --out-dir "$SEG_PRED" --num-workers "$NUM_WORKERS")
   # SEG_EVALUATE=0 (a dataset without ground truth): DeepLab's predictions, not scored
-  if [[ "${SEG_EVALUATE:-1}" != 0 ]]; then SEGEVAL_CMD+=(--evaluate); fi
+  if [[ "${SEG_EVALUATE:-1}" != 0 ]]; then SEGEVAL_CMD+=(--evaluate); else SEGEVAL_CMD+=(--no-evaluate); fi
   if [[ "$SEG_CRF" == 1 ]]; then SEGEVAL_CMD+=(--crf --crf-workers "${SEG_CRF_WORKERS:-$(( NUM_WORKERS == 0 ? 0 : NUM_WORKERS / NGPUS > 1 ? NUM_WORKERS / NGPUS : 1 ))}"); fi
   opt SEGEVAL_CMD --gt_dir "${SEG_GT_DIR:-}"
   words x "${SEGINFER_ARGS:-}"; SEGEVAL_CMD+=("${x[@]}")
