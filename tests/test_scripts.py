@@ -516,6 +516,7 @@ def test_a_retrained_checkpoint_never_leaves_old_outputs_counted_as_done(voc, tm
     assert "holds results made by another checkpoint_cls.pth" in proc.stderr
     assert "INFER_ARGS" in proc.stderr and "--overwrite" in proc.stderr
     assert proc.stderr.count("  - ") == 1, proc.stderr  # that one problem, nothing else
+    assert "Traceback" not in proc.stderr
     before = json.loads((run / "result" / "train_miou.json").read_text())
     out = ok(run_script("voc12_cls.sh", **env, INFER_ARGS=TINY["INFER_ARGS"] + " --overwrite"))
     assert "skip eval" not in out

@@ -187,4 +187,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # run as a file (script/_stages.sh): the repository root, for the lazy utils.fetch import
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
