@@ -32,7 +32,8 @@ from eval.cam_sweep import evaluate_cams, format_sweep, thresholds_from_range
 from eval.evaluator import (EvalError, default_workers, evaluate_folders, paths_in_dir,
                             resolve_gt_paths)
 from eval.metrics import compute_scores, format_summary, format_table, scores_to_json
-from utils.cli import run_cli
+from utils import flags, provenance
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.io import atomic_write_text, remove_stale_temps
 from utils.errors import UserError
 from utils.run import check_writable
@@ -44,54 +45,46 @@ bool_flag = argparse.BooleanOptionalAction
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("EPS evaluation (mIoU of PNG masks or of CAMs)", add_help=False)
-    g = p.add_argument_group("published evaluate_png.py flags")
-    g.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-                   help="voc12 (21 classes incl. background), coco (81) or custom (a VOC-layout "
-                        "root with its own labels.txt; needs --data-root or --metadata-dir)")
+    p = parent_parser("EPS evaluation (mIoU of PNG masks or of CAMs)")
+    g = p.add_argument_group("published evaluate_png.py flags (shown hyphenated; the published "
+                             "spellings are aliases)")
+    flags.add_dataset(g, DATASETS, help="voc12 (21 classes incl. background), coco (81) or "
+                                        "custom (a VOC-layout root with its own labels.txt; "
+                                        "needs --data-root or --metadata-dir)")
     g.add_argument("--datalist", type=str, default="train",
                    help="id list: a path (published: metadata/voc12/train.txt) or a split name "
                         "of the dataset's metadata (train, val, ...); pseudo-masks are scored on "
                         "VOC train (1,464 ids)")
-    g.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", type=Path, default=None,
+    add_flag(g, "--gt-dir", type=Path, default=None,
                    help="folder of ground-truth PNGs <id>.png (published: .../SegmentationClassAug); "
                         "optional when --data-root is given")
-    g.add_argument("--pred_dir", "--pred-dir", dest="pred_dir", type=Path, default=None,
+    add_flag(g, "--pred-dir", type=Path, default=None,
                    help="folder of predicted label PNGs <id>.png (values 0..C, 0 = background)")
-    g.add_argument("--save_path", "--save-path", dest="save_path", type=Path, default=None,
+    add_flag(g, "--save-path", type=Path, default=None,
                    help="text table output (published format); default: <pred_dir>_eval.txt, "
                         "or <cam_dir>_sweep.txt for a CAM sweep")
     n = p.add_argument_group("new flags")
     n.add_argument("--json", type=Path, default=None,
                    help="JSON file with every metric; default: save_path with suffix .json")
-    n.add_argument("--data-root", "--data_root", dest="data_root", type=Path, default=None,
-                   help="dataset root (VOC: the folder holding JPEGImages and SegmentationClassAug); "
-                        "GT masks are looked up there when --gt_dir is not given")
-    n.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
-                   help="folder with labels.txt and the split lists (default: the built-in "
-                        "metadata/<dataset>, or the data root for --dataset custom)")
-    n.add_argument("--cam-dir", "--cam_dir", dest="cam_dir", type=Path, default=None,
+    flags.add_data_root(n, required=False, help=(
+        "dataset root (VOC: the folder holding JPEGImages and SegmentationClassAug); GT masks "
+        "are looked up there when --gt-dir is not given"))
+    flags.add_metadata_dir(n)
+    add_flag(n, "--cam-dir", type=Path, default=None,
                    help="evaluate saved CAMs (<id>.npz from infer.py) instead of PNGs, over a sweep "
                         "of background thresholds (published pseudo-masks use 0.20)")
-    n.add_argument("--thr-range", "--thr_range", dest="thr_range", type=float, nargs=3, default=None,
+    add_flag(n, "--thr-range", type=float, nargs=3, default=None,
                    metavar=("START", "STOP", "STEP"),
                    help=f"threshold sweep, STOP included (default {' '.join(map(str, DEFAULT_THR_RANGE))})")
     n.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="explicit list of thresholds for --cam-dir (instead of --thr-range)")
-    n.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
-                   default=default_workers(),
-                   help="decoding worker processes (0 or 1 = in this process); default: usable "
-                        "cores, at most 8")
-    n.add_argument("--skip-missing", "--skip_missing", dest="skip_missing", action=bool_flag,
-                   default=False,
-                   help="skip ids whose prediction/CAM or GT file is missing and report the count "
-                        "(default: a missing file is an error naming it)")
-    n.add_argument("--published-ignore-invalid", "--published_ignore_invalid",
-                   dest="published_ignore_invalid", action=bool_flag, default=False,
+    flags.add_num_workers(n, default_workers(), "decoding worker processes (0 or 1 = in this "
+                                                "process); default: usable cores, at most 8")
+    flags.add_skip_missing(n, "prediction/CAM or GT")
+    add_flag(n, "--published-ignore-invalid", action=bool_flag, default=False,
                    help="drop predicted values >= num_classes (e.g. 255) like evaluate_png.py "
                         "instead of counting them as wrong (default off; identical on valid masks)")
-    n.add_argument("--overwrite", action=bool_flag, default=False,
-                   help="replace existing result files (default: refuse)")
+    flags.add_overwrite(n, "replace existing result files (default: refuse)")
     n.add_argument("--progress", action=bool_flag, default=True,
                    help="show a progress bar (on a terminal; default on)")
     return p
@@ -190,7 +183,10 @@ def main(args) -> dict:
         remove_stale_temps(out.parent)
     record = {"dataset": info.name, "num_classes": num_classes, "class_names": info.label_names,
               "datalist": str(list_path), "num_ids": len(ids),
-              "gt": str(args.gt_dir if args.gt_dir is not None else data_root)}
+              "gt": str(args.gt_dir if args.gt_dir is not None else data_root),
+              # what was scored: the predictions' own record, so that this result counts as stale
+              # once they are recomputed from other weights (utils/provenance.py)
+              "inputs": provenance.inputs_record({"predictions": source})}
     logger.info("%s: %d ids from %s, %d classes, %d workers", info.name, len(ids), list_path,
                 num_classes, args.num_workers)
     start = time.time()

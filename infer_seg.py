@@ -1,6 +1,6 @@
 """Second stage inference: DeepLab-v2 on full images -> label PNGs (+ dense CRF) -> mIoU.
 
-    python infer_seg.py --data_root $VOC --weights $OUT/deeplab/checkpoint_final.pth \\
+    python infer_seg.py --data-root $VOC --weights $OUT/deeplab/checkpoint_final.pth \\
         --out-dir $OUT/deeplab/val --crf
 
 As deeplab-pytorch's test: full-size image (no resize or padding), batch 1, MSC max logits ->
@@ -31,10 +31,10 @@ from data.datasets import DataError, check_files, load_rgb
 from data.registry import DATASETS, check_data_root, dataset_root_of, get_dataset
 from data.seg_transforms import MEAN_BGR, SegEvalTransform
 from network.deeplab import MAX_SCALE, MIN_SCALE, MSC_SCALES, load_trained
-from utils import dist
-from utils.cli import run_cli
+from utils import dist, flags, provenance
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.device import add_numerics_args, configure_numerics, pin_memory, resolve_device
-from utils.io import remove_stale_temps, save_label_png
+from utils.io import atomic_write_text, remove_stale_temps, save_label_png
 from utils.progress import Progress
 from utils.run import check_writable, setup_logging, write_run_info
 from utils.workers import loader_worker_init, process_pool
@@ -50,58 +50,49 @@ class InferSegError(UserError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepLab-v2 inference and evaluation", add_help=False)
-    p.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-                   help="dataset registry entry")
-    p.add_argument("--data_root", "--data-root", dest="data_root", type=Path, required=True,
-                   help="dataset root (VOC: the folder holding JPEGImages) or its JPEGImages folder")
-    p.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
-                   help="labels.txt and split lists (default: metadata/<dataset>; custom: data root)")
-    p.add_argument("--list", "--infer_list", "--infer-list", dest="list", type=str, default="val",
-                   help="id list, a split name or a path (paper: val, 1,449 images)")
+    p = parent_parser("DeepLab-v2 inference and evaluation")
+    flags.add_dataset(p, DATASETS)
+    flags.add_data_root(p, help="dataset root (VOC: the folder holding JPEGImages) or its "
+                                "JPEGImages folder")
+    flags.add_metadata_dir(p)
+    add_flag(p, "--list", "--infer-list", "--infer_list", type=str, default="val",
+             help="id list, a split name or a path (paper: val, 1,449 images; also "
+                  "--infer-list, as infer.py)")
     p.add_argument("--weights", type=Path, required=True,
                    help="checkpoint_final.pth of train_seg.py (or its run directory)")
-    p.add_argument("--out-dir", "--out_dir", dest="out_dir", type=Path, required=True,
+    add_flag(p, "--out-dir", type=Path, required=True,
                    help="folder for the label PNGs <id>.png (palette, 0 = background)")
-    p.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
+    add_flag(p, "--msc-scales", type=float, nargs="+",
                    default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                    help="also run the flipped image and take the pixel-wise max of the logits "
                         "(not in the published test; default off)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
                    help="also write dense-CRF labels (DeepLab parameters 4/67/3/3/1, 10 iterations)")
-    p.add_argument("--crf-dir", "--crf_dir", dest="crf_dir", type=Path, default=None,
+    add_flag(p, "--crf-dir", type=Path, default=None,
                    help="folder for the CRF PNGs (default: <out-dir>_crf)")
-    p.add_argument("--crf-image", "--crf_image", dest="crf_image", type=str, default="rgb",
+    add_flag(p, "--crf-image", type=str, default="rgb",
                    choices=CRF_IMAGES,
                    help="image given to the CRF: 'rgb' = the raw image (default, correct; as "
                         "deeplab-pytorch demo.py) or 'published' = deeplab-pytorch main.py's bug "
                         "(mean-subtracted BGR cast to uint8, negatives wrap around)")
-    p.add_argument("--crf-workers", "--crf_workers", dest="crf_workers", type=int, default=0,
+    add_flag(p, "--crf-workers", type=int, default=0,
                    help="CRF worker processes (0 = in this process; ~1 s per VOC image each)")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="score the PNGs with evaluate.py when the list has ground truth")
-    p.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", type=Path, default=None,
-                   help="ground-truth folder for evaluation (default: found under --data_root)")
-    p.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
-                   action=argparse.BooleanOptionalAction, default=False,
-                   help="skip ids whose image is missing (default: stop with the file name)")
-    p.add_argument("--check-data", "--check_data", dest="check_data",
-                   action=argparse.BooleanOptionalAction, default=True,
-                   help="before the network pass, read every image's header (~1 ms per file), "
-                        "so a corrupt image stops the run before any output folder is made")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
-                   help="image-loading workers")
+    add_flag(p, "--gt-dir", type=Path, default=None,
+             help="ground-truth folder for evaluation (default: found under --data-root)")
+    flags.add_overwrite(p, "recompute every image, replacing the PNGs in --out-dir (default: keep "
+                           "them and compute the missing ones; PNGs of other weights are refused)")
+    flags.add_skip_missing(p, "image")
+    flags.add_check_data(p, when="before any output folder is made")
+    flags.add_num_workers(p, 2, "image-loading workers")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="autocast (fp16 on CUDA, bf16 on CPU); default off")
-    p.add_argument("--channels-last", "--channels_last", dest="channels_last",
-                   action=argparse.BooleanOptionalAction, default=False,
-                   help="channels_last memory format (often faster on CPU); same results up to "
-                        "float rounding")
-    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
-                        "reason when it does not")
-    p.add_argument("--wait-poll", "--wait_poll", dest="wait_poll", type=float, default=5.0,
+    flags.add_channels_last(p, False, "channels_last memory format (often faster on CPU); same "
+                                      "results up to float rounding")
+    flags.add_device(p)
+    add_flag(p, "--wait-poll", type=float, default=5.0,
                    help="under torchrun, seconds between rank 0's checks that every rank's PNGs "
                         "are written, before it evaluates (no collective waits on slow ranks)")
     add_numerics_args(p, cudnn_benchmark=False, published="off (each image has its own size)")
@@ -134,6 +125,14 @@ def predict_probs(model, image: torch.Tensor, flip: bool = False) -> torch.Tenso
     logits = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear",
                            align_corners=False)
     return F.softmax(logits, dim=1)
+
+
+def to_labels(probs: torch.Tensor) -> np.ndarray:
+    """(K,H,W) probabilities -> (H,W) uint8 labels on the host. The argmax runs where the
+    probabilities are (the GPU): one byte per pixel crosses to the host instead of K floats
+    (COCO: 81 x 480 x 640 x 4 bytes, about 100 MB per image). torch and numpy both return the
+    first of tied maxima, so the labels equal numpy's argmax of the copied probabilities."""
+    return probs.argmax(0).to(torch.uint8).cpu().numpy()
 
 
 def crf_labels(rgb: np.ndarray, probs: np.ndarray, mode: str) -> np.ndarray:
@@ -185,10 +184,11 @@ def resolve_weights(path: Path) -> Path:
 
 def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, device, flip=False,
                   crf_image="rgb", crf_workers=0, amp=False, channels_last=False,
-                  num_workers=0) -> Dict:
-    """Write <out_dir>/<id>.png (and CRF PNGs); ids whose outputs exist are skipped."""
+                  num_workers=0, overwrite=False) -> Dict:
+    """Write <out_dir>/<id>.png (and CRF PNGs); ids whose outputs exist are skipped unless
+    ``overwrite``."""
     todo = [k for k, (i, _) in enumerate(dataset.items)
-            if not (out_dir / f"{i}.png").is_file()
+            if overwrite or not (out_dir / f"{i}.png").is_file()
             or (crf_dir is not None and not (crf_dir / f"{i}.png").is_file())]
     if len(todo) < len(dataset):
         logger.info("%d of %d images already done in %s; skipping them",
@@ -214,10 +214,12 @@ def run_inference(model, dataset, out_dir: Path, crf_dir: Optional[Path], *, dev
             t = time.time()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 probs = predict_probs(model, x, flip)[0]
-            probs = probs.cpu().numpy()
+            labels = to_labels(probs)
+            if crf_dir is not None:  # only the CRF needs the probabilities on the host
+                probs = probs.cpu().numpy()
             t_net += time.time() - t
             n += 1
-            save_label_png(out_dir / f"{img_id}.png", probs.argmax(0).astype(np.uint8))
+            save_label_png(out_dir / f"{img_id}.png", labels)
             if crf_dir is not None:
                 rgb = np.asarray(rgb)
                 if pool is None:
@@ -261,12 +263,47 @@ def evaluate_dir(args, pred_dir: Path, list_path: Path) -> Optional[dict]:
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
+def skipped_note(pred_dir: Path) -> Path:
+    """<pred>_eval.skipped.txt: why <pred>_eval.txt was not computed (one line; the pipeline's
+    results table prints it in the empty cell)."""
+    pred_dir = Path(pred_dir)
+    return pred_dir.parent / f"{pred_dir.name}_eval.skipped.txt"
+
+
 def newest_png(folder: Path) -> int:
     return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.png")), default=0)
 
 
 # Settings that change the PNGs: existing outputs are only re-used when these are unchanged.
 OUTPUT_SETTINGS = ("weights", "msc_scales", "flip", "crf_image", "dataset")
+
+
+def stale_predictions(args, folders, weights_made_earlier: bool = False) -> Optional[str]:
+    """A problem line when a prediction folder holds PNGs of other weights than --weights now
+    (train_seg.py --resume --extend wrote a new checkpoint_final.pth under the same name, or an
+    earlier stage of the pipeline is about to); None with --overwrite."""
+    if args.overwrite:
+        return None
+    for folder in folders:
+        why = (Path(folder).is_dir() and any(Path(folder).glob("*.png"))
+               and provenance.weights_changed(folder, args.weights, weights_made_earlier))
+        if why:
+            return (f"{folder} holds predictions {why}; pass --overwrite (SEGINFER_ARGS for the "
+                    f"scripts) to recompute every image, or delete {folder}")
+    return None
+
+
+def record_predictions(args, folders) -> None:
+    """<folder>/.infer_settings.json: the settings and the weights' identity (utils/provenance.py)
+    of the PNGs in each folder, written before the first of them."""
+    key = str(Path(args.weights).resolve())
+    known = next((k for k in (provenance.recorded_input(f, key) for f in folders) if k), None)
+    settings = {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+                if k in OUTPUT_SETTINGS}
+    text = json.dumps(dict(settings, inputs={key: provenance.file_identity(key, known)}),
+                      indent=2, sort_keys=True) + "\n"
+    for folder in folders:
+        atomic_write_text(Path(folder) / provenance.RECORD_NAME, text)
 
 
 def check_same_setting(args_json: Path, args) -> None:
@@ -301,7 +338,17 @@ def main(args) -> Dict:
     for folder in (out_dir, run_dir, crf_dir):
         if folder is not None:
             check_writable(folder, "--out-dir / --crf-dir")
-    check_same_setting(run_dir / "args.json", args)
+    if args.overwrite and dist.spans_nodes():
+        # rank 0 waits for the other nodes' PNGs by their presence: old ones would satisfy it
+        raise InferSegError("--overwrite cannot be used across several nodes (rank 0 could not "
+                            "tell the other nodes' new PNGs from the old ones): delete the output "
+                            "folders and run without --overwrite")
+    folders = [d for d in (out_dir, crf_dir) if d is not None]
+    problem = stale_predictions(args, folders)
+    if problem:
+        raise InferSegError(problem)
+    if not args.overwrite:
+        check_same_setting(run_dir / "args.json", args)
     if args.crf:
         from utils.crf import _densecrf
         _densecrf()  # fail now, not after the network pass, when pydensecrf is missing
@@ -328,6 +375,7 @@ def main(args) -> Dict:
             remove_stale_temps(folder)
     setup_logging(run_dir / "log.txt")
     write_run_info(run_dir, args, numerics=numerics)
+    record_predictions(args, folders)
     model.eval().to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -335,18 +383,30 @@ def main(args) -> Dict:
                 list_path, out_dir, f" and {crf_dir}" if crf_dir else "")
     stats = run_inference(model, dataset, out_dir, crf_dir, device=device, flip=args.flip,
                           crf_image=args.crf_image, crf_workers=args.crf_workers, amp=args.amp,
-                          channels_last=args.channels_last, num_workers=args.num_workers)
+                          channels_last=args.channels_last, num_workers=args.num_workers,
+                          overwrite=args.overwrite)
     result = dict(stats, miou=None, miou_crf=None)
-    if rank != 0 or not args.evaluate:
+    if rank != 0:
         return result
-    # 3. rank 0 scores every rank's PNGs once they are all written
-    has_gt = args.gt_dir is not None or all(info.gt_path(data_root, i).is_file() for i in ids[:20])
-    if not has_gt:
-        logger.info("no ground truth for %s: skipping evaluation", list_path)
+    # 3. rank 0 scores every rank's PNGs once they are all written, or says why it cannot
+    folders = [d for d in (out_dir, crf_dir) if d is not None]
+    missing_gt = [] if args.gt_dir is not None else [
+        info.gt_path(data_root, i) for i in ids[:20] if not info.gt_path(data_root, i).is_file()]
+    why = ("not scored: --no-evaluate" if not args.evaluate else
+           f"no score: the ground truth of {list_path.name} is missing (e.g. {missing_gt[0]}); "
+           f"pass --gt_dir" if missing_gt else None)
+    for folder in folders:
+        note = skipped_note(folder)
+        if why is None and note.exists():
+            note.unlink()
+    if why is not None:
+        for folder in folders:  # the pipeline's results table shows it in the empty cell
+            atomic_write_text(skipped_note(folder), why + "\n")
+        print(f"infer_seg: predictions in {', '.join(map(str, folders))}; {why}", flush=True)
+        result["why"] = why
         return result
     present = [i for i, _ in ImageList(info, args.data_root, ids, skip_missing=True).items]
     if world > 1:
-        folders = [d for d in (out_dir, crf_dir) if d is not None]
         dist.wait_for_outputs(present, lambda i: all((f / f"{i}.png").is_file() for f in folders),
                               what="prediction PNGs", timeout_s=args.dist_timeout,
                               poll_s=args.wait_poll)

@@ -6,7 +6,7 @@ SGD momentum 0.9, lr 2.5e-4 (ASPP weights 10x, biases 20x without weight decay),
 (effective 10), crop 321, scales {0.5, 0.75, 1, 1.25, 1.5}, Caffe BGR mean, frozen BN, loss =
 sum over the 4 MSC outputs of CE(ignore 255) with labels nearest-resized to each output.
 
-    python train_seg.py --data_root $VOC --mask-dir $OUT/result/png \\
+    python train_seg.py --data-root $VOC --mask-dir $OUT/result/png \\
         --init deeplabv1_resnet101-coco.pth --run-dir $OUT/deeplab
     torchrun --nproc_per_node 2 train_seg.py ...     # 10 x 1 on 2 processes: 5 per GPU
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import random
@@ -44,18 +45,20 @@ from data.registry import DATASETS, check_data_root, dataset_root_of, get_datase
 from data.seg_transforms import CROP_SIZE, IGNORE_LABEL, TRAIN_SCALES, SegTrainTransform
 from network.deeplab import (MAX_SCALE, MIN_SCALE, MSC_SCALES, SEG_ARCHS, build_deeplab,
                              load_init_weights)
-from utils import dist
+from utils import dist, flags, provenance
 from utils.checkpoint import (changed_settings, open_run_dir, restore_training_state,
                               save_training_state, start_run)
-from utils.cli import run_cli
+from utils.cli import add_flag, parent_parser, run_cli
 from utils.device import (add_numerics_args, check_shared_memory, configure_numerics, pin_memory,
                           resolve_device)
 from utils.errors import UserError
-from utils.io import torch_save
+from utils.io import atomic_write_text, torch_save
+from utils.layout import LayoutError, plan_layout, working_counts
 from utils.optim import build_optimizer, poly_lr
 from utils.progress import Progress
 from utils.run import JsonlLogger, close_file_log, setup_logging, write_run_info
 from utils.sampler import seeded_loader
+from utils.tensorboard import open_board, summary_writer_class
 
 logger = logging.getLogger("train_seg")
 
@@ -70,30 +73,24 @@ class TrainSegError(UserError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepLab-v2 training on pseudo-masks", add_help=False)
+    p = parent_parser("DeepLab-v2 training on pseudo-masks")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", type=str, default="voc12", choices=sorted(DATASETS),
-                   help="dataset registry entry (voc12: 21 outputs incl. background; coco: 81)")
-    d.add_argument("--data_root", "--data-root", dest="data_root", type=Path, required=True,
-                   help="dataset root (VOC: the folder holding JPEGImages) or its JPEGImages folder")
-    d.add_argument("--metadata-dir", "--metadata_dir", dest="metadata_dir", type=Path, default=None,
-                   help="labels.txt and split lists (default: metadata/<dataset>; custom: data root)")
-    d.add_argument("--mask-dir", "--mask_dir", dest="mask_dir", type=Path, default=None,
+    flags.add_dataset(d, DATASETS, help="dataset registry entry (voc12: 21 outputs incl. "
+                                        "background; coco: 81; custom: VOC layout)")
+    flags.add_data_root(d, help="dataset root (VOC: the folder holding JPEGImages) or its "
+                                "JPEGImages folder")
+    flags.add_metadata_dir(d)
+    add_flag(d, "--mask-dir", type=Path, default=None,
                    help="folder of pseudo-mask PNGs <id>.png (0 = background, 1..C, 255 = ignore), "
                         "e.g. EPS's result/png; default: the dataset's ground truth (a fully "
                         "supervised run, not the paper's setting)")
-    d.add_argument("--train_list", "--train-list", dest="train_list", type=str, default="train_aug",
-                   help="id list, a split name or a path (paper: train_aug, 10,582 images)")
-    d.add_argument("--skip-missing", "--skip_missing", dest="skip_missing",
-                   action=argparse.BooleanOptionalAction, default=False,
-                   help="drop ids whose image or mask is missing instead of stopping (default off)")
-    d.add_argument("--check-data", "--check_data", dest="check_data",
-                   action=argparse.BooleanOptionalAction, default=True,
-                   help="before training, read every image's header and every mask (mode, size, "
-                        "values 0..C or --ignore-label; ~2 ms per id), so a bad file stops the run "
-                        "before any compute instead of hours into it")
-    d.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=4,
-                   help="DataLoader workers per process (results do not depend on it; published 0)")
+    add_flag(d, "--train-list", type=str, default="train_aug",
+             help="id list, a split name or a path (paper: train_aug, 10,582 images)")
+    flags.add_skip_missing(d, "image or mask")
+    flags.add_check_data(d, "every image's header and every mask (mode, size, values 0..C or "
+                            "--ignore-label; ~2 ms per id)")
+    flags.add_num_workers(d, 4, "DataLoader workers per process (results do not depend on it; "
+                                "published 0)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", type=str, default="deeplabv2_resnet101", choices=sorted(SEG_ARCHS),
                    help="deeplabv2_resnet101 (paper) or deeplabv2_small (tiny CPU demo/test net)")
@@ -101,69 +98,61 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="initial weights: deeplabv1_resnet101-coco.pth (paper, COCO-pretrained, "
                         "deeplab-pytorch layout) or a torchvision ImageNet resnet101 .pth; 'none' "
                         "trains from scratch (default for deeplabv2_small only)")
-    m.add_argument("--init-kind", "--init_kind", dest="init_kind", type=str, default="auto",
+    add_flag(m, "--init-kind", type=str, default="auto",
                    choices=["auto", "deeplab", "torchvision"],
                    help="layout of --init (default: detected from the key names)")
-    m.add_argument("--msc-scales", "--msc_scales", dest="msc_scales", type=float, nargs="+",
+    add_flag(m, "--allow-supervised-init", action=argparse.BooleanOptionalAction, default=False,
+             help="accept an --init whose classifier has this dataset's class count, i.e. a "
+                  "DeepLab trained on its label set (e.g. deeplab-pytorch's "
+                  "deeplabv2_resnet101_msc-vocaug-20000.pth): refused by default, because it "
+                  "makes the weakly supervised result fully supervised (paper: off)")
+    add_flag(m, "--msc-scales", type=float, nargs="+",
                    default=list(MSC_SCALES), help="extra input scales of MSC (paper: 0.5 0.75)")
     o = p.add_argument_group("optimisation (defaults = published recipe)")
     o.add_argument("--lr", type=float, default=LR, help="base lr (paper 2.5e-4; ASPP 10x / 20x)")
     o.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (paper 0.9)")
-    o.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float,
+    add_flag(o, "--weight-decay", type=float,
                    default=WEIGHT_DECAY, help="weight decay (paper 5e-4; none on ASPP biases)")
-    o.add_argument("--poly-power", "--poly_power", dest="poly_power", type=float,
+    add_flag(o, "--poly-power", type=float,
                    default=POLY_POWER, help="poly lr power (paper 0.9)")
-    o.add_argument("--lr-decay-every", "--lr_decay_every", dest="lr_decay_every", type=int,
+    add_flag(o, "--lr-decay-every", type=int,
                    default=LR_DECAY_EVERY, help="the lr is updated every N iterations (paper 10)")
-    o.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=MAX_ITERS,
+    add_flag(o, "--max-iters", type=int, default=MAX_ITERS,
                    help="optimizer steps (paper 20,000)")
-    o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+    add_flag(o, "--batch-size", type=int, default=None,
                    help="GLOBAL images per forward pass, split over torchrun processes (paper 5; "
                         "default: chosen with --iter-size for the process count, see resolve_batch)")
-    o.add_argument("--iter-size", "--iter_size", dest="iter_size", type=int, default=None,
+    add_flag(o, "--iter-size", type=int, default=None,
                    help="forward/backward passes accumulated per step (paper 2: batch 5 x 2 = 10; "
                         "default: chosen with --batch-size for the process count)")
-    o.add_argument("--crop-size", "--crop_size", dest="crop_size", type=int, default=CROP_SIZE,
+    add_flag(o, "--crop-size", type=int, default=CROP_SIZE,
                    help="square training crop (paper 321)")
     o.add_argument("--scales", type=float, nargs="+", default=list(TRAIN_SCALES),
                    help="discrete random scales (paper 0.5 0.75 1.0 1.25 1.5)")
-    o.add_argument("--ignore-label", "--ignore_label", dest="ignore_label", type=int,
+    add_flag(o, "--ignore-label", type=int,
                    default=IGNORE_LABEL, help="mask value excluded from the loss (255)")
-    o.add_argument("--amp", type=str, default="off", choices=["off", "bf16", "fp16"],
-                   help="mixed precision (fp16 with a GradScaler on CUDA; bf16 also on CPU); "
-                        "published: off (fp32)")
+    flags.add_training_amp(o)
     r = p.add_argument_group("run")
-    r.add_argument("--run-dir", "--run_dir", dest="run_dir", type=Path,
+    add_flag(r, "--run-dir", type=Path,
                    required=True, help="output folder (checkpoints, logs, metrics)")
-    r.add_argument("--resume", type=str, nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a run: without a value, <run-dir>/checkpoint_last.pth (fresh "
-                        "start if there is none); or a path to a checkpoint_last-style file")
-    r.add_argument("--extend", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --resume on a FINISHED run and a larger --max-iters: train it "
-                        "further (the finished checkpoint_final.pth is kept as "
-                        "checkpoint_final_iter<N>.pth)")
-    r.add_argument("--stop-after", "--stop_after", dest="stop_after", type=int, default=None,
-                   help="stop with a checkpoint after this many iterations of this invocation "
-                        "(time-limited job slots); --resume continues")
-    r.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=SAVE_EVERY,
+    flags.add_resume(r, "run-dir")
+    flags.add_extend(r, FINAL_NAME)
+    flags.add_stop_after(r)
+    add_flag(r, "--save-every", type=int, default=SAVE_EVERY,
                    help="keep checkpoint_<iter>.pth every N iterations (paper 5,000; 0 = never)")
-    r.add_argument("--ckpt-every", "--ckpt_every", dest="ckpt_every", type=int, default=500,
-                   help="rewrite the resume checkpoint every N iterations")
-    r.add_argument("--log-every", "--log_every", dest="log_every", type=int, default=AVERAGE_LOSS,
-                   help="average the loss over N iterations per metrics.jsonl line (paper 20)")
-    r.add_argument("--eval-list", "--eval_list", dest="eval_list", type=str, default=None,
+    flags.add_ckpt_every(r, 500, "none, deeplab-pytorch kept only the --save-every files")
+    flags.add_log_every(r, AVERAGE_LOSS, "deeplab-pytorch averaged 20")
+    add_flag(r, "--eval-list", type=str, default=None,
                    help="after training, run infer_seg.py on this list (e.g. val) into "
                         "<run-dir>/pred_<list> and evaluate it (default: off)")
-    r.add_argument("--eval-crf", "--eval_crf", dest="eval_crf",
-                   action=argparse.BooleanOptionalAction, default=False,
+    add_flag(r, "--eval-crf", action=argparse.BooleanOptionalAction, default=False,
                    help="with --eval-list, also the dense-CRF result (DeepLab parameters)")
-    r.add_argument("--seed", type=int, default=0,
-                   help="seed for python/numpy/torch (the published code sets none)")
-    r.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when it works (a warning says why not); cuda = fail with the "
-                        "reason when it does not")
+    flags.add_seed(r)
+    flags.add_device(r)
+    flags.add_tensorboard(r)
     add_numerics_args(r, cudnn_benchmark=True, published="on (deeplab-pytorch main.py)")
     dist.add_dist_args(r)
+    dist.add_peer_timeout_arg(r)
     return p
 
 
@@ -224,16 +213,17 @@ def build_model(args, n_classes: int, init: bool):
     if args.init is None and args.arch == "deeplabv2_resnet101":
         raise TrainSegError(
             "DeepLab-v2 ResNet-101 needs initial weights: --init deeplabv1_resnet101-coco.pth "
-            "(the paper's COCO init, README 'Downloads') or a torchvision resnet101 .pth; --init "
-            "none trains from scratch (not a paper setting)")
+            "(the paper's COCO init: bash script/download.sh weights) or a torchvision resnet101 "
+            ".pth; --init none trains from scratch (not a paper setting)")
     if not init:
         return model
     if args.init is not None and args.init.lower() != "none":
         if not Path(args.init).is_file():
             raise TrainSegError(f"--init {args.init}: file not found; pass "
-                                f"deeplabv1_resnet101-coco.pth (README 'Downloads'), a torchvision "
+                                f"deeplabv1_resnet101-coco.pth (bash script/download.sh weights), a torchvision "
                                 f"resnet101 .pth, or --init none")
-        load_init_weights(model, args.init, args.init_kind)
+        load_init_weights(model, args.init, args.init_kind,
+                          allow_supervised=args.allow_supervised_init)
     else:
         logger.warning("no --init: %s starts from random weights", args.arch)
     return model
@@ -274,23 +264,24 @@ def resolve_batch(batch_size: Optional[int], iter_size: Optional[int], world: in
                   effective: int = EFFECTIVE_BATCH) -> Tuple[int, int]:
     """(global batch per pass, accumulation) for ``world`` processes.
 
-    Unset (None, None): the published effective batch (5 x 2 = 10) split so that it divides
-    over the processes with at most 5 images per process and pass, fewest accumulation steps
+    Unset (None, None): the published effective batch (5 x 2 = 10) split by the layout planner
+    (utils/layout.py) with at most 5 images per process and pass, fewest accumulation steps
     first: 1 process 5 x 2 (published), 2 processes 10 x 1 (5 each), 5 processes 10 x 1 (2 each),
-    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the effective
-    batch is never changed silently. Set values are only checked."""
+    10 processes 10 x 1. A world size that cannot keep it is refused with the ones that can: the
+    effective batch is never changed silently (the pipeline scripts ask the planner for a count
+    that works). Set values are only checked."""
     if batch_size is None and iter_size is None:
-        for accum in sorted(d for d in range(1, effective + 1) if effective % d == 0):
-            per_pass = effective // accum
-            if per_pass % world == 0 and per_pass // world <= MAX_PER_PROCESS:
-                return per_pass, accum
-        ok = [w for w in range(1, effective + 1)
-              if any(effective % a == 0 and (effective // a) % w == 0
-                     and (effective // a) // w <= MAX_PER_PROCESS for a in range(1, effective + 1))]
-        raise TrainSegError(
-            f"{world} processes cannot split the published effective batch {effective} (5 x 2) "
-            f"evenly: use {', '.join(map(str, ok))} processes for this stage (SEG_NGPUS for the "
-            f"scripts), or set --batch-size and --iter-size yourself (a deviation)")
+        try:
+            layout = plan_layout(effective, world, procs_per_node=world, what="DeepLab",
+                                 max_per_process=MAX_PER_PROCESS, override="the process count")
+        except LayoutError:
+            ok = working_counts(effective, max_per_process=MAX_PER_PROCESS)
+            raise TrainSegError(
+                f"{world} processes cannot split the published effective batch {effective} "
+                f"(5 x 2) evenly: use {', '.join(map(str, ok))} processes for this stage "
+                f"(SEG_NGPUS for the scripts, which choose one by default), or set --batch-size "
+                f"and --iter-size yourself (a deviation)") from None
+        return layout.global_batch, layout.accum
     batch_size = BATCH_SIZE if batch_size is None else batch_size
     iter_size = ITER_SIZE if iter_size is None else iter_size
     if batch_size < 1 or iter_size < 1:
@@ -336,10 +327,12 @@ def main(args) -> Dict:
     device = resolve_device(args.device, dist.get_local_rank())
     numerics = configure_numerics(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark,
                                   amp=args.amp)
-    dist.init_distributed(device, args.dist_timeout)
+    dist.init_distributed(device, args.dist_timeout, args.peer_timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     check_args(args, world)
     check_shared_memory(args.num_workers)
+    if args.tensorboard:
+        summary_writer_class()  # a missing package is one line now, before any compute
     run_dir = args.run_dir
     run = start_run(run_dir, resume=args.resume, final_name=FINAL_NAME, last_name=LAST_NAME,
                     expect={"arch": args.arch, "dataset": args.dataset}, writer="train_seg.py",
@@ -357,6 +350,23 @@ def main(args) -> Dict:
     if args.eval_list:  # resolved now: a wrong name failed only after the training
         info.list_path(args.eval_list)
     n_classes = info.num_classes + 1
+    # What this run is made from (utils/provenance.py): the pseudo-masks (their own record) and
+    # the init file (name, size, sha256; in the pipeline's results table). A run is never
+    # resumed on other inputs: its checkpoint would mix two trainings.
+    record_file = run_dir / provenance.RUN_RECORD_NAME
+    if ckpt is not None:
+        stale = provenance.check(record_file)
+        if stale:
+            raise TrainSegError(f"{run_dir} was started on other inputs: {stale}; resuming would "
+                                f"mix two trainings: start a new --run-dir (or move {run_dir} "
+                                f"away)")
+    inputs = provenance.read_record(record_file) if ckpt is not None else None
+    if inputs is None and dist.is_main_process():  # rank 0 writes it (a hash of --init)
+        init = args.init if args.init and args.init.lower() != "none" else None
+        inputs = {"inputs": provenance.inputs_record({"masks": args.mask_dir, "init": init}),
+                  "init": (dict(path=str(Path(init).resolve()),
+                                **provenance.file_identity(init)) if init and Path(init).is_file()
+                           else None)}
     dataset = SegDataset(info, args.data_root, info.read_ids(args.train_list), args.mask_dir,
                          SegTrainTransform(args.crop_size, args.scales, ignore_label=args.ignore_label),
                          skip_missing=args.skip_missing)
@@ -388,6 +398,11 @@ def main(args) -> Dict:
     setup_logging(run_dir / "log.txt")
     try:
         write_run_info(run_dir, args, numerics=numerics)
+        if dist.is_main_process() and inputs is not None:
+            atomic_write_text(record_file, json.dumps(inputs, indent=2) + "\n")
+        if inputs and inputs.get("init"):
+            logger.info("init %s: %d bytes, sha256 %s", inputs["init"]["path"],
+                        inputs["init"]["size"], inputs["init"]["sha256"])
         logger.info("%s, transform %s", dataset, dataset.transform)
         logger.info("effective batch %d = %d (global) x %d accumulated; %d per process (paper: "
                     "5 x 2)", args.batch_size * args.iter_size, args.batch_size, args.iter_size,
@@ -418,7 +433,8 @@ def train(args, model, loader, ckpt, run_dir: Path, device, n_classes: int, resu
         logger.info("resumed from %s at iteration %d", resume, start_iter)
         # the loaded tensors are a second copy of model + optimizer state: free them for the run
         ckpt.clear()
-    jsonl = JsonlLogger(run_dir / "metrics.jsonl")
+    jsonl = JsonlLogger(run_dir / "metrics.jsonl", mirror=open_board(  # --tensorboard: the same
+        args.tensorboard, run_dir, start_iter, dist.is_main_process()))  # records as events
     jsonl.trim(start_iter)
     model.train()
     net = dist.wrap_ddp(model, device)

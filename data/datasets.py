@@ -16,14 +16,20 @@ Override contract of ``_BaseDataset``: a subclass sets ``needs_labels`` and impl
 ``_extra_files(img_id) -> {kind: Path}`` (files besides the image that must exist) and
 ``__getitem__``; the base class resolves ``self.ids``, ``self.image_paths``, ``self.extra_paths``
 and ``self.labels``.
+
+A method's extra sample entries (the head's ``sample_extras`` hook, network/heads.py): the
+training datasets call ``sample_extras(SampleContext)`` after the published item is made and
+append the dict it returns as the item's last element (the DataLoader stacks its tensors). With
+no hook (``sample_extras=None``, the default) the items are the published ones, bit for bit.
 """
 from __future__ import annotations
 
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,12 +43,9 @@ from data.registry import DatasetInfo, dataset_root_of
 from data.saliency import check_map_size
 from data.transforms import (INFER_SCALES, ClsSalTrainTransform, ClsTrainTransform,
                              multiscale_arrays)
+from utils.errors import examples
 
 logger = logging.getLogger(__name__)
-
-# How many offending files an error message lists before "... and N more".
-_SHOW = 5
-
 
 # --------------------------------------------------------------------------------------------
 # File readers with clear errors
@@ -104,11 +107,6 @@ def load_mask(path, image_size=None, image_path=None) -> np.ndarray:
     return mask
 
 
-def _examples(items: Sequence[str]) -> str:
-    text = "; ".join(str(x) for x in items[:_SHOW])
-    return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
 def _image_problem(path) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     """(why an image cannot be read as load_rgb reads it, or None; its (w, h) when it can).
     Header only for 8-bit files."""
@@ -160,7 +158,7 @@ def check_files(ids: Sequence[str], image_paths: Sequence, mask_paths: Optional[
     if problems:
         what = "image or mask" if mask_paths is not None else "image"
         raise DataError(f"{len(problems)} of {len(ids)} ids have an {what} that cannot be used "
-                        f"({_examples(problems)}); replace or fix these files, or remove their "
+                        f"({examples(problems)}); replace or fix these files, or remove their "
                         f"ids from the list (tools/check_dataset.py lists every problem)")
 
 
@@ -186,10 +184,41 @@ class _ImageLocator:
 
 
 # --------------------------------------------------------------------------------------------
+# What a head's sample_extras hook sees
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SampleContext:
+    """One training sample, as a head's ``sample_extras(ctx)`` hook sees it (in a loader
+    worker): ``index`` in the dataset, ``id``, the decoded ``image`` (RGB PIL image, before any
+    augmentation), its ``saliency`` map (PIL image, or None without saliency), the ``label``
+    tensor (C,), the run's method ``hparams`` and the ``dataset`` (its ``info``, paths and
+    ``transform``). ``view()`` draws another augmented view of the same image with the
+    dataset's own transform and random stream: a tensor (3, crop, crop), or (image, saliency)
+    with saliency."""
+
+    index: int
+    id: str
+    image: Image.Image
+    saliency: Optional[Image.Image]
+    label: torch.Tensor
+    hparams: Dict[str, Any]
+    dataset: "_BaseDataset"
+
+    def view(self):
+        if self.saliency is None:
+            return self.dataset.transform(self.image)
+        return self.dataset.transform(self.image, self.saliency)
+
+
+# --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
 class _BaseDataset(Dataset):
     needs_labels = True
+    # The head's hook (network/heads.py Head.sample_extras) and the method's hyper-parameters,
+    # set by train.py; None = nothing extra
+    sample_extras: Optional[Callable[[SampleContext], Dict[str, Any]]] = None
+    sample_hparams: Dict[str, Any] = {}
 
     def __init__(self, info: DatasetInfo, data_root, ids: Union[Sequence[str], str, os.PathLike],
                  *, skip_missing: bool = False):
@@ -220,12 +249,12 @@ class _BaseDataset(Dataset):
         if missing and not skip_missing:
             raise DataError(
                 f"{len(missing)} of {len(ids)} listed ids have missing files (not found: "
-                f"{_examples(missing)}). Fix the data root / saliency root / mask folder "
+                f"{examples(missing)}). Fix the data root / saliency root / mask folder "
                 f"(tools/check_dataset.py prints a full report), or pass --skip-missing to "
                 f"drop these ids")
         if missing:
             logger.warning("%s: skipped %d of %d ids with missing files (first: %s)",
-                           type(self).__name__, len(missing), len(ids), _examples(missing))
+                           type(self).__name__, len(missing), len(ids), examples(missing))
         if not self.ids:
             raise DataError(f"no listed id has its files under {self.data_root}: check the root")
         self.labels: Optional[np.ndarray] = self._collect_labels() if self.needs_labels else None
@@ -249,6 +278,18 @@ class _BaseDataset(Dataset):
 
     def label(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.labels[index].copy())
+
+    def _with_extras(self, item: tuple, index: int, image, saliency=None) -> tuple:
+        """The item, plus the head's extra entries when it has the hook (after the published
+        item is made, so the item's own random draws come first)."""
+        if self.sample_extras is None:
+            return item
+        ctx = SampleContext(index=index, id=self.ids[index], image=image, saliency=saliency,
+                            label=item[-1], hparams=dict(self.sample_hparams), dataset=self)
+        extras = self.sample_extras(ctx)
+        if not isinstance(extras, dict):
+            raise TypeError(f"sample_extras must return a dict, got {type(extras).__name__}")
+        return item + (extras,)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -284,7 +325,8 @@ class ClsDataset(_BaseDataset):
 
     def __getitem__(self, index: int):
         img = load_rgb(self.image_paths[index])
-        return self.ids[index], self.transform(img), self.label(index)
+        return self._with_extras((self.ids[index], self.transform(img), self.label(index)),
+                                 index, img)
 
     def _repr_extra(self):
         return f", transform={self.transform}"
@@ -319,7 +361,7 @@ class ClsSalDataset(_BaseDataset):
         sal = load_saliency(self.extra_paths[index]["saliency"], img.size, img_path,
                             stretch=self.stretch_saliency)
         img_t, sal_t = self.transform(img, sal)
-        return self.ids[index], img_t, sal_t, self.label(index)
+        return self._with_extras((self.ids[index], img_t, sal_t, self.label(index)), index, img, sal)
 
     def _repr_extra(self):
         stretch = ", stretch_saliency=True" if self.stretch_saliency else ""
@@ -332,10 +374,13 @@ class InferDataset(_BaseDataset):
     Item: ``{"id", "images": [float32 (3, round(h*s), round(w*s)) per scale, normalized, NOT
     flipped], "label": float32 (C,), "size": (H, W)}`` plus ``"image"`` (uint8 H×W×3 RGB) when
     ``return_image`` (for CRF / overlays). Sizes differ per image: use ``batch_size=None`` or 1.
+    ``with_labels=False`` (infer.py --labels predicted) reads no image labels: "label" is None.
     """
 
     def __init__(self, info: DatasetInfo, data_root, ids, scales: Sequence[float] = INFER_SCALES,
-                 *, skip_missing: bool = False, return_image: bool = False):
+                 *, skip_missing: bool = False, return_image: bool = False,
+                 with_labels: bool = True):
+        self.needs_labels = bool(with_labels)
         super().__init__(info, data_root, ids, skip_missing=skip_missing)
         self.scales = tuple(float(s) for s in scales)
         if not self.scales or min(self.scales) <= 0:
@@ -346,7 +391,7 @@ class InferDataset(_BaseDataset):
         img = load_rgb(self.image_paths[index])
         item = {"id": self.ids[index],
                 "images": [torch.from_numpy(a) for a in multiscale_arrays(img, self.scales)],
-                "label": self.label(index),
+                "label": self.label(index) if self.labels is not None else None,
                 "size": (img.size[1], img.size[0])}
         if self.return_image:
             item["image"] = np.asarray(img).copy()

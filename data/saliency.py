@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
 from data.errors import DataError
 from data.pixels import image_to_8bit, is_sixteen_bit, saliency_to_8bit
+from utils.errors import examples
 
 logger = logging.getLogger(__name__)
 
 SAME, RESCALED, OTHER_ASPECT = "same size", "other resolution", "other aspect ratio"
-
-# How many offending ids a message lists before "... and N more".
-_SHOW = 5
 
 STRETCH_FIX = ("regenerate these maps from their images, or pass --stretch-saliency to stretch "
                "each to its image (a deviation from the published code)")
@@ -72,11 +70,6 @@ def check_map_size(path, map_size, image_size, stretch: bool, image_path=None) -
     return kind
 
 
-def _examples(items: Sequence[str]) -> str:
-    text = "; ".join(str(x) for x in items[:_SHOW])
-    return text + (f"; ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
 @dataclass
 class SaliencyMapsReport:
     """What ``check_saliency_maps`` found; each list holds ids ("id (map WxH, image WxH)" for sizes)."""
@@ -94,7 +87,7 @@ class SaliencyMapsReport:
                 f"the published result)")
         if self.other_aspect:
             text += (f"; {len(self.other_aspect)} with another aspect ratio stretched to their "
-                     f"image (--stretch-saliency, a deviation; first: {_examples(self.other_aspect)})")
+                     f"image (--stretch-saliency, a deviation; first: {examples(self.other_aspect)})")
         if self.sixteen_bit:
             text += f"; {len(self.sixteen_bit)} 16-bit maps read at full depth"
         return text
@@ -105,11 +98,11 @@ class SaliencyMapsReport:
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} of {self.num_maps} ids have an image or "
                          f"saliency map that cannot be read without wrong values "
-                         f"({_examples(self.unreadable)}): replace or fix these files, or remove "
+                         f"({examples(self.unreadable)}): replace or fix these files, or remove "
                          f"their ids from the list")
         if self.other_aspect and not self.stretch:
             parts.append(f"{len(self.other_aspect)} of {self.num_maps} saliency maps have another "
-                         f"aspect ratio than their image ({_examples(self.other_aspect)}), which "
+                         f"aspect ratio than their image ({examples(self.other_aspect)}), which "
                          f"the published code (resizing each from its own size) would misalign: "
                          f"{STRETCH_FIX}")
         if not parts:

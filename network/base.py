@@ -3,19 +3,24 @@
 * the published freezing (psa network/resnet38d.py Net.train): ``train(mode)``
   keeps every BatchNorm in eval mode
   with fixed affine parameters and freezes the early layers listed in ``not_training``;
-* the published parameter groups (1x / 2x / 10x / 20x learning rate) from one method;
+* the published parameter groups (1x / 2x / 10x / 20x learning rate) from one method, for any
+  mix of convolutions, linear layers, norms and free parameters (embeddings);
+* the optimizer recipe (``optimizer_recipe``): the published SGD unless the backbone declares
+  another (network/vit.py: AdamW with layer-wise lr decay);
 * optional activation checkpointing of the trunk, one block at a time.
 
-A backbone subclasses :class:`Backbone` and implements ``forward_as_dict`` (returning the
-``conv4`` / ``conv5`` / ``conv6`` taps). A head (``network/heads.py``) subclasses it as well, and
-the registry (``network/registry.py``) composes the two into one class, e.g. resnet38_eps =
+A backbone subclasses :class:`Backbone` and implements ``forward_as_dict`` (returning at least
+``"conv6"``, the feature map the heads use, at ``output_stride``; the name is the published
+ResNet-38's last layer, whatever the trunk). A head (``network/heads.py``) subclasses it as well,
+and the registry (``network/registry.py``) composes the two into one class, e.g. resnet38_eps =
 ``EpsHead`` + ``ResNet38d``, so the state_dict keys are the published flat names
 (``conv1a.weight``, ..., ``fc8.weight``) with no ``backbone.`` prefix.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +29,29 @@ from torch.utils.checkpoint import checkpoint
 
 # name, lr multiplier, weight-decay multiplier: the published groups g0..g3 (module/optimizer.py).
 PARAM_GROUPS = (("1x", 1, 1), ("2x", 2, 0), ("10x", 10, 1), ("20x", 20, 0))
+# Free parameters a backbone names in ``no_weight_decay`` (position embeddings, class tokens):
+# lr x1 without weight decay. Added only when not empty, so the ResNets keep the published four.
+NO_DECAY_GROUP = ("1x_no_decay", 1, 0)
+NORM_LAYERS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """How train.py optimizes a network of this backbone. The default is the published one: SGD
+    (utils/optim.build_optimizer, with the momentum quirk) and the dataset's --lr / --wt-dec.
+    ``lr`` / ``weight_decay`` set: the defaults of --lr / --wt-dec for this backbone (the flags
+    still override them). ``warmup_fraction``: the default --warmup-iters is that fraction of
+    --max-iters, during which the lr rises linearly from ``warmup_ratio`` x lr (then poly decay,
+    utils/optim.warmup_poly_lr). ``source`` names where the values come from (logged)."""
+
+    name: str = "sgd"                     # "sgd" or "adamw"
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8                          # AdamW
+    warmup_fraction: float = 0.0
+    warmup_ratio: float = 0.0
+    source: str = "the published EPS recipe (module/optimizer.py)"
 
 
 @contextlib.contextmanager
@@ -52,11 +80,21 @@ class Backbone(nn.Module):
 
     arch: str = ""
     feature_channels: int = 0
+    # Input pixels per feature-map cell (ResNet-38 / -101: 8; a ViT/16: 16; small: a build option)
+    output_stride: int = 8
     # Whether build_network() should freeze BN when the caller does not say: True for backbones
-    # meant to start from ImageNet weights (published behaviour), False for from-scratch ones.
+    # meant to start from ImageNet weights (published behaviour), False for from-scratch ones
+    # and for trunks without BatchNorm.
     default_freeze_bn: bool = True
     # Whether the backbone is meant to start from ImageNet weights (train.py asks for --weights).
     expects_pretrained: bool = True
+    # Keys of the ImageNet classifier in this trunk's ImageNet files, dropped before loading
+    # (network/weights.py read_pretrained also drops the CNNs' fc / linear1000 keys).
+    imagenet_classifier_keys: Tuple[str, ...] = ()
+    # Names of free parameters (not of a conv / linear / norm layer) without weight decay.
+    no_weight_decay: Tuple[str, ...] = ()
+    # How train.py optimizes this backbone's networks (default: the published SGD).
+    optimizer_recipe: OptimizerRecipe = OptimizerRecipe()
 
     def __init__(self, *, freeze_bn: bool = True, checkpointing: bool = False):
         super().__init__()
@@ -72,9 +110,11 @@ class Backbone(nn.Module):
         return {}
 
     @classmethod
-    def options_from_state_dict(cls, sd) -> Dict[str, int]:
+    def options_from_state_dict(cls, sd) -> Optional[Dict[str, int]]:
         """The build options a checkpoint of this backbone was made with, from its shapes, for
-        checkpoints that carry no record (see network/weights.py). None of the ResNets has any."""
+        checkpoints that carry no record (see network/weights.py). None of the ResNets has any.
+        None: the state dict cannot be this backbone's (its keys say so), so identification
+        does not build it (a trunk that needs an optional package is then never imported)."""
         return {}
 
     # ----------------------------------------------------------------------------- features
@@ -82,7 +122,8 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map (``conv6``), output stride 8 (4 for small with output_stride=4)."""
+        """The feature map the heads use (``"conv6"`` of ``forward_as_dict``), (N,
+        feature_channels, h, w) at ``output_stride``."""
         return self.forward_as_dict(x)["conv6"]
 
     def _run(self, block: nn.Module, *args):
@@ -138,19 +179,34 @@ class Backbone(nn.Module):
         they sit in g0 with grad None and SGD skips them. BN parameters are never optimized when
         BN is frozen; with freeze_bn=False (training from scratch, not in the paper) BN weights
         join 1x and BN biases join 2x, following the weight/bias split of the published groups.
+        Other trunks get the same split: linear layers (and other convolutions) like Conv2d,
+        LayerNorm / GroupNorm like trainable BN, free parameters (position embeddings, class
+        tokens) to 1x, or to a fifth group "1x_no_decay" (lr x1, no weight decay) when the
+        backbone names them in ``no_weight_decay``. A backbone with another recipe (layer-wise
+        lr decay) overrides this method (network/vit.py).
         The caller multiplies: lr = base_lr * lr_mult, weight_decay = wd * weight_decay_mult.
         """
-        groups: Dict[str, list] = {name: [] for name, _, _ in PARAM_GROUPS}
-        scratch = {id(m) for m in self.from_scratch_layers}
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                new = id(m) in scratch
+        groups: Dict[str, list] = {name: [] for name, _, _ in PARAM_GROUPS + (NO_DECAY_GROUP,)}
+        scratch = {id(m) for layer in self.from_scratch_layers for m in layer.modules()}
+        for mod_name, m in self.named_modules():
+            new = id(m) in scratch
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 groups["10x" if new else "1x"].append(m.weight)
                 if m.bias is not None:
                     groups["20x" if new else "2x"].append(m.bias)
-            elif isinstance(m, _BatchNorm) and not self.freeze_bn and m.affine:
-                groups["1x"].append(m.weight)
-                groups["2x"].append(m.bias)
+            elif isinstance(m, NORM_LAYERS):
+                if isinstance(m, _BatchNorm) and self.freeze_bn:
+                    continue
+                if getattr(m, "weight", None) is not None:
+                    groups["10x" if new else "1x"].append(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    groups["20x" if new else "2x"].append(m.bias)
+            else:  # free parameters of any other module (position embeddings, class tokens)
+                for p_name, p in m.named_parameters(recurse=False):
+                    full = f"{mod_name}.{p_name}" if mod_name else p_name
+                    decay = full not in self.no_weight_decay
+                    key = ("10x" if decay else "20x") if new else ("1x" if decay else NO_DECAY_GROUP[0])
+                    groups[key].append(p)
         # Catch a layer type this grouping does not know (it would silently never train).
         grouped = {id(p) for ps in groups.values() for p in ps}
         bn_params = {id(p) for m in self.modules() if isinstance(m, _BatchNorm)
@@ -160,7 +216,8 @@ class Backbone(nn.Module):
             raise RuntimeError(f"parameters outside every optimizer group: {stray[:5]}; "
                                "extend get_parameter_groups for this layer type")
         return [dict(name=name, params=groups[name], lr_mult=lr_mult, weight_decay_mult=wd_mult)
-                for name, lr_mult, wd_mult in PARAM_GROUPS]
+                for name, lr_mult, wd_mult in PARAM_GROUPS + (NO_DECAY_GROUP,)
+                if name != NO_DECAY_GROUP[0] or groups[name]]
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, freeze_bn={self.freeze_bn}, checkpointing={self.checkpointing}"

@@ -245,12 +245,13 @@ class SegWeightsError(UserError):
     """A weight file does not fit the DeepLab model; the message names the file and the fix."""
 
 
-def read_state_dict(path) -> Dict[str, torch.Tensor]:
+def read_state_dict(path, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """Tensor dict from a .pth (network.weights.load_state_dict_file: weights_only, unwraps
-    {"model": ...}, strips "module."), with errors as SegWeightsError."""
+    {"model": ...}, strips "module."), with errors as SegWeightsError. ``mmap``: tensors
+    memory-mapped, for checks of keys and shapes only."""
     from network.weights import WeightsError, load_state_dict_file
     try:
-        return dict(load_state_dict_file(path))
+        return dict(load_state_dict_file(path, mmap=mmap))
     except FileNotFoundError:
         raise SegWeightsError(f"{path}: weight file not found") from None
     except WeightsError as e:
@@ -300,22 +301,71 @@ def torchvision_to_deeplab(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch
     return out, sorted(dropped)
 
 
-def load_init_weights(model: DeepLabV2MSC, path, kind: str = "auto") -> dict:
+# Keys whose first dimension is a classifier's output count, in the layouts --init accepts:
+# deeplab-pytorch's ASPP (trained DeepLab-v2 checkpoints, ours and theirs) and a plain fc (the
+# COCO init's 91 rows, torchvision's 1000).
+CLASSIFIER_KEYS = ("aspp.c0.weight", "base.aspp.c0.weight", "fc.weight", "base.fc.weight")
+SUPERVISED_FLAG = "--allow-supervised-init"
+
+
+def supervised_classifier(sd: Dict[str, torch.Tensor], n_classes: int) -> Optional[Tuple[str, int]]:
+    """(key, rows) of a classifier in ``sd`` with exactly the target's ``n_classes`` outputs
+    (background included), i.e. trained on this label set; None otherwise."""
+    for key in CLASSIFIER_KEYS:
+        v = sd.get(key)
+        if v is not None and v.dim() > 0 and int(v.shape[0]) == n_classes:
+            return key, int(v.shape[0])
+    return None
+
+
+def check_not_supervised(sd: Dict[str, torch.Tensor], n_classes: int, source: str,
+                         allow: bool = False) -> Optional[str]:
+    """Refuse an init whose classifier was trained on the target's label set (e.g. deeplab-pytorch's
+    deeplabv2_resnet101_msc-vocaug-20000.pth for VOC: 21 ASPP outputs): its backbone learnt from
+    the val set's kind of pixel labels, and the 'weakly supervised' val mIoU comes out inflated.
+    The paper's init is COCO's (91 outputs) or ImageNet's (1000). With ``allow`` (the explicit
+    --allow-supervised-init) it is a warning. Returns the warning text, or None."""
+    found = supervised_classifier(sd, n_classes)
+    if found is None:
+        return None
+    key, rows = found
+    text = (f"{source}: its classifier {key} has {rows} outputs, the {n_classes} classes of this "
+            f"dataset (background included): a DeepLab trained on this label set (e.g. "
+            f"deeplab-pytorch's deeplabv2_resnet101_msc-vocaug-20000.pth, trained on VOC's pixel "
+            f"labels). Starting from it makes the weakly supervised result a fully supervised one "
+            f"and inflates the val mIoU")
+    if not allow:
+        raise SegWeightsError(f"{text}. Use the paper's init deeplabv1_resnet101-coco.pth (91 "
+                              f"outputs, README 'Downloads') or an ImageNet ResNet-101; pass "
+                              f"{SUPERVISED_FLAG} (SEG_ARGS for the scripts) if you mean it, e.g. "
+                              f"a DeepLab of your own trained on pseudo-masks")
+    log.warning("%s; accepted because of %s", text, SUPERVISED_FLAG)
+    return text
+
+
+def load_init_weights(model: DeepLabV2MSC, path, kind: str = "auto",
+                      allow_supervised: bool = False) -> dict:
     """Initialise the backbone from the .pth file ``path`` (see load_init_state_dict)."""
-    return load_init_state_dict(model, read_state_dict(path), kind, source=str(path))
+    return load_init_state_dict(model, read_state_dict(path), kind, source=str(path),
+                                allow_supervised=allow_supervised)
 
 
-def load_init_state_dict(model: DeepLabV2MSC, sd: Dict[str, torch.Tensor], kind: str = "auto",
-                         source: str = "init state dict") -> dict:
-    """Initialise the backbone from ``sd``; the ASPP stays new (N(0, 0.01), bias 0).
+def check_init_file(path, arch: str, n_classes: int, kind: str = "auto",
+                    allow_supervised: bool = False) -> dict:
+    """Every check load_init_weights makes, without reading weight values or building a real
+    model: the file's keys and shapes (memory-mapped) against the architecture on the meta
+    device (tools/preflight.py; seconds for a 170 MB file). Raises the SegWeightsError the
+    training would meet; returns the report (kind, loaded, new, dropped)."""
+    sd = read_state_dict(path, mmap=True)
+    with torch.device("meta"):
+        model = build_deeplab(arch, n_classes)
+    return _map_init(model, sd, kind, str(path), allow_supervised)[1]
 
-    * ``deeplab``: deeplab-pytorch layout, e.g. deeplabv1_resnet101-coco.pth (keys without
-      "base.", a 91-class ``fc`` classifier). The classifier (``fc.*`` or another ``aspp.*``)
-      is dropped; every backbone key must match by name and shape.
-    * ``torchvision``: an ImageNet ``resnet101`` state dict, renamed (see torchvision_to_deeplab).
 
-    Asserts that exactly the ASPP keys are new (num_batches_tracked may also be absent from
-    hand-made files) and that only classifier keys are dropped. Returns a report dict."""
+def _map_init(model: DeepLabV2MSC, sd: Dict[str, torch.Tensor], kind: str, source: str,
+              allow_supervised: bool):
+    """(the backbone state dict to load, the report); every check of load_init_state_dict."""
+    check_not_supervised(sd, model.n_classes, source, allow_supervised)
     if kind == "auto":
         kind = detect_init_kind(sd)
     if kind == "deeplab":
@@ -345,6 +395,25 @@ def load_init_state_dict(model: DeepLabV2MSC, sd: Dict[str, torch.Tensor], kind:
         raise SegWeightsError(
             f"{source}: backbone keys missing from the file: {sorted(not_loaded)[:5]} "
             f"(total {len(not_loaded)}); only the ASPP may be new")
+    return sd, dict(kind=kind, loaded=len(sd), new=sorted(new), dropped=dropped)
+
+
+def load_init_state_dict(model: DeepLabV2MSC, sd: Dict[str, torch.Tensor], kind: str = "auto",
+                         source: str = "init state dict", allow_supervised: bool = False) -> dict:
+    """Initialise the backbone from ``sd``; the ASPP stays new (N(0, 0.01), bias 0).
+
+    * ``deeplab``: deeplab-pytorch layout, e.g. deeplabv1_resnet101-coco.pth (keys without
+      "base.", a 91-class ``fc`` classifier). The classifier (``fc.*`` or another ``aspp.*``)
+      is dropped; every backbone key must match by name and shape.
+    * ``torchvision``: an ImageNet ``resnet101`` state dict, renamed (see torchvision_to_deeplab).
+
+    Refuses a file whose classifier has the target's class count (check_not_supervised) unless
+    ``allow_supervised``. Asserts that exactly the ASPP keys are new (num_batches_tracked may
+    also be absent from hand-made files) and that only classifier keys are dropped. Returns a
+    report dict."""
+    sd, report = _map_init(model, sd, kind, source, allow_supervised)
+    kind, dropped, new = report["kind"], report["dropped"], set(report["new"])
+    missing = set(model.base.state_dict()) - set(sd)
     result = model.base.load_state_dict(sd, strict=False)
     assert set(result.missing_keys) == missing and not result.unexpected_keys
     report = dict(kind=kind, loaded=len(sd), new=sorted(new), dropped=dropped)

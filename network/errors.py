@@ -1,14 +1,11 @@
 """Error classes shared by the weight readers.
 
-WeightsError lives here, not in network/weights.py, so that the MXNet reader (numpy only, no torch)
-can derive MXNetParamsError from it: an unreadable .params file is reported like any other
-unreadable weights file.
+WeightsError is defined in utils/errors.py (torch-free) and re-exported here: the MXNet reader
+(numpy only, no torch) derives MXNetParamsError from it, and utils/torchfile.py (the safe torch
+file reader of weights and resume checkpoints) raises it, so an unreadable file is reported the
+same way wherever it is read.
 """
-from utils.errors import UserError
-
-
-class WeightsError(UserError):
-    """A weights file that cannot be read or does not fit the network (the message says why)."""
+from utils.errors import WeightsError  # noqa: F401 (re-exported)
 
 
 class MissingWeightsFile(WeightsError, FileNotFoundError):

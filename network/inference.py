@@ -21,7 +21,7 @@ from network.registry import get_head
 @dataclass(frozen=True)
 class SpeedOptions:
     """infer.py's speed flags; none of them changes a pseudo-mask (tests/test_infer.py)."""
-    fast: bool = True             # feature-resolution flip-pair sums (utils/cam.py)
+    fast: bool = True             # feature-resolution flip-pair sums (network/cam.py)
     fuse: bool = True             # CPU: a fused inference graph
     winograd: bool = True         # CPU, with fuse: Winograd F(2x2,3x3) for wide 3x3 convs
     channels_last: bool = True    # NHWC activations (eager / CUDA)

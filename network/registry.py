@@ -5,13 +5,15 @@
 | resnet38  | ResNet-38d (psa), OS 8           | all BN; conv1a, b2, b2_1, b2_2             |
 | resnet101 | torchvision ResNet-101, dilated  | all BN; conv1, bn1, layer1                 |
 | small     | small conv-BN-ReLU (CPU demo)    | nothing (trained from scratch, BN trains)  |
+| vit_small, vit_base | timm ViT-S/16, ViT-B/16, OS 16 | nothing (no BN); AdamW recipe (network/vit.py) |
 
 | head | method                                   | fc8 rows | network/heads.py |
 |------|------------------------------------------|----------|------------------|
 | cls  | baseline CAM classifier                  | C        | ``ClsHead``      |
 | eps  | EPS (saliency as pseudo-pixel supervision) | C + 1 (background last) | ``EpsHead`` |
 
-Every combination is a network named ``<backbone>_<head>`` (``resnet38_eps`` is the paper's).
+Every combination is a network named ``<backbone>_<head>`` (``resnet38_eps`` is the paper's; a
+head name has no ``_``, so ``vit_small_eps`` is the vit_small backbone with the eps head).
 A new backbone is one file and one line in ``BACKBONES``; a new method is one file (head + loss)
 and one line in ``HEADS`` (or ``register_backbone`` / ``register_head`` from outside the package,
 ``registered(...)`` for the length of a ``with`` block; docs/extending.md).
@@ -33,11 +35,13 @@ from network.heads import ClsHead, EpsHead, Head
 from network.resnet38d import ResNet38d
 from network.resnet101 import ResNet101
 from network.small import SmallNet
+from network.vit import ViTBase, ViTSmall
 
 BACKBONES: Dict[str, Type[Backbone]] = {
     "resnet38": ResNet38d,
     "resnet101": ResNet101,
     "small": SmallNet,
+    "vit_small": ViTSmall, "vit_base": ViTBase,  # ViT-S/16, ViT-B/16 (timm, requirements-timm.txt)
 }
 
 HEADS: Dict[str, Type[Head]] = {
@@ -73,11 +77,12 @@ BUILTIN_HEADS, BUILTIN_BACKBONES = frozenset(HEADS), frozenset(BACKBONES)
 
 
 def register_backbone(name: str, cls: Type[Backbone]) -> None:
-    """Add a backbone (e.g. from a fork's own file); every head is composed with it."""
+    """Add a backbone (e.g. from a fork's own file); every head is composed with it. Its name may
+    contain '_' (vit_small): a network's head is what follows its last '_'."""
     if not (isinstance(cls, type) and issubclass(cls, Backbone)):
         raise TypeError(f"{cls!r} is not a network.base.Backbone subclass")
-    if "_" in name or name in BACKBONES:
-        raise ValueError(f"backbone name {name!r} is taken or contains '_'")
+    if not name or name in BACKBONES or name.startswith("_") or name.endswith("_"):
+        raise ValueError(f"backbone name {name!r} is empty, taken, or starts or ends with '_'")
     BACKBONES[name] = cls
     _compose_all()
 

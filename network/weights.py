@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
@@ -34,7 +32,7 @@ from network.errors import MissingWeightsFile, WeightsError
 from network.registry import (BACKBONES, HEADS, NETWORKS, build_network, network_parts,
                               normalize_network_name)
 from network.resnet38d import MXNET_CLASSIFIER_PREFIX, convert_mxnet_to_torch
-from utils.io import describe_file_start, read_file_start
+from utils.torchfile import REFETCH_HINT, RESAVE_HINT, load_torch_file  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +61,6 @@ def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-# The fix for a file that holds more than tensors: save the weights alone, from the session (or
-# script) that built the model, which is where the objects' code is available and trusted anyway.
-RESAVE_HINT = "re-save only the weights where the model was built: torch.save(model.state_dict(), PATH)"
-REFETCH_HINT = "download or copy it again"
-
-
 def _unwrap(obj, source: str) -> StateDict:
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):  # project checkpoints / common wrappers
@@ -83,53 +75,7 @@ def _unwrap(obj, source: str) -> StateDict:
     raise WeightsError(f"{source}: holds a {type(obj).__name__}, not a state_dict; {RESAVE_HINT}")
 
 
-def _torch_reason(e: Exception) -> str:
-    """The gist of torch.load's error, one line, without torch's advice: that advice is to load
-    with weights_only=False, which runs the file's code, and this project never does."""
-    text = str(e)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line.split(". ")[0][:100]
-    if "weights_only" in line:
-        line = ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
-
-
-def _zip_without_pickle(path: Path) -> bool:
-    """A readable zip archive that has no data.pkl (e.g. a numpy .npz): not a PyTorch file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
-
-
-def _unreadable_message(path: Path, head: bytes, e: Exception,
-                        resave_hint: str = RESAVE_HINT) -> str:
-    """One line saying why torch.load could not read ``path``, and what to do about it."""
-    kind, words = describe_file_start(head)
-    size = path.stat().st_size
-    if kind in ("zip", "torch-legacy", "pickle") and "Unsupported global" in str(e):
-        # weights_only loading met a class or function: running it could run any code.
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        return (f"{path}: not a plain weights file: it holds Python objects other than tensors{what}, "
-                f"which are refused for safety (no code from a weights file is run); {resave_hint}")
-    if kind == "zip" and _zip_without_pickle(path):
-        return (f"{path}: not a PyTorch weights file (a zip archive without data.pkl, e.g. a numpy "
-                f".npz); pass a .pth written by torch.save")
-    if kind in ("zip", "torch-legacy"):
-        return (f"{path}: corrupt or truncated PyTorch file ({size} bytes; {_torch_reason(e)}) - "
-                f"{REFETCH_HINT}")
-    if kind == "binary":
-        return (f"{path}: not a readable PyTorch weights file (it starts with {words}; PyTorch files "
-                f"start with a zip or pickle header): corrupt or truncated - {REFETCH_HINT}")
-    return (f"{path}: not a PyTorch weights file (it starts with {words}); pass the .pth written by "
-            f"torch.save, or download it again if a download saved something else in its place")
-
-
-def load_state_dict_file(path) -> StateDict:
+def load_state_dict_file(path, mmap: bool = False) -> StateDict:
     """Read a PyTorch weights file into a plain state_dict on the CPU.
 
     Accepts plain state_dicts (with or without the ``module.`` prefix) and checkpoint dicts with a
@@ -144,34 +90,7 @@ def load_state_dict_file(path) -> StateDict:
     if path.suffix == ".params":
         raise WeightsError(f"{path}: an MXNet .params file; pass it as ImageNet initialisation "
                            "(load_pretrained / --weights) or convert it with tools/convert_resnet38.py")
-    return _unwrap(load_torch_file(path), str(path))
-
-
-def load_torch_file(path, resave_hint: str = RESAVE_HINT):
-    """``torch.load(path, weights_only=True)`` on the CPU, with every failure as one
-    WeightsError line (see load_state_dict_file). ``resave_hint`` is the fix named for a file
-    that holds Python objects (train.py's resume checkpoints need their own)."""
-    path = Path(path)
-    try:
-        head = read_file_start(path)
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
-    kind, _ = describe_file_start(head)
-    if kind == "empty":
-        raise WeightsError(f"{path}: empty (0 bytes): corrupt or truncated - {REFETCH_HINT}")
-    if kind == "mxnet":
-        raise WeightsError(f"{path}: an MXNet .params file under another name; rename it to .params "
-                           "and pass it as ImageNet initialisation, or convert it with "
-                           "tools/convert_resnet38.py")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, EOFError, ... here
-        # e.g. a text file: the legacy loader reads its first byte as a pickle opcode and raises
-        # KeyError(101) for "e"; a cut zip raises RuntimeError; a cut legacy file IndexError.
-        raise WeightsError(_unreadable_message(path, head, e, resave_hint)) from None
-    return obj
+    return _unwrap(load_torch_file(path, mmap=mmap), str(path))
 
 
 def _as_state_dict(source: PathOrStateDict) -> tuple:
@@ -265,7 +184,7 @@ def checkpoint_candidates(sd: Mapping[str, torch.Tensor],
         if c is None:
             continue
         options = backbone.options_from_state_dict(sd)
-        if fits(sd, name, c, options):
+        if options is not None and fits(sd, name, c, options):
             out.append(Candidate(name, c, dict(options)))
     return out
 
@@ -275,6 +194,8 @@ def trunk_matches(sd: Mapping[str, torch.Tensor]) -> List[str]:
     out = []
     for name, cls in sorted(BACKBONES.items()):
         options = cls.options_from_state_dict(sd)
+        if options is None:  # its keys say it is not this backbone's: not built
+            continue
         try:
             with torch.device("meta"):
                 ref = cls(**options).state_dict()
@@ -291,8 +212,8 @@ def beyond_trunk(sd: Mapping[str, torch.Tensor], backbone: str) -> List[str]:
     (an ImageNet classifier is not a head)."""
     cls = BACKBONES[backbone]
     with torch.device("meta"):
-        trunk = cls(**cls.options_from_state_dict(sd)).state_dict()
-    return [k for k in sd if k not in trunk and k not in IMAGENET_CLASSIFIER_KEYS]
+        trunk = cls(**(cls.options_from_state_dict(sd) or {})).state_dict()
+    return [k for k in sd if k not in trunk and k not in imagenet_classifier_keys()]
 
 
 def _classifier_rows(sd: Mapping[str, torch.Tensor]) -> str:
@@ -505,16 +426,32 @@ def head_keys(model: nn.Module) -> List[str]:
     return [k for k in model.state_dict() if k not in trunk]
 
 
-def read_pretrained(path) -> StateDict:
+def imagenet_classifier_keys() -> frozenset:
+    """The ImageNet classifier keys of every registered backbone's ImageNet files (the CNNs' fc /
+    linear1000, and what each backbone declares, e.g. a timm ViT's head)."""
+    return frozenset(IMAGENET_CLASSIFIER_KEYS).union(
+        *(b.imagenet_classifier_keys for b in BACKBONES.values()))
+
+
+def read_pretrained(path, shapes_only: bool = False) -> StateDict:
     """ImageNet weights as a trunk state_dict: an MXNet ``.params`` file (ResNet-38, renamed as
     psa's resnet38d.convert_mxnet_to_torch does) or a PyTorch file, with any ImageNet classifier
-    removed."""
+    removed. ``shapes_only``: tensors on the meta device (MXNet: a header pass over the file;
+    PyTorch: memory-mapped), for checks that read no weight values."""
     path = Path(path)
-    if path.suffix == ".params":
+    if path.suffix == ".params" and shapes_only:
+        from network.resnet38d import mxnet_name_to_torch
+        sd = {}
+        for name, shape in mxnet_params.read_shapes(path).items():
+            key = mxnet_name_to_torch(name)
+            if key is not None:
+                sd[key] = torch.empty(shape, device="meta")
+    elif path.suffix == ".params":
         sd = convert_mxnet_to_torch(mxnet_params.load_params(path))
     else:
-        sd = load_state_dict_file(path)
-    dropped = [k for k in sd if k in IMAGENET_CLASSIFIER_KEYS]
+        sd = load_state_dict_file(path, mmap=shapes_only)
+    drop = imagenet_classifier_keys()
+    dropped = [k for k in sd if k in drop]
     for k in dropped:
         del sd[k]
     if dropped:
@@ -549,6 +486,37 @@ def load_pretrained(model: nn.Module, path, sd: Optional[StateDict] = None) -> d
     return dict(missing=list(result.missing_keys), loaded=len(sd))
 
 
+def _initial_kind(model: nn.Module, path: Path, sd: StateDict) -> str:
+    """"imagenet" or "checkpoint" for train.py --weights, or the WeightsError the loading would
+    raise (shapes only: works on a meta-device model; the checks of load_pretrained and of the
+    checkpoint branch of load_initial_weights)."""
+    head = set(head_keys(model))
+    if not any(k in head for k in sd):
+        missing, unexpected, mismatched = _compare(model, _fill_num_batches_tracked(model, sd))
+        if mismatched or unexpected or set(missing) != head:
+            raise WeightsError(_mismatch_message(str(path), model, sd, [k for k in missing if k not in head],
+                                                 unexpected, mismatched, "ImageNet initialisation "
+                                                 "leaves exactly the head new"))
+        return "imagenet"
+    if not fits(sd, model.network_name, model.num_classes, model.options()):
+        raise WeightsError(
+            f"--weights {path}: {describe_checkpoint(sd)}; but {model.network_name} for the "
+            f"dataset's {model.num_classes} classes needs other shapes. Pass the ImageNet weights "
+            f"(README 'Downloads'), or a checkpoint trained for this network and dataset")
+    return "checkpoint"
+
+
+def check_initial_weights(path, network: str, num_classes: int, **build_kwargs) -> str:
+    """What load_initial_weights would do with ``path``, in seconds and without any weight
+    values: the file's header (MXNet) or memory-mapped keys and shapes (PyTorch) against the
+    network built on the meta device. Raises the WeightsError the run would meet; returns
+    "imagenet" or "checkpoint" (tools/preflight.py)."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = build_network(network, num_classes, **build_kwargs)
+    return _initial_kind(model, path, read_pretrained(path, shapes_only=True))
+
+
 def load_initial_weights(model: nn.Module, path) -> str:
     """train.py --weights: ImageNet weights for the trunk (the published start; the head stays
     new), or a trained checkpoint of this very network and class count (fine-tuning, loaded
@@ -558,7 +526,8 @@ def load_initial_weights(model: nn.Module, path) -> str:
         raise WeightsError(f"--weights {path}: file not found; download the ImageNet weights "
                            f"(README 'Downloads') or pass --weights none to train from scratch")
     sd = read_pretrained(path)
-    if not any(k in set(head_keys(model)) for k in sd):
+    head = set(head_keys(model))  # once: it builds the trunk (a generator would rebuild per key)
+    if not any(k in head for k in sd):
         load_pretrained(model, path, sd)
         return "imagenet"
     if not fits(sd, model.network_name, model.num_classes, model.options()):

@@ -17,6 +17,31 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 die() { echo "error: $*" >&2; exit 2; }
 say() { echo "[$(date +%H:%M:%S)] $*"; }
 
+# check_python: once, before anything else, that $PYTHON exists and finds the packages of
+# requirements.txt (by their install, in ~0.1 s; importing torch would take seconds): run outside
+# the project's environment, the first stage used to end in a traceback and a bash error.
+check_python() {
+  local missing
+  if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    die "PYTHON=$PYTHON: no such interpreter; activate the project's environment (e.g. source .venv/bin/activate) or set PYTHON=/path/to/its/python"
+  fi
+  missing=$("$PYTHON" -c 'import importlib.util as u, sys
+need = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "PIL": "pillow",
+        "cv2": "opencv-python-headless", "imageio": "imageio", "tqdm": "tqdm",
+        "matplotlib": "matplotlib"}
+def found(mod):
+    try:
+        return u.find_spec(mod) is not None
+    except Exception:  # e.g. a broken package or a blocked import
+        return False
+print(" ".join(pkg for mod, pkg in need.items() if not found(mod)))' 2>/dev/null) \
+    || missing="(it does not start)"
+  if [[ -n "$missing" ]]; then
+    die "$PYTHON ($(command -v "$PYTHON")) lacks $missing of requirements.txt: activate the project's environment (e.g. source .venv/bin/activate) or install them with: $PYTHON -m pip install -r $REPO/requirements.txt"
+  fi
+}
+check_python
+
 # need_dir PATH HOW / need_file PATH HOW: stop at once when an input is missing.
 need_dir() { [[ -d "$1" ]] || die "$1: folder not found. $2"; }
 need_file() { [[ -f "$1" ]] || die "$1: file not found. $2"; }
@@ -35,6 +60,13 @@ select_stages() {
 }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 skip() { say "skip $1: $2 exists"; }
+# drop_stage NAME REASON: take a stage out of $STAGES, saying why (e.g. no ground truth to score).
+drop_stage() {
+  if want "$1"; then
+    STAGES=$(echo " $STAGES " | sed "s/ $1 / /; s/^ *//; s/ *$//")
+    say "skip $1: $2"
+  fi
+}
 
 # positive_int NAME VALUE: a hardware variable must be a whole number >= 1 (NODE_RANK >= 0).
 positive_int() { [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= ${3:-1} )) || die "$1=$2: expected a whole number >= ${3:-1}"; }
@@ -100,5 +132,17 @@ miou_of() {
   echo "${v:--}"
 }
 
-# result_row LABEL LIST PUBLISHED TABLE: one markdown row "label | list | published | this run".
-result_row() { echo "| $1 | $(list_name "$2") | $3 | $(miou_of "$4") |"; }
+# why_empty TABLE: why an evaluate.py table is missing: the note infer_seg.py leaves beside it
+# (<pred>_eval.skipped.txt, e.g. no ground truth), or that its stage did not run.
+why_empty() {
+  local note=${1%.txt}.skipped.txt
+  if [[ -f "$note" ]]; then head -n 1 "$note"; else echo "not computed: its stage did not run"; fi
+}
+
+# result_row LABEL LIST PUBLISHED TABLE: one markdown row "label | list | published | this run";
+# an empty cell says why.
+result_row() {
+  local v; v=$(miou_of "$4")
+  if [[ "$v" == - ]]; then v="- ($(why_empty "$4"))"; fi
+  echo "| $1 | $(list_name "$2") | $3 | $v |"
+}

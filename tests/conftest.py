@@ -28,3 +28,38 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"needs CUDA: {problem}")
     for item in marked:
         item.add_marker(skip)
+
+
+_HIDE = '''"""Written by tests/conftest.py: make the modules named in HIDDEN_MODULES unimportable, as on a
+machine where they are not installed."""
+import os
+import sys
+
+_hidden = set(os.environ.get("HIDDEN_MODULES", "").split())
+
+
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Hide())
+'''
+
+
+@pytest.fixture
+def hide_modules(tmp_path):
+    """env = hide_modules("pytest", ...): an environment for a subprocess whose Python cannot
+    import those modules (a sitecustomize.py on PYTHONPATH), e.g. a bare GPU machine without
+    pytest, or a shell outside the project's environment."""
+    shim = tmp_path / "hide_modules"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(_HIDE)
+
+    def env(*names, base=None):
+        base = dict(os.environ if base is None else base)
+        path = os.pathsep.join(p for p in (str(shim), base.get("PYTHONPATH", "")) if p)
+        return dict(base, PYTHONPATH=path, HIDDEN_MODULES=" ".join(names))
+    return env

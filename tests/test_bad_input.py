@@ -15,6 +15,7 @@ and a temporary file left by a killed run is removed at the next start.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -43,7 +44,8 @@ import train_seg
 from network import build_network
 from network.deeplab import build_deeplab
 from network.weights import record_network
-from tools import check_dataset, convert_resnet38
+from tests.onnx_models import classifier_onnx, saliency_onnx
+from tools import check_dataset, convert_resnet38, eval_saliency, make_saliency
 from utils.cli import run_cli
 from utils.device import cuda_problem
 from utils.io import load_npz, save_label_png
@@ -52,7 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
 MODULES = {"train.py": train, "infer.py": infer, "evaluate.py": evaluate,
            "train_seg.py": train_seg, "infer_seg.py": infer_seg,
-           "tools/check_dataset.py": check_dataset, "tools/convert_resnet38.py": convert_resnet38}
+           "tools/check_dataset.py": check_dataset, "tools/convert_resnet38.py": convert_resnet38,
+           "tools/make_saliency.py": make_saliency, "tools/eval_saliency.py": eval_saliency}
 COLORS = ((220, 40, 40), (40, 200, 60), (50, 60, 230))
 N_IMAGES = 6
 
@@ -371,6 +374,24 @@ def pseudo_wrong_size(root):
     save_label_png(root / "pseudo" / "img_002.png", np.zeros((10, 10), np.uint8))
 
 
+def no_image_002(root):
+    (root / "JPEGImages" / "img_002.jpg").unlink()
+
+
+def no_map_002(root):
+    (root / "SALImages" / "img_002.png").unlink()
+
+
+def sal_argv(root, out, model, *extra):
+    return ["--dataset", "custom", "--data-root", root, "--list", "train", "--out", out,
+            "--model-path", model, "--workers", 1, "--threads", 1, "--no-progress", *extra]
+
+
+def no_rembg():
+    import importlib.util
+    return None if importlib.util.find_spec("rembg") else "rembg is not installed"
+
+
 def pred_wrong_size(root):
     save_label_png(root / "pseudo" / "img_001.png", np.zeros((10, 10), np.uint8))
 
@@ -418,6 +439,7 @@ class Case:
 
 T, I, E, S, P = "train.py", "infer.py", "evaluate.py", "train_seg.py", "infer_seg.py"
 C, V = "tools/check_dataset.py", "tools/convert_resnet38.py"
+M, A = "tools/make_saliency.py", "tools/eval_saliency.py"
 FIX_FILE = r"replace or fix these files, or remove their ids from the list"
 
 
@@ -518,7 +540,7 @@ CASES = [
     Case("train-wt-dec-inf", T, lambda w, c: train_argv(w.root, c.out, "--wt_dec", "inf"),
          r"--lr, --wt_dec and --momentum must be finite numbers"),
     Case("train-tau-2", T, lambda w, c: train_argv(w.root, c.out, "--tau", 2),
-         r"--tau and --lam must be in \[0, 1\]"),
+         r"--tau must be in \[0, 1\]"),
     Case("train-num-workers-negative", T, lambda w, c: replace_flag(
         train_argv(w.root, c.out), "--num_workers", -1), r"--num_workers must be >= 0"),
     Case("train-stop-after-0", T, lambda w, c: train_argv(w.root, c.out, "--stop-after", 0),
@@ -777,6 +799,40 @@ CASES = [
     Case("convert_resnet38-unwritable-output", V, lambda w, c: [w.bad_shape, c.unwritable() /
                                                                 "r38.pth"],
          r"output \S+: \S+ (is a file, not a folder|is not writable)"),
+    # ---- tools/make_saliency.py, tools/eval_saliency.py, infer.py --labels predicted --------
+    Case("make_saliency-not-a-saliency-model", M, lambda w, c: sal_argv(
+        w.root, c.out, classifier_onnx(c.tmp / "m" / "cls.onnx")),
+        r"cls\.onnx is not a saliency model: output \[1, 10\] \(expected 1x1xHxW\)",
+        subprocess=True, needs=no_rembg),
+    Case("make_saliency-constant-model", M, lambda w, c: sal_argv(
+        w.root, c.out, saliency_onnx(c.tmp / "m" / "const.onnx", constant=True)),
+        r"gives a constant map .* not a working saliency model", needs=no_rembg),
+    Case("make_saliency-missing-image", M, lambda w, c: sal_argv(
+        c.root(edit=no_image_002), c.out, saliency_onnx(c.tmp / "m" / "tiny.onnx")),
+        r"1 of 6 listed ids have no image \(img_002 .*--skip-missing", needs=no_rembg),
+    Case("make_saliency-maps-without-record", M, lambda w, c: sal_argv(
+        c.root(), c.tmp / "data" / "SALImages", saliency_onnx(c.tmp / "m" / "tiny.onnx")),
+        r"SALImages holds 6 maps but no saliency_model\.json .*choose another --out",
+        needs=no_rembg),
+    Case("make_saliency-unwritable-out", M, lambda w, c: sal_argv(
+        w.root, c.unwritable(), saliency_onnx(c.tmp / "m" / "tiny.onnx")),
+        r"--out \S+: \S+ (is a file, not a folder|is not writable)", needs=no_rembg),
+    Case("eval_saliency-unwritable-out", A, lambda w, c: [
+        "--data-root", w.root, "--list", "train", "--out", c.unwritable() / "report.md",
+        "--workers", 1, "--no-progress"],
+        r"--out \S+: \S+ (is a file, not a folder|is not writable)"),
+    Case("eval_saliency-missing-map", A, lambda w, c: [
+        "--data-root", c.root(edit=no_map_002), "--list", "train", "--out", c.out,
+        "--workers", 1, "--no-progress"],
+        r"1 of 6 ids have no map in \S+SALImages \(img_002\): make them "
+        r"\(tools/make_saliency\.py\)", subprocess=True),
+    Case("eval_saliency-other-aspect-map", A, lambda w, c: [
+        "--data-root", c.root(edit=saliency_other_aspect), "--list", "train", "--out", c.out,
+        "--workers", 1, "--no-progress"],
+        r"SALImages/img_\d+\.png is \d+x\d+ but its ground truth is \d+x\d+: another aspect"),
+    Case("infer-label-thr", I, lambda w, c: infer_argv(
+        w.root, w.eps, "--png-dir", c.out, "--labels", "predicted", "--label-thr", 1.5),
+        r"--label-thr 1\.5 must be in \(0, 1\)"),
 ]
 SUBPROCESS = [case for case in CASES if case.subprocess]
 
@@ -1049,5 +1105,6 @@ def test_small_shared_memory_is_refused_for_all_local_processes(tmp_path, monkey
     with pytest.raises(DeviceError, match=r"2 processes x 2 data-loading workers need about 256 MB"
                                           r".*--shm-size=8g.*--num-workers 0"):
         check_shared_memory(2, path=str(tmp_path))
-    for script in ("train.py", "train_seg.py", "infer.py"):  # the fix it names is a real flag
-        assert '"--num-workers"' in (REPO / script).read_text(), script
+    for script in ("train", "train_seg", "infer"):  # the fix it names is a real flag
+        parser = importlib.import_module(script).get_args_parser()
+        assert "--num-workers" in parser._option_string_actions, script

@@ -1,11 +1,11 @@
-"""CAM arithmetic (utils/cam.py) against a straightforward re-implementation of the published
+"""CAM arithmetic (network/cam.py) against a straightforward re-implementation of the published
 infer.py written here, on random feature maps (no network needed)."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import cam as camlib
+from network import cam as camlib
 
 SIZE = (37, 50)                        # odd sizes catch off-by-one resizing errors
 FEAT = [(5, 7), (10, 13), (14, 19), (19, 25)]   # one feature size per scale
@@ -51,7 +51,7 @@ def test_fast_and_reference_paths_equal_published(head):
     views = [(p[i], i == 1) for p in pairs for i in (0, 1)]
     keys_p, cams_p, bg_p = published(views, SIZE, label, head)
 
-    # reference path of utils/cam.py
+    # reference path of network/cam.py
     s, sb, n = camlib.combine_views_reference(views, SIZE, label, head)
     keys_r, cams_r, bg_r = camlib.finalize(s, sb, n, label)
     assert keys_r.tolist() == keys_p

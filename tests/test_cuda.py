@@ -29,7 +29,7 @@ from network import build_network
 from network.inference import SpeedOptions, prepare_for_inference
 from test_train import base_argv, final_state, make_tiny_dataset, run_main
 from tools.benchmarks.infer import synthetic_image
-from utils import cam as camlib
+from network import cam as camlib
 from utils.device import DeviceError, configure_numerics, pin_memory
 from utils.sampler import seeded_loader
 

@@ -107,7 +107,7 @@ def test_uneven_ranks_never_wait_on_a_collective(tmp_path):
     out = tmp_path / "png"
     base = [str(REPO / "infer.py"), "--dataset", "custom", "--img_root", str(root), "--weights",
             str(ckpt), "--png-dir", str(out), "--num-workers", "0", "--writer-threads", "1",
-            "--scales", "1", "2", "3", "4"]
+            "--scales", "1", "2", "3", "4", "--device", "cpu"]
     # rank 1's share (ids[1::2]) done by a single-process run of just those ids
     (root / "rank1.txt").write_text("\n".join(ids[1::2]) + "\n")
     r = subprocess.run([sys.executable] + base + ["--infer_list", str(root / "rank1.txt")],
@@ -247,3 +247,103 @@ def test_bad_file_stops_every_rank_with_one_message(tmp_path):
             if line.strip().startswith('File "') and str(REPO) in line and ".venv" not in line]
     assert not ours, r.stderr[-3000:]
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_dead_node_stops_the_survivor_within_the_peer_timeout(tmp_path, how):
+    """Two launchers on 127.0.0.1 train together (gloo, one process each, as two nodes would);
+    node 1 dies mid-training (its launcher and worker killed), or freezes (SIGSTOP: its sockets
+    stay open, so a collective would wait --dist-timeout, 2 hours by default). Node 0 must stop
+    within --peer-timeout (6 s here; 180 s by default) plus a few beats, with one error line
+    naming the lost rank, and no traceback of ours."""
+    import signal
+    from test_train import base_argv, make_tiny_dataset
+
+    def tree(pid):  # a launcher and its workers (torchrun starts them in sessions of their own)
+        kids = {}
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                kids.setdefault(int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]),
+                                []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+        out, todo = [], [pid]
+        while todo:
+            out.append(todo.pop())
+            todo += kids.get(out[-1], [])
+        return out
+
+    def signal_tree(pids, sig):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+
+    root = make_tiny_dataset(tmp_path / "data", n=12)
+    port = free_port()
+    argv = base_argv(root, tmp_path / "runs", network="small_cls", session="two", iters=100000)
+    argv[argv.index("--ckpt-every") + 1] = "100000"
+    argv += ["--peer-timeout", "6"]
+    procs, node1 = [], []
+    for r in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+               str(r), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+               str(port), str(REPO / "train.py")] + argv
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=ENV, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      start_new_session=True))  # its own group: kill it whole
+    metrics = tmp_path / "runs" / "two" / "metrics.jsonl"
+    try:
+        t0 = time.monotonic()
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() - t0 < 180 and procs[0].poll() is None, procs[0].stderr.read()
+            time.sleep(0.5)
+        node1 = tree(procs[1].pid)  # the whole "node": launcher and worker
+        signal_tree(node1, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t_dead = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        took = time.monotonic() - t_dead
+    finally:
+        for p in procs:
+            pids = tree(p.pid) + (node1 if p is procs[1] else [])
+            signal_tree(pids, signal.SIGKILL)
+            signal_tree(pids, signal.SIGCONT)
+            p.communicate()
+    assert procs[0].returncode != 0
+    assert took < 6 + 30, f"node 0 took {took:.0f} s to stop"
+    errors = [line for line in err.splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1, err[-3000:]
+    assert re.search(r"\[rank 0\] lost (rank 1 on .*\(node 1\)|contact)", errors[0]), errors[0]
+    if how == "frozen":  # found by the heartbeat alone
+        assert "no heartbeat for" in errors[0] and "--peer-timeout 6" in errors[0], errors[0]
+    ours = [line for line in err.splitlines()
+            if line.strip().startswith('File "') and str(REPO) in line and ".venv" not in line]
+    assert not ours, err[-3000:]
+
+
+def test_heartbeat_counts_beats_not_clocks_and_ignores_finished_ranks():
+    """The heartbeat on an in-process store: a rank whose counter stands still past the timeout
+    is named; one that beats, or that finished (done), is not."""
+    import torch.distributed as tdist
+    store = tdist.HashStore()
+    lost = []
+    hb = dist.Heartbeat(store, rank=0, world=3, timeout=0.3, interval=0.05, on_lost=lost.append)
+    store.set("host/1", "nodeB (node 1)")
+    assert hb.lost() is None  # first sight of every peer
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.5:
+        store.add("beat/1", 1)  # rank 1 alive; rank 2 silent
+        time.sleep(0.05)
+        why = hb.lost()
+        if why:
+            break
+    assert why and why.startswith("lost rank 2 on its node: no heartbeat for"), why
+    store.set("done/2", "1")  # rank 2 had finished: not lost
+    store.add("beat/1", 1)
+    assert hb.lost() is None
+    store.add("beat/1", 0)
+    time.sleep(0.4)
+    assert hb.lost().startswith("lost rank 1 on nodeB (node 1)")

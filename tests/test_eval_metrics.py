@@ -11,7 +11,7 @@ from eval.cam_sweep import (cam_best, evaluate_cams, format_sweep, load_cam_file
 from eval.evaluator import EvalError, evaluate_folders, read_label_png
 from eval.metrics import (compute_scores, confusion_matrix, format_summary, format_table,
                           scores_to_json, sweep_confusion_matrices)
-from utils.cam import pseudo_mask
+from network.cam import pseudo_mask
 from utils.io import save_label_png, save_npz
 
 

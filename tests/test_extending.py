@@ -28,7 +28,7 @@ import train
 from data.registry import get_dataset
 from network import registry
 from network.base import Backbone
-from network.heads import Head
+from network.heads import EpsHead, Head, HParam
 from network.losses import cls_loss
 from network.registry import build_network, register_backbone, register_head, registered
 from network.weights import identify_checkpoint, load_pretrained, network_record
@@ -54,7 +54,8 @@ class ToyHead(Head):
     name = "toy"                 # networks <backbone>_toy
     needs_saliency = True        # batches carry saliency maps
     has_background = True        # cam_probs: C class maps, then the background map
-    hparams = ("toy_weight",)    # train.py passes args.toy_weight to losses()
+    hparams = {"toy_weight": HParam(default=0.5, low=0, help="toy method: weight of the "
+                                    "saliency-agreement loss (>= 0)")}  # --toy-weight
     classifier_key = "classifier.weight"  # not fc8: C of an unrecorded file is read from here
 
     def __init__(self, num_classes: int, **backbone_kwargs):
@@ -84,14 +85,55 @@ class ToyHead(Head):
         return {"cls": cls_loss(pred[:, :-1].float(), labels),
                 "agree": toy_weight * agreement_loss(cam, saliency)}
 
+
+# ------------------------------------------------------------------------------------------------
+# 1b. a built-in method extended by subclassing: EPS + one loss term, with both hooks
+# ------------------------------------------------------------------------------------------------
+class EpsConsistency(EpsHead):
+    """EPS plus a cross-view consistency term: the class scores of the image should match those
+    an exponential moving average (EMA) of the classifier gives on a second augmented view.
+    ``sample_extras`` adds the second view to each sample; ``around_step`` updates the EMA after
+    each optimizer step. Inherits --tau / --lam (and their per-dataset values) from EpsHead."""
+
+    name = "epscons"             # networks <backbone>_epscons
+    hparams = {                  # only what this head adds: tau and lam are inherited
+        "cons_weight": HParam(default=0.1, per_dataset={"voc12": 0.1, "coco": 0.05}, low=0,
+                              help="weight of the cross-view consistency term (>= 0)"),
+        "ema": HParam(default=0.99, low=0, high=1,
+                      help="momentum of the EMA classifier, in [0, 1]"),
+    }
+
     @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--toy-weight", "--toy_weight", type=float, default=0.5,
-                            help="toy method: weight of the saliency-agreement loss (>= 0)")
+    def add_args(cls, parser):
+        super().add_args(parser)  # --tau, --lam (EpsHead's), --cons-weight, --ema: each once
+        # declared again with a second spelling: that spelling becomes a hidden alias
+        parser.add_argument("--cons-weight", "--lambda-cons", dest="cons_weight", type=float)
+
+    def __init__(self, num_classes: int, **backbone_kwargs):
+        super().__init__(num_classes, **backbone_kwargs)  # the EPS head: the trunk, then fc8
+        # The hook's state is a buffer: in the state dict, so checkpoint_last.pth keeps it
+        # and --resume restores it exactly (and checkpoint_cls.pth carries it).
+        self.register_buffer("fc8_ema", self.fc8.weight.detach().clone())
 
     @staticmethod
-    def check_hparams(toy_weight: float, **hparams):
-        return None if toy_weight >= 0 else "--toy-weight must be >= 0"
+    def sample_extras(ctx):
+        """Runs in the loader workers: a second augmented view of the same image."""
+        image, _saliency = ctx.view()
+        return {"view": image}
+
+    def losses(self, out, labels, saliency=None, *, extras, cons_weight: float, **hparams):
+        terms = super().losses(out, labels, saliency, **hparams)  # EPS: cls + sal (tau, lam)
+        with torch.no_grad():  # the teacher: the EMA classifier on the second view
+            teacher = F.conv2d(self.forward_features(extras["view"]), self.fc8_ema)
+        pred, _ = out
+        terms["cons"] = cons_weight * F.mse_loss(torch.sigmoid(pred[:, :-1].float()),
+                                                 torch.sigmoid(teacher.mean(dim=(2, 3))[:, :-1]))
+        return terms
+
+    def around_step(self, step, iteration: int, *, ema: float, **hparams):
+        step()  # the optimizer step (and the fp16 scaler update)
+        with torch.no_grad():
+            self.fc8_ema.mul_(ema).add_(self.fc8.weight.detach(), alpha=1 - ema)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,8 +160,9 @@ class TwoConv(Backbone):
 
 @pytest.fixture(scope="module")
 def toys():
-    """ToyHead and TwoConv registered for this module only (small_toy, twoconv_cls, ...)."""
-    with registered(heads=[ToyHead], backbones={"twoconv": TwoConv}):
+    """ToyHead, EpsConsistency and TwoConv registered for this module only (small_toy,
+    small_epscons, twoconv_cls, ...)."""
+    with registered(heads=[ToyHead, EpsConsistency], backbones={"twoconv": TwoConv}):
         yield
 
 
@@ -146,6 +189,7 @@ def parse(module, argv):
 
 
 @pytest.mark.parametrize("network,terms", [("small_toy", ("cls", "agree")),
+                                           ("small_epscons", ("cls", "sal", "cons")),
                                            ("twoconv_cls", ("cls",))])
 def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
     # train.py: the head's flag (every head's flags are on the command line), its loss terms
@@ -163,6 +207,9 @@ def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
         assert all(np.isfinite(r[f"loss_{t}"]) and r[f"loss_{t}"] >= 0 for t in terms)
         assert r["loss"] == pytest.approx(sum(r[f"loss_{t}"] for t in terms))
     assert json.loads((run_dir / "args.json").read_text())["toy_weight"] == 0.3
+    if network == "small_epscons":  # its own default for a custom dataset, EPS's inherited ones
+        recorded = json.loads((run_dir / "args.json").read_text())
+        assert (recorded["cons_weight"], recorded["tau"], recorded["lam"]) == (0.1, 0.4, 0.5)
     checkpoint = run_dir / train.FINAL_NAME
     record = network_record(torch.load(checkpoint, map_location="cpu", weights_only=True))
     assert (record["network"], record["num_classes"]) == (network, 5)
@@ -202,14 +249,180 @@ def test_train_infer_evaluate(toys, data_root, tmp_path, network, terms):
     assert sweep["num_images"] == len(ids) and all(0 <= m <= 1 for m in sweep["miou_curve"])
 
 
+def train_argv(data_root, save_root, network, session, iters=4, *extra):
+    return [str(a) for a in [
+        "--dataset", "custom", "--data-root", data_root, "--train-list", "train", "--network",
+        network, "--crop-size", 32, "--resize-size", 32, 48, "--batch-size", 4, "--max-iters",
+        iters, "--num-workers", 0, "--log-every", 1, "--ckpt-every", 2, "--save-root", save_root,
+        "--session", session, "--device", "cpu", *extra]]
+
+
+def test_a_subclass_of_eps_inherits_its_flags_and_recipe(toys, data_root):
+    """EpsConsistency declares only its own hyper-parameters: --tau and --lam stay one flag each,
+    with EPS's per-dataset values; its own cons_weight has its own per-dataset values."""
+    import re
+
+    listing = re.findall(r"^  (--[\w-]+)", train.get_args_parser().format_help(), flags=re.M)
+    assert listing.count("--tau") == 1 and listing.count("--lam") == 1
+    assert "--cons-weight" in listing and "--ema" in listing
+    # its add_args called super().add_args and added an alias: each flag is still declared once
+    assert listing.count("--cons-weight") == 1 and "--lambda-cons" not in listing
+    args = parse(train, ["--data-root", "x", "--network", "small_epscons", "--lambda-cons", "0.3"])
+    assert args.cons_weight == 0.3
+    assert list(EpsConsistency.hparams) == ["tau", "lam", "cons_weight", "ema"]
+    for dataset, (tau, lam, cons) in {"voc12": (0.4, 0.5, 0.1), "coco": (0.4, 0.9, 0.05),
+                                      "custom": (0.4, 0.5, 0.1)}.items():
+        args = train.resolve_args(parse(train, ["--data-root", "x", "--network", "small_epscons",
+                                                "--dataset", dataset]),
+                                   get_dataset(dataset, data_root=data_root), 1)
+        assert (args.tau, args.lam, args.cons_weight, args.ema) == (tau, lam, cons, 0.99)
+    bad = parse(train, ["--data-root", "x", "--network", "small_epscons", "--lam", "2"])
+    with pytest.raises(train.TrainingError, match=r"--lam must be in \[0, 1\]"):
+        train.resolve_args(bad, get_dataset("voc12"), 1)  # the inherited range check
+
+
+def test_hook_state_resumes_exactly(toys, data_root, tmp_path):
+    """The EMA buffer the around_step hook keeps is in the state dict: a run stopped after 3
+    steps and resumed ends bitwise equal to an uninterrupted one, EMA included."""
+    full = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "full", 5)))
+    part = train_argv(data_root, tmp_path, "small_epscons", "part", 5)
+    train.main(parse(train, part + ["--stop-after", "3"]))
+    train.main(parse(train, part + ["--resume"]))
+    a = torch.load(full / train.FINAL_NAME, weights_only=True)
+    b = torch.load(tmp_path / "part" / train.FINAL_NAME, weights_only=True)
+    assert a.keys() == b.keys() and "fc8_ema" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc8_ema"], a["fc8.weight"])  # the hook ran
+
+
+def test_sample_extras_are_the_same_in_loader_workers(toys, data_root, tmp_path):
+    """The second view is drawn in the sample's own seeded stream (utils/sampler.py): 0 or 2
+    loader processes give the same batches, so the same run."""
+    a = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "w0", 2)))
+    b = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "w2", 2)
+                         + ["--num-workers", "2"]))
+    sa = torch.load(a / train.FINAL_NAME, weights_only=True)
+    sb = torch.load(b / train.FINAL_NAME, weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class EpsNoHooks(EpsHead):
+    """EPS with both hooks doing nothing: sample_extras adds nothing, around_step only steps."""
+
+    name = "epsnohooks"
+
+    @staticmethod
+    def sample_extras(ctx):
+        return {}
+
+    def around_step(self, step, iteration, **hparams):
+        step()
+
+    def losses(self, out, labels, saliency=None, *, extras, **hparams):
+        assert extras == {}
+        return super().losses(out, labels, saliency, **hparams)
+
+
+def test_the_hook_machinery_leaves_the_default_run_bitwise_equal(data_root, tmp_path):
+    """The same run through the hooks (doing nothing) and through the published loop: the
+    checkpoints' tensors are bitwise equal."""
+    with registered(heads=[EpsNoHooks]):
+        hooked = train.main(parse(train, train_argv(data_root, tmp_path, "small_epsnohooks", "h", 3)))
+    plain = train.main(parse(train, train_argv(data_root, tmp_path, "small_eps", "p", 3)))
+    a = torch.load(hooked / train.FINAL_NAME, weights_only=True)
+    b = torch.load(plain / train.FINAL_NAME, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hyper_parameters_of_every_type_become_flags():
+    class Typed(Head):
+        name = "typed"
+        hparams = {"warm": HParam(default=False, type=bool, help="a switch"),
+                   "mode": HParam(default="a", type=str, choices=("a", "b"), help="a choice"),
+                   "k": HParam(default=3, type=int, low=1, help="a count")}
+
+    parser = argparse.ArgumentParser()
+    train.add_head_flags(parser, [Typed])
+    args = parser.parse_args(["--no-warm", "--mode", "b", "--k", "2"])
+    assert (args.warm, args.mode, args.k) == (False, "b", 2)
+    assert Typed.resolve_hparams({"warm": True}, "voc12") == {"warm": True, "mode": "a", "k": 3}
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        Typed.resolve_hparams({"k": 0}, "voc12")
+
+
+def test_head_declarations_are_checked_when_the_class_is_made():
+    with pytest.raises(TypeError, match="hparams must be a dict"):
+        type("Old", (Head,), {"name": "old", "hparams": ("x",)})
+    with pytest.raises(TypeError, match="@staticmethod or @classmethod"):
+        type("Old", (Head,), {"name": "old", "sample_extras": lambda self, ctx: {}})
+
+
 def test_parser_is_built_with_the_registered_heads(toys):
     text = train.get_args_parser().format_help()
     assert "--toy-weight" in text and "small_toy" in text and "twoconv_eps" in text
     args = parse(train, ["--data_root", "x", "--network", "small_toy"])
-    assert args.toy_weight == 0.5
+    assert args.toy_weight is None  # not given: the head's default for the dataset, below
+    assert train.resolve_args(args, get_dataset("voc12"), 1).toy_weight == 0.5
     bad = parse(train, ["--data_root", "x", "--network", "small_toy", "--toy-weight", "-1"])
     with pytest.raises(train.TrainingError, match="--toy-weight must be >= 0"):
         train.resolve_args(bad, get_dataset("voc12"), 1)  # refused before any compute
+
+
+# ------------------------------------------------------------------------------------------------
+# the second walk-through: a ViT backbone in one file (network/vit.py) + one registry line
+# ------------------------------------------------------------------------------------------------
+def write_timm_imagenet_weights(path):
+    """A stand-in for timm's ImageNet ViT-S/16 weights: the same file layout, random values,
+    written by timm itself (nothing is downloaded)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False)
+    torch.save(model.state_dict(), path)  # with timm's ImageNet classifier head.*
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_vit_small_eps_trains_and_infers(data_root, tmp_path):
+    pytest.importorskip("timm")
+    imagenet = write_timm_imagenet_weights(tmp_path / "vit_small_imagenet.pth")
+    # train.py: the EPS head on the ViT trunk, from the (stand-in) ImageNet weights, with the
+    # backbone's own optimizer recipe (AdamW, layer-wise lr decay)
+    run_dir = train.main(parse(train, [
+        "--dataset", "custom", "--data-root", data_root, "--train-list", "train",
+        "--network", "vit_small_eps", "--weights", tmp_path / "vit_small_imagenet.pth",
+        "--crop-size", 32, "--resize-size", 32, 48, "--batch-size", 4, "--max-iters", 3,
+        "--num-workers", 0, "--log-every", 1, "--save-root", tmp_path / "runs",
+        "--session", "vit", "--device", "cpu"]))
+    recorded = json.loads((run_dir / "args.json").read_text())
+    assert (recorded["lr"], recorded["wt_dec"], recorded["freeze_bn"]) == (6e-5, 0.01, False)
+    assert "optimizer adamw" in (run_dir / "log.txt").read_text()
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in recs] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in recs)
+    trained = torch.load(run_dir / train.FINAL_NAME, weights_only=True)
+    assert network_record(trained)["network"] == "vit_small_eps"
+    # the trunk started from the file (AdamW moves each weight by about lr per step at most)
+    assert (trained["pos_embed"] - imagenet["pos_embed"]).abs().max() < 1e-3
+    assert trained["fc8.weight"].shape == (6, 384, 1, 1)  # C + 1 maps on 384 channels
+
+    # infer.py: no --network (the record decides); CAMs at image size from the OS-16 map
+    out = tmp_path / "out"
+    infer.main(parse(infer, ["--dataset", "custom", "--data-root", data_root, "--weights",
+                             run_dir / train.FINAL_NAME, "--png-dir", out / "png",
+                             "--cam-dir", out / "cam", "--no-fuse", "--num-workers", 0,
+                             "--writer-threads", 1, "--device", "cpu"]))
+    info = get_dataset("custom", data_root=data_root)
+    for i in info.read_ids("train"):
+        keys = np.flatnonzero(info.labels_for(i)).tolist()
+        with np.load(out / "cam" / f"{i}.npz") as z:
+            assert z["keys"].tolist() == keys and z["cams"].shape == (len(keys), 48, 48)
+            assert np.isfinite(z["cams"]).all()
+        mask = np.array(Image.open(out / "png" / f"{i}.png"))
+        assert set(np.unique(mask)) <= {0} | {k + 1 for k in keys}
+    scores = evaluate.main(parse(evaluate, ["--dataset", "custom", "--datalist", "train",
+                                            "--data-root", data_root, "--pred-dir", out / "png",
+                                            "--num-workers", 0, "--no-progress"]))
+    assert 0 <= scores["miou"] <= 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +472,7 @@ class TwoMapsPerClass(Head):
 
 
 def test_cam_math_takes_any_map_layout_through_cam_probs():
-    from utils import cam as camlib
+    from network import cam as camlib
 
     label = torch.tensor([0.0, 1.0, 1.0])
     size = (23, 31)
@@ -308,8 +521,8 @@ def test_registered_adds_and_removes():
     assert registry.NETWORKS == before and "other" not in registry.HEADS
     assert "other" not in registry.BACKBONES and not hasattr(registry, alias)
     # A registration that fails inside the block undoes what the block had added.
-    with pytest.raises(ValueError, match="contains '_'"):
-        with registered(backbones={"other": TwoConv, "two_conv": TwoConv}):
+    with pytest.raises(ValueError, match="starts or ends with '_'"):
+        with registered(backbones={"other": TwoConv, "two_conv_": TwoConv}):
             pass
     assert registry.NETWORKS == before
 
@@ -336,9 +549,9 @@ def names_a_method(value) -> bool:
     key = key[len("network."):] if key.startswith("network.") else key
     key = key.strip("_")
     heads, backbones = registry.BUILTIN_HEADS, registry.BUILTIN_BACKBONES
-    parts = key.split("_")
-    return key in heads | backbones or (len(parts) == 2 and (parts[0] in backbones
-                                                              or parts[1] in heads))
+    backbone, _, head = key.rpartition("_")  # a head name has no "_"; a backbone's may
+    return key in heads | backbones or (bool(backbone) and (backbone in backbones
+                                                            or head in heads))
 
 
 def _constants(node):
@@ -393,7 +606,7 @@ p.name == "checkpoint_cls.pth"; published["eps"]; amp == "off"; f"{b}_eps"
 
 def test_nothing_outside_network_compares_method_names():
     files = list(python_files_outside_network())
-    assert REPO / "train.py" in files and REPO / "utils" / "cam.py" in files
+    assert REPO / "train.py" in files and REPO / "infer.py" in files
     found = [f"{p.relative_to(REPO)}:{line}: {names}" for p in files
              for line, names in name_comparisons(p.read_text(encoding="utf-8"))]
     assert not found, ("decide by the head's attributes (network/heads.py), not by its name:\n"
@@ -401,16 +614,49 @@ def test_nothing_outside_network_compares_method_names():
 
 
 def test_docs_show_the_code_of_this_file():
-    """docs/extending.md is this file: every function and class it shows is defined here,
-    character for character."""
+    """docs/extending.md is this file (and network/vit.py for the ViT walk-through): every
+    function and class it shows is defined there, character for character."""
     import re
 
     doc = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
+    # this file, and for the second walk-through the backbone's own file
     here = Path(__file__).read_text(encoding="utf-8")
+    vit = (REPO / "network" / "vit.py").read_text(encoding="utf-8")
     shown = []
     for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S):
         for node in ast.parse(block).body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 shown.append(node.name)
-                assert ast.get_source_segment(block, node) in here, node.name
-    assert {"ToyHead", "agreement_loss", "TwoConv", "toys", "parse"} <= set(shown)
+                code = ast.get_source_segment(block, node)
+                assert code in here or code in vit, node.name
+    assert {"ToyHead", "EpsConsistency", "agreement_loss", "TwoConv", "toys", "parse", "ViT",
+            "ViTSmall", "test_vit_small_eps_trains_and_infers"} <= set(shown)
+
+
+def imported_modules(source: str):
+    """Every module a file imports, at the top or inside a function: ``import a.b``,
+    ``from a.b import c`` (as ``a.b`` and ``a.b.c``) and ``importlib.import_module("a.b")``."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(str(node.args[0].value))
+    return found
+
+
+def test_utils_never_import_network():
+    """utils/ is the bottom layer: runtime helpers that know no method. The CAM math lives in
+    network/cam.py, the safe torch-file reader in utils/torchfile.py."""
+    assert "network.cam" in imported_modules("from network import cam as camlib\n"
+                                             "def f():\n    import network.weights")
+    files = sorted((REPO / "utils").glob("*.py"))
+    assert REPO / "utils" / "cli.py" in files
+    found = [f"{p.relative_to(REPO)}: {sorted(m for m in imported_modules(p.read_text()) if m == 'network' or m.startswith('network.'))}"
+             for p in files
+             if any(m == "network" or m.startswith("network.") for m in imported_modules(p.read_text()))]
+    assert not found, "utils/ must not import network/:\n" + "\n".join(found)

@@ -36,13 +36,27 @@ def steps(out: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
+@pytest.mark.parametrize("pytest_installed", [True, False], ids=["with-pytest", "without-pytest"])
+def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path, hide_modules,
+                                                          pytest_installed):
+    """The dry run passes with pytest importable and without it (a bare GPU machine): then its
+    tests step is skipped with the package named, and every other step still runs."""
     out = tmp_path / "check"
-    proc = run_script(out, timeout=540)
+    hidden = {} if pytest_installed else {k: hide_modules("pytest")[k]
+                                          for k in ("PYTHONPATH", "HIDDEN_MODULES")}
+    proc = run_script(out, timeout=540, **hidden)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     assert report.strip() in proc.stdout  # printed as well as written
     s = steps(out)
+    if not pytest_installed:
+        assert s["tests"]["status"] == "skipped" and "pytest is not installed" in s["tests"]["note"]
+        assert "all 15 steps passed or were skipped for a stated reason" in report
+        assert json.loads((out / "env.json").read_text())["packages"]["pytest"] is None
+        for name in PIPELINE:
+            if name != "tests":
+                assert s[name]["status"] == "pass", (name, s[name])
+        return
     for name in PIPELINE:
         assert s[name]["status"] == "pass", (name, s[name])
         assert s[name]["seconds"] > 0 and s[name]["command"]
@@ -87,6 +101,34 @@ def test_a_failed_step_does_not_stop_the_others(tmp_path):
     report = (out / "gpu_check.md").read_text()
     assert "failed or did not run**: data, train" in report
     assert "benchmark" in report.split("\n\n")[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hung_step_cannot_push_the_check_past_its_bound(tmp_path):
+    """The bound is DEADLINE + a killed step's 15 s grace + the report's 40 s: with a training
+    step that hangs forever and DEADLINE=40, the whole check, report included, ends within
+    40 + 15 + 40 s; the default DEADLINE keeps the same sum within 8 minutes."""
+    import re
+    import time
+    text = (REPO / "script" / "gpu_check.sh").read_text()
+    default = int(re.search(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", text).group(1))
+    grace = int(re.search(r"timeout -k (\d+) \"\$limit\"", text).group(1))
+    report = int(re.search(r"timeout -k \d+ (\d+) \"\$PYTHON\" tools/gpu_check.py report", text).group(1))
+    assert default + grace + report <= 8 * 60
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\ncase \"$*\" in *train.py*) exec sleep 1000;; esac\n"
+                       f"exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    out = tmp_path / "check"
+    t0 = time.monotonic()
+    proc = run_script(out, timeout=200, DEADLINE="40", PYTHON=str(wrapper),
+                      BENCH_ARGS="--only no_such_section")
+    wall = time.monotonic() - t0
+    assert proc.returncode == 1 and (out / "gpu_check.md").is_file()
+    assert wall <= 40 + grace + report, wall
+    s = steps(out)
+    assert s["train"]["status"] == "FAIL" and "timed out" in s["train"]["note"]
 
 
 def test_past_the_deadline_nothing_runs_and_the_check_fails(tmp_path):

@@ -23,7 +23,7 @@ from utils import dist
 from utils.cli import run_cli
 from utils.errors import UserError
 from network import build_network
-from utils import cam as camlib
+from network import cam as camlib
 from utils.io import load_npz
 
 C = 3
@@ -274,24 +274,25 @@ def test_ranks_split_the_list_interleaved(env, tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "make_cams", spy)
     monkeypatch.setattr(dist, "wait_for_outputs", functools.partial(dist.wait_for_outputs,
                                                                     poll_s=0.01))
+    # --device cpu: under a launcher, --device auto never falls back to the CPU (utils/device.py)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(infer.InferError, match="--overwrite cannot be used across several nodes"):
-        run(env, env["cls"], "--png-dir", out, "--overwrite")
+        run(env, env["cls"], "--device", "cpu", "--png-dir", out, "--overwrite")
     assert not out.exists()
     with pytest.raises(UserError, match=r"--dist-timeout.*2 still missing, e.g. img_b, img_d"):
-        run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")
+        run(env, env["cls"], "--device", "cpu", "--png-dir", out, "--dist-timeout", "0.2")
     assert sorted(p.stem for p in out.glob("*.png")) == ["img_a", "img_c"]
     monkeypatch.setenv("RANK", "1")
-    run(env, env["cls"], "--png-dir", out)
+    run(env, env["cls"], "--device", "cpu", "--png-dir", out)
     monkeypatch.setenv("RANK", "0")
-    run(env, env["cls"], "--png-dir", out, "--dist-timeout", "0.2")  # all there: returns
+    run(env, env["cls"], "--device", "cpu", "--png-dir", out, "--dist-timeout", "0.2")  # all there: returns
     assert seen == {0: ["img_a", "img_c"], 1: ["img_b", "img_d"]}
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(IDS)
     # one node (LOCAL_WORLD_SIZE = WORLD_SIZE): torchrun waits for every rank, rank 0 does not
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    run(env, env["cls"], "--png-dir", tmp_path / "one_node", "--dist-timeout", "0.2")
+    run(env, env["cls"], "--device", "cpu", "--png-dir", tmp_path / "one_node", "--dist-timeout", "0.2")
     assert sorted(p.stem for p in (tmp_path / "one_node").glob("*.png")) == ["img_a", "img_c"]
 
 
@@ -366,7 +367,8 @@ def test_torchrun_two_ranks_share_the_output_folder(env, tmp_path):
     out = tmp_path / "png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(repo / "infer.py"), "--dataset", "custom", "--img_root", str(env["root"]),
-           "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0"]
+           "--weights", str(env["eps"]), "--png-dir", str(out), "--num-workers", "0",
+           "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-4000:]

@@ -227,3 +227,91 @@ def test_convert_npy_exact_text(tmp_path, caplog):
     np.save(tmp_path / "list.npy", np.arange(3))
     with pytest.raises(conv.ConvertError, match="expected np.save of a dict"):
         _run(conv, ["--npy", tmp_path / "list.npy", "--out", tmp_path / "d.txt"])
+
+
+# ------------------------------------------------------------------------------------------------
+# a spreadsheet of image labels (docs/custom-data.md)
+# ------------------------------------------------------------------------------------------------
+def _csv_run(tmp_path, text, *extra, labels_txt=None):
+    root = tmp_path / "mine"
+    root.mkdir(exist_ok=True)
+    if labels_txt is not None:
+        (root / "labels.txt").write_text(labels_txt)
+    (tmp_path / "labels.csv").write_text(text)
+    args = mcl.get_args_parser().parse_args(
+        ["--dataset", "custom", "--data-root", str(root), "--csv", str(tmp_path / "labels.csv"),
+         "--out", str(root / "image_labels.txt"), *map(str, extra)])
+    return mcl.main(args), root
+
+
+def test_csv_one_column_of_names_writes_labels_lists_and_class_names(tmp_path):
+    text = ("image,labels,split\n"
+            "photos/a.jpg,cat;dog,train\n"
+            "b.JPG,dog,val\n"
+            "\n"
+            "c.jpeg,cat | bird,train\n")
+    labels, root = _csv_run(tmp_path, text, "--list-dir", tmp_path / "mine")
+    assert (root / "labels.txt").read_text() == "0 background\n1 bird\n2 cat\n3 dog\n"
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["a 1 2", "b 2", "c 0 1"]
+    assert (root / "train.txt").read_text() == "a\nc\n" and (root / "val.txt").read_text() == "b\n"
+    # the dataset reads them as they are
+    from data.registry import get_dataset
+    info = get_dataset("custom", None, root)
+    assert info.class_names == ["bird", "cat", "dog"] and info.labels_for("c").tolist() == [1, 1, 0]
+
+
+def test_csv_images_without_a_class_leave_the_training_lists(tmp_path, caplog):
+    """They stay in image_labels.txt (no indices) and in evaluation lists; the training lists
+    lose them to no_class.txt (for infer.py --labels predicted)."""
+    text = ("image,cat,dog,split\n"
+            "a.jpg,1,0,train\nb.jpg,0,0,train\nc.jpg,0,1,train\nd.jpg,0,0,val\ne.jpg,,,train\n")
+    labels, root = _csv_run(tmp_path, text, "--list-dir", tmp_path / "mine")
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["a 0", "b", "c 1", "d", "e"]
+    assert (root / "train.txt").read_text() == "a\nc\n"
+    assert (root / "val.txt").read_text() == "d\n"
+    assert (root / "no_class.txt").read_text() == "b\ne\n"
+    assert ("3 images have no class (e.g. ['b', 'd', 'e']); they are written without indices; 2 of "
+            f"them left the training lists for {root / 'no_class.txt'}") in caplog.text
+    # the training list is usable as it is: every id has a class
+    from data.registry import get_dataset
+    info = get_dataset("custom", None, root)
+    assert all(info.labels_for(i).any() for i in info.read_ids("train"))
+    # without a split column every image is a training one
+    (tmp_path / "two").mkdir()
+    labels, root = _csv_run(tmp_path / "two", "image,labels\na.jpg,cat\nb.jpg,\n", "--list-dir",
+                            tmp_path / "two" / "mine", labels_txt="0 background\n1 cat\n")
+    assert (root / "train.txt").read_text() == "a\n" and (root / "no_class.txt").read_text() == "b\n"
+    # a split of that name would be overwritten: refused
+    with pytest.raises(mcl.LabelToolError, match="a split is named 'no_class'"):
+        _csv_run(tmp_path / "two", "image,labels,split\na.jpg,cat,no_class\n", "--overwrite",
+                 labels_txt="0 background\n1 cat\n")
+
+
+def test_csv_one_column_per_class_with_an_existing_class_list(tmp_path):
+    text = "file,dog,cat\nx.jpg,1,0\ny.jpg,yes,1\nz.jpg,0,\n"
+    labels, root = _csv_run(tmp_path, text, labels_txt="0 background\n1 cat\n2 dog\n")
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["x 1", "y 0 1", "z"]   # indices follow labels.txt, not the column order
+    assert (root / "labels.txt").read_text() == "0 background\n1 cat\n2 dog\n"  # untouched
+
+
+def test_csv_a_single_class_column_of_0_and_1_is_that_class(tmp_path):
+    """Not two classes named "0" and "1" (the negatives labelled as class "0")."""
+    labels, root = _csv_run(tmp_path, "image,cat\na.jpg,1\nb.jpg,0\nc.jpg,\n")
+    assert (root / "labels.txt").read_text() == "0 background\n1 cat\n"
+    lines = [x for x in (root / "image_labels.txt").read_text().splitlines() if not x.startswith("#")]
+    assert lines == ["a 0", "b", "c"]
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("image,labels\na.jpg,cat\na.jpg,dog\n", r"image 'a' is on rows 2 and 3"),
+    ("image,cat,dog\na.jpg,1,maybe\n", r"labels.csv:2: column 'dog' holds 'maybe'"),
+    ("image,labels\na.jpg,cow\n", r"labels.csv:2: class 'cow' is not in the class list"),
+    ("image\na.jpg\n", r"no label column besides the id"),
+])
+def test_csv_bad_rows_are_one_line_errors(tmp_path, text, expect):
+    with pytest.raises(mcl.LabelToolError, match=expect):
+        _csv_run(tmp_path, text, labels_txt="0 background\n1 cat\n2 dog\n")
+    assert not (tmp_path / "mine" / "image_labels.txt").exists()

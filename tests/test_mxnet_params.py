@@ -419,3 +419,52 @@ def test_convert_tool_rejects_a_wrong_file(tmp_path):
     path.write_bytes(ndarray_file([rec_legacy(sample(0, (64, 3, 3, 3)))], ["arg:fc6_weight"]))
     with pytest.raises(ConversionError, match="fc6_weight"):
         convert(path)
+
+
+def test_preflight_reads_only_the_headers(full_params, tmp_path):
+    """tools/preflight.py checks --weights with a header pass (shapes, no data read) against the
+    network on the meta device; a truncated file is named as such there, before any compute."""
+    from network.mxnet_params import read_shapes
+    from network.weights import check_initial_weights
+    params, _ = full_params
+    shapes = read_shapes(params)
+    assert len(shapes) == len(ademxapp_names()) and shapes["conv1a_weight"] == (64, 3, 3, 3)
+    assert check_initial_weights(params, "resnet38_eps", 20) == "imagenet"
+    cut = tmp_path / "cut.params"
+    with open(params, "rb") as f:
+        cut.write_bytes(f.read(10_000_000))
+    with pytest.raises(MXNetParamsError, match="truncated"):
+        check_initial_weights(cut, "resnet38_eps", 20)
+
+
+def test_download_converts_the_params_and_checks_the_trunk(full_params, converted, tmp_path,
+                                                           monkeypatch):
+    """`bash script/download.sh weights` with the .params in place (as fetched, or put there by
+    hand): tools/download.py's conversion step writes resnet38d_imagenet.pth, the same bytes as
+    tools/convert_resnet38.py, and its check ('imagenet_trunk') accepts it; a rerun is 'present'."""
+    import dataclasses
+    import shutil
+
+    from data import downloads as table
+    from tools import download
+    from utils.cli import build_parser
+
+    params = full_params[0]
+    root = tmp_path / "root"
+    (root / "weights").mkdir(parents=True)
+    shutil.copy(params, root / "weights" / params.name)
+    row = dataclasses.replace(table.ROWS["imagenet_resnet38"], estimate=1000, unpacked=1000,
+                              checksums=(("md5", hashlib.md5(params.read_bytes()).hexdigest()),))
+    path = tmp_path / "table.json"
+    path.write_text(table.table_to_json({row.key: row}, {"w": (row.key,)}))
+    monkeypatch.setenv(download.TABLE_ENV, str(path))
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+
+    def run():
+        return download.main(build_parser(download.get_args_parser).parse_args(
+            ["w", "--root", str(root)]))
+
+    assert [r.status for r in run()] == ["done"]
+    out = root / "weights" / "resnet38d_imagenet.pth"
+    assert out.read_bytes() == converted[0].read_bytes()
+    assert [r.status for r in run()] == ["present"]

@@ -86,9 +86,10 @@ def test_train_step_shapes_and_freezing(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     out = model(x)
+    s = -(-32 // model.output_stride)  # the feature map of a 32-px input: 4 at OS 8, 2 at OS 16
     if model.head_type == "eps":
         pred, cam = out
-        assert pred.shape == (2, C + 1) and cam.shape == (2, C + 1, 4, 4)
+        assert pred.shape == (2, C + 1) and cam.shape == (2, C + 1, s, s)
     elif model.head_type == "cls":
         assert out.shape == (2, C)
     assert all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
@@ -111,7 +112,7 @@ def test_train_step_shapes_and_freezing(name):
             assert not torch.equal(v, before[k]), f"{k} did not train"
     if model.freeze_bn:
         assert all(int(after[k]) == 0 for k in after if k.endswith("num_batches_tracked"))
-    else:  # BN trains from scratch: statistics move
+    elif bn_keys(model):  # BN trains from scratch: statistics move (a ViT has no BN)
         assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("running_mean"))
 
     # Eval-mode CAMs: out_channels(C) maps for any head; then the published heads' semantics:
@@ -120,18 +121,19 @@ def test_train_step_shapes_and_freezing(name):
     with torch.no_grad():
         cam = model.forward_cam(x)
         feats = model.forward_features(x)
-    assert cam.shape == (2, model.out_channels(C), 4, 4)
+    assert cam.shape == (2, model.out_channels(C), s, s)
+    assert feats.shape == (2, model.feature_channels, s, s)
     if model.head_type not in ("cls", "eps"):
         return
     raw = F.conv2d(feats, model.fc8.weight)
     if model.head_type == "eps":
-        assert cam.shape == (2, C + 1, 4, 4)
+        assert cam.shape == (2, C + 1, s, s)
         torch.testing.assert_close(cam, raw)
         pred2, cam2 = model(x)
         torch.testing.assert_close(cam2, raw)
         torch.testing.assert_close(pred2, raw.mean(dim=(2, 3)))  # fc8 first, then GAP
     else:
-        assert cam.shape == (2, C, 4, 4) and (cam >= 0).all()
+        assert cam.shape == (2, C, s, s) and (cam >= 0).all()
         torch.testing.assert_close(cam, raw.clamp(min=0))
         # GAP then fc8 (published order) equals the spatial mean of the raw CAM (linearity).
         torch.testing.assert_close(model(x), raw.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
@@ -180,7 +182,8 @@ def test_parameter_groups_trained_bn():
 
 
 @pytest.mark.parametrize("name", ["small_eps", pytest.param("resnet38_cls", marks=pytest.mark.slow),
-                                  pytest.param("resnet101_eps", marks=pytest.mark.slow)])
+                                  pytest.param("resnet101_eps", marks=pytest.mark.slow),
+                                  "vit_small_eps"])
 def test_checkpointing_gives_identical_results(name):
     """Same outputs, gradients and BN statistics with and without activation checkpointing,
     dropout included (checkpoint replays the RNG state) and with training-mode BN (the
@@ -192,7 +195,8 @@ def test_checkpointing_gives_identical_results(name):
     x = torch.randn(2, 3, 32, 32)
     # The first conv of one checkpointed block: its forward hook fires again in the recomputation
     # (the block's own hook does not: recomputation stops early once the saved tensors are back).
-    layer = {"small": "stage3.0.conv", "resnet38": "b6.conv_branch2a", "resnet101": "layer3.0.conv1"}
+    layer = {"small": "stage3.0.conv", "resnet38": "b6.conv_branch2a", "resnet101": "layer3.0.conv1",
+             "vit_small": "blocks.3.attn.qkv"}
     calls = []
     model.get_submodule(layer[model.arch]).register_forward_hook(lambda *a: calls.append(1))
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from utils.optim import PUBLISHED_MOMENTUM, build_optimizer, poly_lr, set_poly_lr
+from utils.optim import (PUBLISHED_MOMENTUM, build_adamw, build_optimizer, poly_lr, set_poly_lr,
+                         warmup_poly_lr)
 
 
 def test_poly_lr_values():
@@ -139,3 +140,26 @@ def test_fused_by_default_and_same_result_as_unfused():
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
+
+
+def test_warmup_then_poly():
+    """ToCo utils/optimizer.py PolyWarmupAdamW: linear from ratio x lr to lr over the warmup, then
+    the poly value of the same step; without a warmup exactly the published poly_lr."""
+    base, n = 6e-5, 20000
+    assert warmup_poly_lr(0, base, n, warmup_iters=1500, warmup_ratio=1e-6) == pytest.approx(6e-11)
+    assert warmup_poly_lr(750, base, n, warmup_iters=1500, warmup_ratio=1e-6) == \
+        pytest.approx(base * (1 - 0.5 * (1 - 1e-6)))
+    assert warmup_poly_lr(1500, base, n, warmup_iters=1500, warmup_ratio=1e-6) == poly_lr(1500, base, n)
+    for step in (0, 1, 7, 19999, 25000):
+        assert warmup_poly_lr(step, 0.01, n) == poly_lr(step, 0.01, n)  # bit for bit
+
+
+def test_adamw_groups():
+    w, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    opt = build_adamw([dict(name="layer1", params=[w], lr_mult=0.5, weight_decay_mult=1),
+                       dict(name="layer1_no_decay", params=[b], lr_mult=0.5, weight_decay_mult=0)],
+                      lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [(g["name"], g["lr"], g["base_lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        ("layer1", 5e-4, 5e-4, 0.05), ("layer1_no_decay", 5e-4, 5e-4, 0.0)]
+    assert set_poly_lr(opt, 0, 10, warmup_iters=2, warmup_ratio=0.0) == 0.0

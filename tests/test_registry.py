@@ -104,7 +104,19 @@ def test_empty_label_is_an_error(tmp_path):
 
 def test_every_registry_entry_has_training_defaults():
     for name, spec in DATASETS.items():
-        assert {"crop_size", "batch_size", "max_iters", "tau", "lam"} <= set(spec.train_defaults)
+        assert {"crop_size", "batch_size", "max_iters", "lr", "wt_dec"} <= set(spec.train_defaults)
+        # a method's own values are the head's (network/heads.py), not the dataset's
+        assert not {"tau", "lam"} & set(spec.train_defaults)
+
+
+def test_the_eps_head_declares_its_published_recipe():
+    """EPS script/voc12_eps.sh and coco_eps.sh (docs/reference.md 1.3): tau 0.4 everywhere, lam
+    0.5 on VOC (main.py's default; the script passes none) and 0.9 on COCO; a custom dataset
+    gets the VOC values."""
+    from network.heads import EpsHead
+    hp = EpsHead.hparams
+    assert {d: (hp["tau"].default_for(d), hp["lam"].default_for(d)) for d in DATASETS} == {
+        "voc12": (0.4, 0.5), "coco": (0.4, 0.9), "custom": (0.4, 0.5)}
 
 
 def test_duplicate_ids_are_dropped_with_a_warning(tmp_path, caplog):

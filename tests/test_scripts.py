@@ -6,6 +6,7 @@ the flags they pass, skip-on-rerun, resume of an unfinished run, and the input c
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ SCRIPT_VARS = (
     "INFER_LIST THR VIS_NUM SAVE_CAMS SEG_LIST SEG_EVAL_LIST SEG_GT_DIR SEG_ARCH SEG_ITERS "
     "SEG_BATCH SEG_ITER_SIZE SEG_CROP SEG_LR SEG_CRF SEG_CRF_WORKERS TRAIN_ARGS INFER_ARGS "
     "EVAL_ARGS SEG_ARGS SEGINFER_ARGS STAGES SKIP_SEG PYTHON NNODES NODE_RANK MASTER_ADDR "
-    "MASTER_PORT SEG_NGPUS CHECK_ONLY RDZV_TIMEOUT CHECKPOINT OUT_DIR NPROC LIST").split()
+    "MASTER_PORT SEG_NGPUS CLS_NGPUS ITER_SIZE CHECK_ONLY RDZV_TIMEOUT CHECKPOINT OUT_DIR NPROC LIST").split()
 
 TINY = dict(
     PYTHON=sys.executable, NGPUS="1", DEVICE="cpu", NUM_WORKERS="0", WEIGHTS="none",
@@ -120,9 +121,24 @@ def coco(demo) -> dict:
 # ------------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------------
+def coco_like_init(path: Path) -> Path:
+    """A deeplabv1_resnet101-coco.pth-shaped file for deeplabv2_small: backbone keys without
+    "base.", a 91-class fc (the COCO classifier, dropped when it loads)."""
+    import torch
+    from network.deeplab import build_deeplab
+    torch.manual_seed(0)
+    sd = {k[len("base."):]: v for k, v in build_deeplab("deeplabv2_small", 21).state_dict().items()
+          if not k.startswith("base.aspp.")}
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(91, 256, 1, 1), torch.zeros(91)
+    torch.save(sd, path)
+    return path
+
+
 @pytest.mark.slow
 def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
-    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1)
+    import hashlib
+    init = coco_like_init(tmp_path / "deeplabv1_small-coco.pth")
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", SEG_CRF=1, SEG_INIT=init)
     out = ok(run_script("voc12_eps.sh", **env))
     run = tmp_path / "voc12_eps"
     assert (run / "checkpoint_cls.pth").is_file()
@@ -138,13 +154,18 @@ def test_voc12_eps_all_stages_then_rerun_skips(voc, tmp_path):
     assert pseudo[:2] == ("train", "69.22") and is_number(pseudo[2])
     assert rows["DeepLab-v2"][:2] == ("val", "70.9") and is_number(rows["DeepLab-v2"][2])
     assert is_number(rows["DeepLab-v2 + CRF"][2])
+    # the init the DeepLab numbers come from: name, size, sha256 (train_seg.py's inputs.json)
+    digest = hashlib.sha256(init.read_bytes()).hexdigest()
+    assert rows["DeepLab-v2 init"] == (init.name, "-",
+                                       f"{init.stat().st_size} bytes, sha256 {digest[:16]}")
+    assert json.loads((run / "deeplab" / "inputs.json").read_text())["init"]["sha256"] == digest
 
     # Rerun: finished stages are skipped, nothing is recomputed, and inputs that only the skipped
     # stages need (the initial weights) may be gone by now.
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")
               if p.suffix in (".pth", ".png") or p.name.endswith(("_miou.txt", "_eval.txt"))}
-    out2 = ok(run_script("voc12_eps.sh", **env, WEIGHTS="/nonexistent/init.params",
-                         SEG_INIT="/nonexistent/deeplab.pth"))
+    out2 = ok(run_script("voc12_eps.sh", **{**env, "WEIGHTS": "/nonexistent/init.params",
+                                            "SEG_INIT": "/nonexistent/deeplab.pth"}))
     for stage in ("train", "eval", "seg", "segeval"):
         assert f"skip {stage}:" in out2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -267,21 +288,71 @@ def test_every_missing_input_is_named_in_one_run(tmp_path):
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
+def plan_of(out: str) -> dict:
+    """{stage: (plan line, layout line or None)} from the printed plan."""
+    stages, last = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s+(\w+:?)\s+(.*)$", line)
+        if not m:
+            continue
+        if m.group(1) == "layout:":
+            stages[last] = (stages[last][0], m.group(2))
+        else:
+            last = m.group(1)
+            stages[last] = (m.group(2), None)
+    return stages
+
+
+LAYOUTS = [(n, 1) for n in range(1, 9)] + [(n, 2) for n in range(1, 5)]
+
+
 @pytest.mark.slow
-def test_process_counts_that_cannot_split_the_batch_are_refused_up_front(voc, tmp_path):
-    # batch 8 on 3 processes: refused with the counts that work, before any stage runs
-    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=3,
-                      BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", timeout=60)
+@pytest.mark.parametrize("ngpus, nnodes", LAYOUTS)
+def test_every_gpu_count_gets_a_layout_that_keeps_the_batch(voc, coco, tmp_path, ngpus, nnodes):
+    """The README's commands for 1-8 GPUs and 2 nodes x 1-4 GPUs run as written: each training
+    stage chooses its own processes and keeps its published effective batch (VOC 8, COCO 16,
+    DeepLab 10) exactly; the plan shows each layout; evaluation is 1 process on node 0."""
+    for script, data, batch in (("voc12_eps.sh", voc, 8), ("coco_eps.sh", coco, 16)):
+        env = dict(data, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=ngpus, NNODES=nnodes,
+                   MASTER_ADDR="127.0.0.1", BATCH="", SEG_BATCH="", SEG_ITER_SIZE="",
+                   CHECK_ONLY=1)
+        plan = plan_of(ok(run_script(script, timeout=60, **env)))
+        for stage, effective in (("train", batch), ("seg", 10)):
+            line = plan[stage][1]
+            m = re.search(r"on (\d+) of (\d+) (?:processes|GPUs)[^:]*: (\d+) = (\d+) x (\d+) x (\d+)",
+                          line)
+            assert m, line
+            g, gpus, eff, b, p, a = map(int, m.groups())
+            assert gpus == ngpus and g <= ngpus and p == g * nnodes and eff == effective
+            assert b * p * a == effective, line
+        assert plan["eval"][0].endswith("[1 process, node 0]")
+        if nnodes > 1:
+            assert plan["infer"][0].endswith(f"[{ngpus} process(es) per node x 2 nodes = {2 * ngpus}]")
+
+
+@pytest.mark.slow
+def test_gpu_counts_are_planned_and_overrides_kept(voc, tmp_path):
+    """NGPUS=4: the classifier on 4 (8 = 2 x 4 x 1), DeepLab on 2 of 4 (10 = 5 x 2 x 1);
+    SEG_NGPUS / CLS_NGPUS fix a stage's count, and one that cannot keep the batch is refused up
+    front with the counts that can."""
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", BATCH="", SEG_BATCH="",
+               SEG_ITER_SIZE="", CHECK_ONLY=1)
+    plan = plan_of(ok(run_script("voc12_eps.sh", NGPUS=4, timeout=60, **env)))
+    assert "x batch 8 (2 per process on 4)" in plan["train"][0]
+    assert plan["seg"][1].startswith("DeepLab on 2 of 4 processes: 10 = 5 x 2 x 1")
+    assert "4 processes cannot split 10" in plan["seg"][1]
+    assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in plan["seg"][0]
+    plan = plan_of(ok(run_script("voc12_eps.sh", NGPUS=8, SEG_NGPUS=1, CLS_NGPUS=2, ITER_SIZE=2,
+                                 timeout=60, **env)))
+    assert plan["train"][1].startswith("classifier on 2 of 8 processes: 8 = 2 x 2 x 2")
+    assert "x 2 accumulated" in plan["train"][0]
+    assert plan["seg"][1].startswith("DeepLab on 1 of 8 processes: 10 = 5 x 1 x 2")
+    assert "SEG_NGPUS=1" in plan["seg"][1]
+    proc = run_script("voc12_eps.sh", NGPUS=4, SEG_NGPUS=4, CLS_NGPUS=3, timeout=60, **env)
     assert proc.returncode == 2
-    assert "--batch_size 8 (global) cannot be split evenly over 3 processes: use 1, 2, 4, 8" in proc.stderr
-    assert "3 processes cannot split the published effective batch 10" in proc.stderr
-    assert "SEG_NGPUS" in proc.stderr and not (tmp_path / "voc12_eps").exists()
-    # the DeepLab stage keeps its effective batch 10 on 2 processes: 10 x 1, 5 per process
-    out = ok(run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, NETWORK="small_eps", NGPUS=4,
-                        SEG_NGPUS=2, BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", CHECK_ONLY=1,
-                        timeout=60))
-    assert "x batch 8 (2 per process on 4)" in out
-    assert "x 10 x 1 accumulated (effective 10; 5 per process and pass on 2)" in out
+    assert "over 3 processes (CLS_NGPUS=3)" in proc.stderr and "use 1, 2, 4, 8" in proc.stderr
+    assert "over 4 processes (SEG_NGPUS=4)" in proc.stderr and "use 1, 2, 5, 10" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "voc12_eps").exists()
 
 
 def free_port_range(n: int) -> int:
@@ -368,3 +439,98 @@ def test_eval_released_end_to_end_and_refusals(tmp_path):
     row = [line for line in out.splitlines() if line.startswith("| voc12 |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["voc12", "small_eps", "list", "69.22"] and is_number(cells[4])
+
+
+def test_outside_the_environment_one_line_says_how_to_activate(voc, tmp_path, hide_modules):
+    """No venv activated: the script says once, in one line, how to activate or install the
+    requirements; no traceback, no bash 'unbound variable'."""
+    env = hide_modules("torch", "cv2", base={})
+    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, timeout=30,
+                      PYTHONPATH=env["PYTHONPATH"], HIDDEN_MODULES=env["HIDDEN_MODULES"])
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "lacks torch opencv-python-headless of requirements.txt" in err[0], err
+    assert "source .venv/bin/activate" in err[0] and "pip install -r" in err[0]
+    proc = run_script("voc12_eps.sh", **voc, SAVE_ROOT=tmp_path, PYTHON="/nonexistent/python",
+                      timeout=30)
+    assert proc.returncode == 2 and "PYTHON=/nonexistent/python: no such interpreter" in proc.stderr
+    for p in (proc,):
+        assert "Traceback" not in p.stderr and "unbound variable" not in p.stderr
+    assert not (tmp_path / "voc12_eps").exists()
+
+
+def test_slurm_example_passes_the_cpus_to_srun(voc, tmp_path):
+    """script/slurm_voc12_eps.sbatch under stand-in sbatch tools: its CHECK_ONLY step plans 2
+    nodes x 4 GPUs without a problem, and srun gets --cpus-per-task explicitly (Slurm >= 22.05
+    no longer passes sbatch's on), with SRUN_CPUS_PER_TASK exported too; the header says which
+    Slurm versions it was written for."""
+    text = (SCRIPT / "slurm_voc12_eps.sbatch").read_text()
+    assert "Slurm 22.05 and newer" in text.split("#SBATCH")[0]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'node0\\nnode1\\n'\n")
+    (fake / "srun").write_text('#!/bin/sh\necho "srun $* SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK" '
+                               f'> {tmp_path}/srun.txt\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full.update(TINY, **{k: str(v) for k, v in voc.items()})
+    full.update(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="2",
+                SLURM_JOB_NODELIST="node[0-1]", SLURM_CPUS_PER_TASK="32", SAVE_ROOT=str(tmp_path),
+                NETWORK="small_eps", BATCH="", SEG_BATCH="", SEG_ITER_SIZE="", NUM_WORKERS="")
+    proc = subprocess.run(["bash", str(SCRIPT / "slurm_voc12_eps.sbatch")], env=full, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    out = ok(proc)
+    plan = plan_of(out)
+    assert plan["train"][1].startswith("classifier on 4 of 4 processes per node x 2 nodes: 8 = 1 x 8 x 1")
+    assert plan["seg"][1].startswith("DeepLab on 1 of 4 processes per node x 2 nodes: 10 = 5 x 2 x 1")
+    srun = (tmp_path / "srun.txt").read_text()
+    assert "--cpus-per-task=32" in srun and "SRUN_CPUS_PER_TASK=32" in srun
+    assert "NODE_RANK=$SLURM_NODEID bash script/voc12_eps.sh" in srun
+
+
+def test_results_table_says_why_a_cell_is_empty(tmp_path):
+    """An empty mIoU cell carries its reason: infer_seg.py's note (e.g. no ground truth), or
+    that its stage did not run."""
+    (tmp_path / "val_eval.skipped.txt").write_text("no score: the ground truth of val.txt is missing\n")
+    cmd = (f"source {SCRIPT}/_common.sh; result_row DeepLab-v2 val 70.9 {tmp_path}/val_eval.txt; "
+           f"result_row DeepLab-v2 val 70.9 {tmp_path}/other_eval.txt")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": sys.executable})
+    rows = result_rows(ok(proc))
+    assert proc.stdout.splitlines()[0] == ("| DeepLab-v2 | val | 70.9 | - (no score: the ground "
+                                           "truth of val.txt is missing) |")
+    assert proc.stdout.splitlines()[1].endswith("| - (not computed: its stage did not run) |")
+    assert len(rows) == 1  # same label twice
+
+
+@pytest.mark.slow
+def test_a_retrained_checkpoint_never_leaves_old_outputs_counted_as_done(voc, tmp_path):
+    """train.py --resume --extend writes new weights under the old name. The rerun does not skip
+    inference and evaluation because their files exist: preflight stops, naming --overwrite,
+    before any compute; with it, the pseudo-masks are recomputed and the stale score is replaced
+    (its record says what it scored)."""
+    import torch
+    from network import build_network
+    from network.weights import record_network
+    env = dict(voc, SAVE_ROOT=tmp_path, NETWORK="small_cls")
+    ok(run_script("voc12_cls.sh", **env))
+    run = tmp_path / "voc12_cls"
+    torch.manual_seed(5)
+    model = build_network("small_cls", 5)  # the demo dataset's 5 classes
+    ckpt = run / "checkpoint_cls.pth"
+    torch.save(record_network(model.state_dict(), model), ckpt)  # what --extend leaves
+    proc = run_script("voc12_cls.sh", **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "eval: outputs are stale" in proc.stdout and "checkpoint_cls.pth changed since" in proc.stdout
+    assert "holds results made by another checkpoint_cls.pth" in proc.stderr
+    assert "INFER_ARGS" in proc.stderr and "--overwrite" in proc.stderr
+    assert proc.stderr.count("  - ") == 1, proc.stderr  # that one problem, nothing else
+    assert "Traceback" not in proc.stderr
+    before = json.loads((run / "result" / "train_miou.json").read_text())
+    out = ok(run_script("voc12_cls.sh", **env, INFER_ARGS=TINY["INFER_ARGS"] + " --overwrite"))
+    assert "skip eval" not in out
+    after = json.loads((run / "result" / "train_miou.json").read_text())
+    assert after["inputs"] != before["inputs"]
+    out = ok(run_script("voc12_cls.sh", **env))  # now current: skipped
+    assert "skip train:" in out and "skip eval:" in out

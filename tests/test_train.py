@@ -284,10 +284,15 @@ def test_published_command_line_and_registry_defaults(tmp_path):
     assert args.network == "resnet38_eps" and args.lam == 0.5 and args.resize_size == [256, 512]
     assert args.lr == 0.01 and args.wt_dec == 5e-4 and args.momentum == 5e-4
     # COCO recipe from the registry when flags are left out.
+    # (tau / lam: the EPS head's values for COCO; the cls head has none and leaves them unset)
     coco = train.resolve_args(parse(["--dataset", "coco", "--data_root", str(tmp_path),
-                                     "--weights", "x.params"]), get_dataset("coco"), 1)
+                                     "--network", "resnet38_eps", "--weights", "x.params"]),
+                              get_dataset("coco"), 1)
     assert (coco.max_iters, coco.batch_size, coco.crop_size, coco.resize_size, coco.tau, coco.lam) \
         == (256500, 16, 321, [256, 448], 0.4, 0.9)
+    cls = train.resolve_args(parse(["--dataset", "coco", "--data_root", str(tmp_path),
+                                    "--weights", "x.params"]), get_dataset("coco"), 1)
+    assert (cls.max_iters, cls.tau, cls.lam) == (256500, None, None)
     # Hyphenated aliases set the same fields; explicit values win over the registry.
     alias = train.resolve_args(parse(["--data-root", str(tmp_path), "--crop-size", "96",
                                       "--resize-size", "64", "128", "--max-iters", "7",

@@ -11,7 +11,6 @@ sha256 of the output. Training also accepts the .params file directly; the .pth 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from network.resnet38d import ResNet38d, convert_mxnet_to_torch  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.io import torch_save  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.fetch import sha256_of  # noqa: E402
 from utils.run import check_writable  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ NUM_TRUNK_TENSORS = 191  # 44 conv weights + 37 BN x 4 (docs/networks.md: withou
 
 class ConversionError(UserError):
     pass
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert(params_path: Path) -> dict:

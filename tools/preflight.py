@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.downloads import hint  # noqa: E402
 from data.registry import dataset_root_of, get_dataset  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils import provenance  # noqa: E402
+from utils.cli import OneSpellingFormatter, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.layout import Layout, LayoutError, plan_layout  # noqa: E402
 
 SEPARATOR = ":::"
 SAMPLE = 5  # ids of each list whose files are looked up (the stages check all of them)
@@ -41,11 +43,28 @@ class PreflightError(UserError):
 
 @dataclass
 class Stage:
-    """One stage of the run: its name, entry point and flags, and what the check found."""
+    """One stage of the run: its name, entry point and flags, and what the check found.
+    ``procs`` is the processes of the whole stage (all nodes), ``per_node`` those on one node;
+    ``fixed`` says whether the count was given (NAME=N) rather than planned."""
     name: str
     script: str
     argv: List[str]
     procs: int = 1
+    per_node: int = 1
+    nodes: int = 1
+    gpus: int = 1                      # GPUs (process slots) per node
+    fixed: bool = False
+    layout: Optional[Layout] = None    # the training stages' plan (utils/layout.py)
+    device: str = "auto"
+    made_before: set = field(default_factory=set)   # what earlier stages of the run write
+
+    def made_earlier(self, path) -> bool:
+        path = Path(path)
+        return any(path == m or m in path.parents for m in self.made_before)
+
+    def usable(self, path) -> bool:
+        """An input that exists now and no earlier stage rewrites: its content can be checked."""
+        return path is not None and Path(path).is_file() and not self.made_earlier(path)
     plan: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     needs: List[Tuple[Path, str, str]] = field(default_factory=list)  # (path, what, hint)
@@ -73,7 +92,8 @@ def split_stages(tokens: Sequence[str]) -> List[Tuple[str, str, List[str]]]:
 def parse_stage(module, argv: Sequence[str]):
     """Parse with the entry point's own parser; an argparse error becomes a problem string."""
     parser = argparse.ArgumentParser(prog=module.__name__ + ".py", parents=[module.get_args_parser()],
-                                     allow_abbrev=False, exit_on_error=False)
+                                     allow_abbrev=False, exit_on_error=False,
+                                     formatter_class=OneSpellingFormatter)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -142,10 +162,33 @@ def _labels(stage: Stage, info) -> None:
 # ------------------------------------------------------------------------------------------------
 # one check per entry point: the entry point's own functions, no compute, nothing written
 # ------------------------------------------------------------------------------------------------
+def _use_layout(stage: Stage, layout: Layout) -> None:
+    stage.layout, stage.per_node, stage.procs = layout, layout.procs_per_node, layout.processes
+
+
+def _plan(stage: Stage, effective: int, **kw) -> Optional[Layout]:
+    """The stage's layout on its nodes' GPUs (a fixed NAME=N count is honoured or refused)."""
+    try:
+        layout = plan_layout(effective, stage.gpus, stage.nodes,
+                             procs_per_node=stage.per_node if stage.fixed else None,
+                             override=f"{OVERRIDES.get(stage.name, stage.name)}={stage.per_node}", **kw)
+    except LayoutError as e:
+        stage.problems.append(str(e))
+        return None
+    _use_layout(stage, layout)
+    return layout
+
+
 def check_train(stage: Stage, module, args) -> None:
     from network import network_parts
     info = _dataset(stage, args, "data_root")
     if info is None:
+        return
+    # the recipe first (one process), then the layout that keeps its batch on these GPUs
+    resolved = _try(stage, module.resolve_args, argparse.Namespace(**vars(args)), info, 1)
+    if resolved is None:
+        return
+    if _plan(stage, resolved.batch_size, what="classifier", accum=resolved.iter_size) is None:
         return
     args = _try(stage, module.resolve_args, args, info, stage.procs)
     if args is None:
@@ -158,16 +201,23 @@ def check_train(stage: Stage, module, args) -> None:
     if head.needs_saliency:
         from data.datasets import default_saliency_root
         sal = args.saliency_root or default_saliency_root(info, args.data_root)
-        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image"))
+        stage.need(sal, "saliency maps", _where(info.name, "saliency", "one <id>.png per image: "
+                                                "tools/make_saliency.py makes them "
+                                                "(docs/custom-data.md)"))
     if args.weights != "none":
         stage.need(args.weights, "initial weights (--weights)", hint("imagenet_resnet38"))
+        if stage.usable(args.weights):  # read it: headers, keys and shapes, no weight values
+            from network.weights import check_initial_weights
+            _try(stage, check_initial_weights, args.weights, args.network, info.num_classes)
+    _numerics(stage, args.amp)
     run_dir = Path(args.save_root) / args.session
     stage.makes.append(run_dir / module.FINAL_NAME)
-    per = args.batch_size // stage.procs
+    per = args.batch_size // (stage.procs * args.iter_size)
+    acc = f" x {args.iter_size} accumulated" if args.iter_size > 1 else ""
     stage.plan.append(
         f"{args.network} on {info.name} {Path(str(args.train_list)).stem} ({len(ids)} ids): "
         f"{args.max_iters} iterations x batch {args.batch_size} ({per} per process on "
-        f"{stage.procs}), crop {args.crop_size}, resize {args.resize_size[0]}-{args.resize_size[1]}, "
+        f"{stage.procs}{acc}), crop {args.crop_size}, resize {args.resize_size[0]}-{args.resize_size[1]}, "
         f"lr {args.lr}, weight decay {args.wt_dec}, momentum {args.momentum}{hp}, amp {args.amp} "
         f"-> {run_dir}")
 
@@ -179,15 +229,44 @@ def check_infer(stage: Stage, module, args) -> None:
         return
     name = args.infer_list or info.train_defaults.get("infer_list", "train")
     ids = _ids(stage, info, name)
-    _labels(stage, info)
+    if getattr(args, "labels", "gt") == "gt":  # --labels predicted reads no image labels
+        _labels(stage, info)
     _sample_images(stage, info, args.img_root, ids)
     stage.need(args.weights, "classifier checkpoint (--weights)", hint("released"))
-    outs = [d for d in (args.png_dir, args.cam_dir, args.crf, args.vis_dir) if d is not None]
+    if stage.usable(args.weights):
+        _try(stage, _check_classifier, args, info)
+    problem = module.stale_weights(args, module.output_folders(args),
+                                   weights_made_earlier=stage.made_earlier(args.weights))
+    if problem:
+        stage.problems.append(problem)
+    outs = module.given_folders(args)
     stage.makes.extend(outs)
+    labels = "image labels"
+    if getattr(args, "labels", "gt") == "predicted" and outs:
+        home = module.labels_home(args)
+        labels = (f"predicted labels (sigmoid >= {args.label_thr}; written to "
+                  f"{home / module.PREDICTED_FILE})")
     stage.plan.append(
         f"CAMs -> pseudo-masks of {Path(str(name)).stem} ({len(ids)} ids, split over "
         f"{stage.procs} process(es)), thr {args.thr}, scales {' '.join(map(str, args.scales))} "
-        f"+ flips -> {', '.join(map(str, outs))}")
+        f"+ flips, {labels} -> {', '.join(map(str, outs))}")
+
+
+def _check_classifier(args, info) -> None:
+    """infer.py's identification of --weights (network/weights.py), on its memory-mapped keys
+    and shapes."""
+    from network.weights import identify_checkpoint, load_state_dict_file
+    sd = load_state_dict_file(args.weights, mmap=True)
+    identify_checkpoint(sd, info.num_classes, args.network, source=str(args.weights),
+                        ambiguous_ok=info.spec.metadata_dir is not None)
+
+
+def _numerics(stage: Stage, amp) -> None:
+    """The requested mixed precision against the device each of the stage's processes gets
+    (bf16 on a GPU without native bf16, fp16 on the CPU), in the device's own words."""
+    from utils.device import numerics_problems
+    amp = {True: "fp16", False: "off"}.get(amp, amp)  # inference: --amp is a switch
+    stage.problems.extend(numerics_problems(stage.device, amp, stage.per_node))
 
 
 def check_evaluate(stage: Stage, module, args) -> None:
@@ -206,11 +285,33 @@ def check_evaluate(stage: Stage, module, args) -> None:
                                   f"{_where(info.name, 'masks', 'pass --gt_dir')}")
     pred = args.pred_dir if args.pred_dir is not None else args.cam_dir
     stage.need(pred, "predictions to score", "made by the infer stage")
+    if not args.overwrite and pred is not None:
+        try:
+            txt, js = module.output_paths(args.save_path, args.json, pred,
+                                          "eval" if args.cam_dir is None else "sweep")
+        except UserError as e:
+            stage.problems.append(str(e))
+        else:
+            if txt.exists() or js.exists():
+                why = provenance.check(js) or "it is a finished result"
+                stage.problems.append(f"{txt if txt.exists() else js} already exists ({why}); "
+                                      f"pass --overwrite (EVAL_ARGS) to replace it, or delete it")
     stage.plan.append(f"mIoU of {pred} on {Path(str(args.datalist)).stem} ({len(ids)} ids) -> "
                       f"{args.save_path or 'next to the predictions'}")
 
 
 def check_train_seg(stage: Stage, module, args) -> None:
+    if args.batch_size is None and args.iter_size is None:  # the published 5 x 2, planned
+        layout = _plan(stage, module.EFFECTIVE_BATCH, what="DeepLab",
+                       max_per_process=module.MAX_PER_PROCESS)
+    else:  # set by the user: the passes are theirs, the planner only spreads each pass
+        b = module.BATCH_SIZE if args.batch_size is None else args.batch_size
+        a = module.ITER_SIZE if args.iter_size is None else args.iter_size
+        layout = _plan(stage, b * a, what="DeepLab", accum=a) if b > 0 and a > 0 else None
+    if layout is None and not stage.problems:
+        stage.problems.append("--batch-size and --iter-size must be >= 1")
+    if layout is None:
+        return
     _try(stage, module.check_args, args, stage.procs)
     info = _dataset(stage, args, "data_root")
     if info is None:
@@ -221,8 +322,19 @@ def check_train_seg(stage: Stage, module, args) -> None:
         stage.need(args.mask_dir, "pseudo-masks (--mask-dir)", "made by the infer/pseudo stages")
     if args.init is not None and args.init.lower() != "none":
         stage.need(args.init, "DeepLab initial weights (--init)", hint("deeplab_init"))
+        if stage.usable(args.init):  # keys and shapes against the architecture, no values
+            from network.deeplab import check_init_file
+            _try(stage, check_init_file, args.init, args.arch, info.num_classes + 1,
+                 args.init_kind, args.allow_supervised_init)
+    _numerics(stage, args.amp)
+    run_dir = Path(args.run_dir)
+    if (run_dir / module.FINAL_NAME).exists() or (run_dir / module.LAST_NAME).exists():
+        stale = provenance.check(run_dir / provenance.RUN_RECORD_NAME)
+        if stale:
+            stage.problems.append(f"{run_dir} was trained on other inputs: {stale}; move it away "
+                                  f"(or delete it) to train DeepLab on the current ones")
     stage.makes.append(Path(args.run_dir) / module.FINAL_NAME)
-    if args.batch_size is not None:
+    if args.batch_size is not None and args.iter_size is not None:
         stage.plan.append(
             f"{args.arch} on the {Path(str(args.train_list)).stem} pseudo-masks ({len(ids)} ids): "
             f"{args.max_iters} iterations x {args.batch_size} x {args.iter_size} accumulated "
@@ -238,11 +350,30 @@ def check_infer_seg(stage: Stage, module, args) -> None:
     ids = _ids(stage, info, args.list)
     _sample_images(stage, info, args.data_root, ids)
     weights = Path(args.weights)
-    stage.need(weights / "checkpoint_final.pth" if weights.suffix != ".pth" else weights,
-               "DeepLab checkpoint (--weights)", "made by the seg stage")
+    weights = weights / "checkpoint_final.pth" if weights.suffix != ".pth" else weights
+    stage.need(weights, "DeepLab checkpoint (--weights)", "made by the seg stage")
+    if stage.usable(weights):
+        _try(stage, _check_deeplab, weights, info)
+    args.weights = weights
+    out = Path(args.out_dir)
+    folders = [out, (args.crf_dir or out.with_name(out.name + "_crf"))] if args.crf else [out]
+    problem = module.stale_predictions(args, folders, stage.made_earlier(weights))
+    if problem:
+        stage.problems.append(problem)
     if args.evaluate and args.gt_dir is not None:
         stage.need(args.gt_dir, "val ground truth (--gt_dir)",
                    _where(info.name, "masks", "one <id>.png of class indices per image"))
+    elif args.evaluate and ids and Path(dataset_root_of(args.data_root)).is_dir():
+        # found only after hours of training and inference otherwise
+        gt = [info.gt_path(dataset_root_of(args.data_root), i) for i in ids[:SAMPLE]]
+        missing = [g for g in gt if not g.is_file()]
+        if missing:
+            stage.problems.append(
+                f"ground truth of {Path(str(args.list)).stem} not found (e.g. {missing[0]}), so "
+                f"no score could be computed: "
+                f"{_where(info.name, 'masks', 'one <id>.png of class indices per image')}; or "
+                f"pass --gt_dir (SEG_GT_DIR), or --no-evaluate (SEGINFER_ARGS) to predict "
+                f"without a score")
     if args.crf:
         try:
             from utils.crf import _densecrf
@@ -254,9 +385,47 @@ def check_infer_seg(stage: Stage, module, args) -> None:
                       f"{' + dense CRF' if args.crf else ''} -> {args.out_dir}")
 
 
+def _check_deeplab(weights: Path, info) -> None:
+    """infer_seg.py's reading of its checkpoint: a DeepLab-v2 of a known architecture with the
+    dataset's class count (memory-mapped keys and shapes)."""
+    from network.deeplab import SegWeightsError, infer_arch, read_state_dict
+    try:
+        _, n = infer_arch(read_state_dict(weights, mmap=True))
+    except SegWeightsError as e:
+        raise SegWeightsError(f"{weights}: {e}") from None
+    if n != info.num_classes + 1:
+        raise SegWeightsError(f"{weights} predicts {n} classes but {info.name} has "
+                              f"{info.num_classes + 1} (background included): wrong --dataset?")
+
+
+def check_make_saliency(stage: Stage, module, args) -> None:
+    from data.registry import get_dataset_files
+    _try(stage, module.check_args, args)
+    files = _try(stage, get_dataset_files, args.dataset, args.metadata_dir, args.data_root)
+    if files is None:
+        return
+    stage.need(dataset_root_of(args.data_root), "dataset root", "the folder that holds JPEGImages/")
+    ids = _ids(stage, files, args.list)
+    _sample_images(stage, files, args.data_root, ids)
+    out = args.out if args.out is not None else \
+        dataset_root_of(args.data_root) / files.spec.saliency_dir
+    done = set(module.existing_maps(out))
+    todo = ids if args.overwrite else [i for i in ids if i not in done]
+    _try(stage, module.check_folder, out, args, done)
+    if todo and not args.dry_run and _try(stage, module.import_rembg) is not None:
+        _try(stage, module.providers_for, args.device)
+    stage.makes.append(out)
+    model = (f"--model-path {args.model_path} (fed as {args.model})" if args.model_path
+             else f"{args.model} through rembg (weights fetched on first use)")
+    stage.plan.append(f"saliency maps of {Path(str(args.list)).stem} ({len(ids)} ids, "
+                      f"{len(todo)} to make) with {model}, {args.postprocess} -> {out}")
+
+
 CHECKS: Dict[str, Callable] = {"train": check_train, "infer": check_infer,
                                "evaluate": check_evaluate, "train_seg": check_train_seg,
-                               "infer_seg": check_infer_seg}
+                               "infer_seg": check_infer_seg, "make_saliency": check_make_saliency}
+# Entry points that live in tools/ rather than at the top of the repository.
+MODULES = {"make_saliency": "tools.make_saliency"}
 
 
 def check_device(device: str, procs_per_node: int) -> List[str]:
@@ -274,15 +443,30 @@ def check_device(device: str, procs_per_node: int) -> List[str]:
     return []
 
 
+# The scripts' variables that fix a stage's processes per node (docs/pipelines.md).
+OVERRIDES = {"train": "CLS_NGPUS", "seg": "SEG_NGPUS"}
+# Entry points that run as one process on node 0 whatever the hardware (the scripts' `eval`).
+SINGLE = ("evaluate", "make_saliency")
+
+
 def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[Stage]:
-    """Check every stage; returns them with their plans and problems."""
+    """Check every stage; returns them with their plans, layouts and problems. ``procs``:
+    {"*": GPUs (process slots) per node, NAME: a fixed count per node for stage NAME}; the
+    training stages without a fixed count get the layout planner's (utils/layout.py), the
+    inference stages use every GPU, evaluation runs as one process on node 0."""
     stages, made = [], set()
+    gpus = procs.get("*", 1)
     for name, script, argv in groups:
         module_name = Path(script).stem
         if module_name not in CHECKS:
             raise PreflightError(f"stage {name}: no check for entry point {script}")
-        module = importlib.import_module(module_name)
-        stage = Stage(name, script, argv, procs=nodes * procs.get(name, procs.get("*", 1)))
+        module = importlib.import_module(MODULES.get(module_name, module_name))
+        single = module_name in SINGLE
+        per_node = 1 if single else procs.get(name, gpus)
+        stage = Stage(name, script, argv, procs=(1 if single else nodes) * per_node,
+                      per_node=per_node, nodes=1 if single else nodes,
+                      gpus=max(gpus, per_node), fixed=name in procs, device=device,
+                      made_before=set(made))
         args, err = parse_stage(module, argv)
         if err is not None:
             stage.problems.append(f"flags: {err}")
@@ -297,13 +481,29 @@ def preflight(groups, nodes: int, procs: Dict[str, int], device: str) -> List[St
     return stages
 
 
-def format_plan(stages: Sequence[Stage], title: str) -> str:
+def where_it_runs(s: Stage) -> str:
+    """What will run, e.g. '[1 process, node 0]', '[4 processes]', '[2 per node x 2 nodes]'."""
+    if s.nodes > 1:
+        return f"[{s.per_node} process(es) per node x {s.nodes} nodes = {s.procs}]"
+    if Path(s.script).stem in SINGLE:
+        return "[1 process, node 0]"
+    return f"[{s.procs} processes]" if s.procs > 1 else "[1 process]"
+
+
+def format_plan(stages: Sequence[Stage], title: str, unit: str = "GPUs") -> str:
     lines = [title]
     for s in stages:
-        procs = f" [{s.procs} processes]" if s.procs > 1 else ""
         for text in s.plan or ["(not planned: see the problems below)"]:
-            lines.append(f"  {s.name:<8} {text}{procs}")
+            lines.append(f"  {s.name:<8} {text} {where_it_runs(s)}")
+        if s.layout is not None:
+            lines.append(f"  {'':<8} layout: {s.layout.describe(unit)}")
     return "\n".join(lines)
+
+
+def write_layouts(stages: Sequence[Stage], path) -> None:
+    """'NAME PROCESSES_PER_NODE' per stage, for the scripts' launcher (script/_stages.sh)."""
+    from utils.io import atomic_write_text
+    atomic_write_text(path, "".join(f"{s.name} {s.per_node}\n" for s in stages))
 
 
 def get_args_parser():
@@ -312,7 +512,12 @@ def get_args_parser():
                    help="first line of the printed plan (e.g. the script name and hardware)")
     p.add_argument("--nodes", type=int, default=1, help="machines (NNODES of the scripts)")
     p.add_argument("--procs", type=str, nargs="*", default=["*=1"],
-                   help="processes per node per stage, NAME=N (e.g. '*=2 seg=1'; * = default)")
+                   help="'*=G': GPUs (process slots) per node; NAME=N fixes stage NAME's "
+                        "processes per node (e.g. '*=4 seg=2'); training stages without one get "
+                        "the layout planner's count (utils/layout.py), evaluation runs as 1")
+    p.add_argument("--layout-out", type=Path, default=None,
+                   help="write each stage's processes per node here ('NAME N' lines), for the "
+                        "pipeline scripts' launcher")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="the stages' --device: cuda is checked here (driver, GPUs per node)")
     p.add_argument("stages", nargs=argparse.REMAINDER,
@@ -330,9 +535,12 @@ def main(args) -> List[str]:
             raise PreflightError(f"--procs {item}: expected NAME=N with N >= 1")
         procs[key] = int(value)
     stages = preflight(split_stages(tokens), args.nodes, procs, args.device)
-    problems = check_device(args.device, max(procs.values()))
+    problems = check_device(args.device, max([s.per_node for s in stages] + [1]))
     problems += [f"{s.name}: {p}" for s in stages for p in s.problems]
-    print(format_plan(stages, args.title), flush=True)
+    print(format_plan(stages, args.title, "processes" if args.device == "cpu" else "GPUs"),
+          flush=True)
+    if args.layout_out is not None and not problems:
+        write_layouts(stages, args.layout_out)
     if problems:
         # Every problem at once, one per line (a user fixes them all before the next try).
         print(f"preflight: error: {len(problems)} problem(s), nothing was run:", file=sys.stderr)

@@ -134,9 +134,9 @@ def save_training_state(path: Path, *, model_state: Mapping, optimizer, scaler, 
 def load_training_state(path: Path, expect: Mapping[str, object], writer: str) -> Dict:
     """Read a resume checkpoint written by ``writer`` (train.py / train_seg.py) and check that
     its args match ``expect`` (e.g. {"network": "resnet38_eps"}) before anything is built."""
-    # The weights reader's messages (network/weights.py load_torch_file): what the file looks
-    # like, in one line, never torch's advice to load it with weights_only=False.
-    from network.weights import WeightsError, load_torch_file
+    # The safe reader's messages (utils/torchfile.py): what the file looks like, in one line,
+    # never torch's advice to load it with weights_only=False.
+    from utils.torchfile import WeightsError, load_torch_file
     try:
         ckpt = load_torch_file(path, resave_hint=f"{writer} never writes such a file")
     except WeightsError as e:

@@ -14,14 +14,22 @@ process group is torn down after a success only: after an error the other ranks 
 inside a collective, and NCCL's teardown can wait on them; the process exits and torchrun stops
 the rest. Booleans are ``argparse.BooleanOptionalAction`` flags (``--overwrite`` /
 ``--no-overwrite``) everywhere.
+
+One spelling per flag: ``--help`` and the usage line show each flag by its first long option
+string, the hyphenated one (``--data-root``); the other spellings of the same flag (the published
+underscore ones, ``--data_root``, and older names such as infer.py's ``--cam_npy``) are hidden
+aliases that parse to the same action, so the same ``dest``, and a required flag given by an
+alias counts as given. :func:`add_flag` declares a flag with its underscore twin;
+``utils/flags.py`` declares the flags several entry points share, once.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from utils.errors import UserError
 
@@ -72,12 +80,69 @@ def refuse_launcher_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) 
                          f"docs/pipelines.md)")
 
 
+def shown_option_strings(action: argparse.Action) -> List[str]:
+    """The spellings ``--help`` shows for a flag: its short options, its first long option and,
+    for a boolean, that option's ``--no-`` twin. The rest are hidden aliases."""
+    longs = [s for s in action.option_strings if s.startswith("--")]
+    if not longs:
+        return list(action.option_strings)
+    first = longs[0]
+    keep = {first, "--no-" + first[2:]} if isinstance(action, argparse.BooleanOptionalAction) else {first}
+    return [s for s in action.option_strings if not s.startswith("--") or s in keep]
+
+
+def _shown(action: argparse.Action) -> argparse.Action:
+    strings = shown_option_strings(action)
+    if strings == list(action.option_strings):
+        return action
+    shown = copy.copy(action)  # only for formatting: parsing keeps every spelling
+    shown.option_strings = strings
+    return shown
+
+
+class OneSpellingFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help and usage with one spelling per flag (:func:`shown_option_strings`); descriptions
+    keep their line breaks, as the entry points' docstrings are written."""
+
+    def _format_action_invocation(self, action):
+        return super()._format_action_invocation(_shown(action))
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        return super()._format_usage(usage, [_shown(a) for a in actions], groups, prefix)
+
+
+def parent_parser(title: str) -> argparse.ArgumentParser:
+    """The parser ``get_args_parser()`` returns: a reusable parent (no ``-h``), abbreviations
+    off, one spelling per flag in its help."""
+    return argparse.ArgumentParser(title, add_help=False, allow_abbrev=False,
+                                   formatter_class=OneSpellingFormatter)
+
+
+def add_flag(container, name: str, *aliases: str, **kwargs) -> argparse.Action:
+    """``container.add_argument`` with ``name`` (hyphenated, shown in the help) first, then its
+    underscore twin and any other ``aliases`` (accepted, hidden). ``dest`` defaults to the
+    name's (``--data-root`` -> ``data_root``), as argparse derives it."""
+    if not name.startswith("--"):
+        raise ValueError(f"add_flag declares long options only, not {name!r}")
+    twin = "--" + name[2:].replace("-", "_")
+    strings = [name] + [s for s in (twin,) + aliases if s != name]
+    strings = list(dict.fromkeys(strings))
+    kwargs.setdefault("dest", name[2:].replace("-", "_"))
+    return container.add_argument(*strings, **kwargs)
+
+
+ALIAS_NOTE = ("Each flag is shown in one spelling. The published spellings (underscored, "
+              "e.g. --data_root; older names, as the help says) are accepted as aliases.")
+
+
 def build_parser(get_args_parser: Callable[[], argparse.ArgumentParser],
                  doc: Optional[str] = None) -> argparse.ArgumentParser:
     parent = get_args_parser()
+    aliased = any(shown_option_strings(a) != list(a.option_strings) for a in parent._actions)
     return argparse.ArgumentParser(
         prog=os.path.basename(sys.argv[0]) or None, parents=[parent], allow_abbrev=False,
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=doc, epilog=ALIAS_NOTE if aliased else None,
+        formatter_class=OneSpellingFormatter)
 
 
 def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callable,
@@ -100,5 +165,11 @@ def run_cli(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callab
     except KeyboardInterrupt:
         report_error(parser.prog, "interrupted")
         return 130
+    except Exception as e:  # a peer that vanished mid-collective: one line naming it
+        lost = dist.failure_message(e)
+        if lost is None:
+            raise
+        report_error(parser.prog, lost)
+        return 2
     dist.cleanup()
     return exit_code(result) if exit_code is not None else 0

@@ -5,7 +5,10 @@
   build, no driver or a driver too old for this build's CUDA, no GPU visible, a GPU
   architecture the build has no kernels for, fewer GPUs than processes).
 * ``--device auto`` uses CUDA when it works; when it does not although the machine seems to have
-  an NVIDIA GPU, it says so in a warning before running on the CPU.
+  an NVIDIA GPU, it says so in a warning before running on the CPU. Under a launcher with more
+  than one process (torchrun, WORLD_SIZE > 1) it never falls back: N processes on a GPU machine
+  meant N GPUs, and N CPU processes sharing the cores behind a warning cost hours. There it is a
+  :class:`DeviceError`; ``--device cpu`` asks for the CPU.
 * TF32 and ``cudnn.benchmark`` are explicit flags (:func:`add_numerics_args`), and the effective
   settings are returned for ``env.json``. bf16 autocast on a GPU without native bf16 is refused.
 """
@@ -16,7 +19,7 @@ import glob
 import logging
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -93,6 +96,11 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         if choice == "cuda":
             raise DeviceError(f"--device cuda: {problem}; or run on the CPU with --device cpu "
                               f"(DEVICE=cpu for the scripts)")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:
+            raise DeviceError(f"--device auto under a launcher with {world} processes needs "
+                              f"CUDA: {problem}; pass --device cpu to run the {world} processes "
+                              f"on the CPU (gloo), or fix CUDA")
         if gpu_present():
             logger.warning("--device auto runs on the CPU although this machine seems to have a "
                            "GPU: %s", problem)
@@ -127,13 +135,9 @@ def configure_numerics(device: torch.device, *, tf32: bool = False, cudnn_benchm
     torch.backends.cudnn.allow_tf32 = bool(tf32)
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
-    if amp == "fp16" and device.type != "cuda":
-        raise DeviceError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU, or --amp off")
-    if amp == "bf16" and device.type == "cuda" and not _native_bf16(device):
-        name = torch.cuda.get_device_name(device)
-        raise DeviceError(f"--amp bf16: {name} has no native bfloat16 (it needs compute capability "
-                          f"8.0, Ampere, or newer) and would run it emulated; use --amp fp16 or "
-                          f"--amp off")
+    problem = amp_problem(device, amp)
+    if problem is not None:
+        raise DeviceError(problem)
     info: Dict[str, object] = dict(device=str(device), tf32=bool(tf32) and device.type == "cuda",
                                    cudnn_benchmark=bool(cudnn_benchmark) and device.type == "cuda",
                                    amp=amp or "off")
@@ -142,6 +146,39 @@ def configure_numerics(device: torch.device, *, tf32: bool = False, cudnn_benchm
                     capability=".".join(map(str, torch.cuda.get_device_capability(device))),
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return info
+
+
+def amp_problem(device: torch.device, amp: Optional[str]) -> Optional[str]:
+    """Why ``--amp`` cannot run on ``device`` (one line with the fix), or None: fp16 needs CUDA,
+    bf16 on a GPU needs native bfloat16 (compute capability 8.0+; emulated it is several times
+    slower). Used by configure_numerics and, for every GPU of the node, by tools/preflight.py."""
+    if amp == "fp16" and device.type != "cuda":
+        return "--amp fp16 needs a CUDA device; use --amp bf16 on the CPU, or --amp off"
+    if amp == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        return (f"--amp bf16: {name} has no native bfloat16 (it needs compute capability 8.0, "
+                f"Ampere, or newer) and would run it emulated; use --amp fp16 or --amp off")
+    return None
+
+
+def numerics_problems(choice: str, amp: Optional[str], gpus: int = 1) -> List[str]:
+    """amp_problem for the device ``--device choice`` resolves to, on each of the first ``gpus``
+    GPUs (a node's processes each take one), without a process group or a model."""
+    if amp in (None, "off"):
+        return []
+    if choice == "cpu" or (choice == "auto" and cuda_problem() is not None):
+        devices = [torch.device("cpu")]
+    elif cuda_problem() is not None:
+        return []  # the device check names the reason
+    else:
+        devices = [torch.device("cuda", i) for i in range(min(gpus, torch.cuda.device_count()))]
+    problems, seen = [], set()
+    for d in devices:
+        p = amp_problem(d, amp)
+        if p is not None and p not in seen:
+            seen.add(p)
+            problems.append(p if d.type == "cpu" else f"GPU {d.index}: {p}")
+    return problems
 
 
 def _native_bf16(device: torch.device) -> bool:

@@ -13,6 +13,15 @@ Why one module:
 * Inference (infer.py, infer_seg.py) joins no process group at all: each rank takes its share
   of the list from RANK / WORLD_SIZE, and rank 0 waits for the others' files with
   :func:`wait_for_outputs`, a file poll that no rank's early exit can turn into a hang.
+* A dead peer (a node that lost power or network, a process killed or frozen) is found by a
+  heartbeat, not by the process-group timeout: every rank of a training process group bumps a
+  counter in the launcher's key-value store every few seconds from a background thread, and
+  watches the others'. A rank whose counter stands still for ``--peer-timeout`` seconds (default
+  :data:`DEFAULT_PEER_TIMEOUT_S`) is lost: every surviving rank prints one line naming it and its
+  node and exits (a dead peer used to cost up to ``--dist-timeout``, 2 hours, of idle GPUs). The
+  thread beats whatever the main thread does, so long legitimate waits (rank 0 writing a
+  checkpoint or checking a dataset, an evaluation) never trip it. A collective that fails
+  because a peer vanished (gloo: connection closed) ends in the same line (:func:`failure_message`).
 """
 from __future__ import annotations
 
@@ -21,9 +30,11 @@ import datetime
 import importlib
 import logging
 import os
+import socket
 import sys
+import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
 class _LazyModule:
@@ -46,6 +57,9 @@ dist = _LazyModule("torch.distributed")
 # the 82k COCO saliency maps before training, or writing a 1.3 GB checkpoint to a slow disk):
 # a hang is still reported, after 2 hours instead of NCCL's 10 minutes.
 DEFAULT_TIMEOUT_S = 7200.0
+# A peer whose heartbeat stands still this long is taken for dead: a dead peer is found within
+# DEFAULT_PEER_TIMEOUT_S + one beat (about 3 minutes), far below DEFAULT_TIMEOUT_S.
+DEFAULT_PEER_TIMEOUT_S = 180.0
 
 _logger = logging.getLogger("dist")
 
@@ -72,6 +86,24 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
              f"torchrun before the job is aborted, and inference's rank 0 waits for the next file "
              f"of the other ranks (default {DEFAULT_TIMEOUT_S:.0f}; NCCL's own default of 600 is too "
              f"short for rank 0's checks of a COCO-sized list)")
+
+
+def _seconds_or_off(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
+
+
+def add_peer_timeout_arg(parser: argparse.ArgumentParser) -> None:
+    """--peer-timeout, for the entry points that train in a process group."""
+    parser.add_argument(
+        "--peer-timeout", "--peer_timeout", dest="peer_timeout", type=_seconds_or_off,
+        default=DEFAULT_PEER_TIMEOUT_S,
+        help=f"under torchrun, seconds without a heartbeat from another process (a dead or "
+             f"frozen node) after which every surviving process stops with an error naming it "
+             f"(default {DEFAULT_PEER_TIMEOUT_S:.0f}; 0 = off: then only --dist-timeout bounds "
+             f"the wait). Long waits of a live process (checkpoints, checks) never trip it")
 
 
 def is_dist() -> bool:
@@ -107,9 +139,11 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     peer_timeout_s: float = 0.0) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL for CUDA
-    devices, gloo for the CPU. ``device`` comes from utils.device.resolve_device."""
+    devices, gloo for the CPU. ``device`` comes from utils.device.resolve_device.
+    ``peer_timeout_s`` > 0 starts the heartbeat (see the module docstring)."""
     if launched_world_size() <= 1 or is_dist():
         return
     if not timeout_s > 0:
@@ -119,6 +153,150 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
     if device.type == "cuda":
         kwargs["device_id"] = device  # binds the rank to its GPU (no guessing in barriers)
     dist.init_process_group(**kwargs)
+    if peer_timeout_s > 0:
+        start_heartbeat(peer_timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# the heartbeat: a dead peer found in minutes, not after --dist-timeout
+# ------------------------------------------------------------------------------------------------
+class Heartbeat(threading.Thread):
+    """Bumps this rank's counter in the launcher's store every ``interval`` seconds and watches
+    the other ranks'; one whose counter stands still for ``timeout`` seconds is lost (see the
+    module docstring). Counters, not clocks: the nodes' clocks need not agree. A rank that ends
+    normally marks itself done first, so a peer that finished is never taken for a dead one."""
+
+    def __init__(self, store, rank: int, world: int, timeout: float, interval: float,
+                 on_lost: Callable[[str], None]):
+        super().__init__(name="eps-heartbeat", daemon=True)
+        self.store, self.rank, self.world = store, rank, world
+        self.timeout, self.interval, self.on_lost = timeout, interval, on_lost
+        self.stopped = threading.Event()
+        self.seen: Dict[int, tuple] = {}   # rank -> (counter, local time it last changed)
+        self.store_ok = time.monotonic()
+        # torchrun starts workers in sessions of their own: a launcher killed with -9 would
+        # leave this process training alone; an orphan stops at its next beat
+        self.parent = os.getppid()
+        self.host = f"{socket.gethostname()} (node {int(os.environ.get('GROUP_RANK', '0'))})"
+        store.set(f"host/{rank}", self.host)
+        store.add(f"beat/{rank}", 1)
+
+    def where(self, rank: int) -> str:
+        try:
+            if self.store.check([f"host/{rank}"]):
+                return self.store.get(f"host/{rank}").decode()
+        except Exception:  # noqa: BLE001 - the name is a courtesy
+            pass
+        return "its node"
+
+    def lost(self) -> Optional[str]:
+        """One poll: the description of a lost peer, or None."""
+        now = time.monotonic()
+        if os.getppid() != self.parent:
+            return f"the launcher of this process (torchrun, pid {self.parent}) is gone"
+        try:
+            self.store.add(f"beat/{self.rank}", 1)
+            for r in range(self.world):
+                if r == self.rank or self.store.check([f"done/{r}"]):
+                    continue
+                count = self.store.add(f"beat/{r}", 0)
+                last = self.seen.get(r)
+                if last is None or count != last[0]:
+                    self.seen[r] = (count, now)
+                elif now - last[1] > self.timeout:
+                    return (f"lost rank {r} on {self.where(r)}: no heartbeat for "
+                            f"{now - last[1]:.0f} s (--peer-timeout {self.timeout:g})")
+            self.store_ok = now
+        except Exception as e:  # noqa: BLE001 - the store lives on node 0's launcher
+            if now - self.store_ok > self.timeout:
+                addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                return (f"lost node 0: its launcher's store at {addr} has not answered for "
+                        f"{now - self.store_ok:.0f} s ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]})")
+        return None
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            why = self.lost()
+            if why is not None and not self.stopped.is_set():
+                self.on_lost(why)
+                return
+
+    def finish(self) -> None:
+        self.stopped.set()
+        try:
+            self.store.set(f"done/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the others will see the beat stop instead
+            pass
+
+
+_heartbeat: Optional[Heartbeat] = None
+
+
+def _exit_lost(why: str) -> None:
+    """A peer is gone: one line (as run_cli prints errors), into the run's log too, and out,
+    whatever the main thread is blocked in (a collective that would wait --dist-timeout)."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    line = (f"{prog}: error: [rank {get_rank()}] {why}; every surviving process stops. Check "
+            f"that node (a crash, a killed or frozen process, the network), then rerun the same "
+            f"command: training resumes from its last checkpoint\n")
+    _logger.error("%s", line.strip(), extra={"console": False})
+    try:
+        os.write(2, line.encode(errors="backslashreplace"))
+    finally:
+        logging.shutdown()
+        os._exit(2)
+
+
+def start_heartbeat(timeout_s: float, interval_s: Optional[float] = None,
+                    on_lost: Callable[[str], None] = _exit_lost) -> Optional[Heartbeat]:
+    """Start this rank's heartbeat in the store of the torchrun launch (MASTER_ADDR /
+    MASTER_PORT); without one (another launcher), say so and run without it."""
+    global _heartbeat
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        _logger.info("no MASTER_ADDR/MASTER_PORT: no heartbeat (a dead peer is found after "
+                     "--dist-timeout)")
+        return None
+    interval = interval_s or max(0.5, min(10.0, timeout_s / 6))
+    store = dist.TCPStore(addr, int(port), is_master=False,
+                          timeout=datetime.timedelta(seconds=max(5.0, interval * 2)))
+    prefix = f"eps_heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/" \
+             f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    _heartbeat = Heartbeat(dist.PrefixStore(prefix, store), get_rank(), get_world_size(),
+                           timeout_s, interval, on_lost)
+    _heartbeat.start()
+    return _heartbeat
+
+
+def failure_message(exc: BaseException) -> Optional[str]:
+    """One line for a collective that failed because a peer vanished (gloo: 'Connection reset
+    by peer'; NCCL: a timeout or an aborted communicator), naming the lost rank when the
+    heartbeat can tell within a few beats; None for any other exception (it keeps its
+    traceback: a local error is not a lost peer)."""
+    if not is_dist() and _heartbeat is None:
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    peer = ("Connection closed by peer", "Connection reset", "Broken pipe", "Connection refused")
+    other = ("Timed out", "timed out", "NCCL", "DistBackendError", "DistNetworkError",
+             "DistStoreError")
+    if not any(m in text for m in peer + other):
+        return None
+    first = (str(exc).strip().splitlines() or [""])[-1]
+    first = first.rsplit("] ", 1)[-1].split(". ")[0][:160]  # the gist, without torch's source path
+    hb = _heartbeat
+    if hb is not None:
+        hb.stopped.set()
+        deadline = time.monotonic() + max(3 * hb.interval, 2.0)
+        hb.timeout = min(hb.timeout, 2 * hb.interval)  # who stops beating, quickly
+        while time.monotonic() < deadline:
+            why = hb.lost()
+            if why is not None:
+                return f"{why.split(':')[0]}: a collective failed ({first})"
+            time.sleep(hb.interval / 2)
+    if any(m in text for m in peer):
+        return f"lost contact with another process: a collective failed ({first})"
+    return None
 
 
 def collective_device() -> torch.device:
@@ -174,6 +352,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _heartbeat
+    if _heartbeat is not None:  # done: the others must not take this rank's silence for death
+        _heartbeat.finish()
+        _heartbeat = None
     if is_dist():
         dist.destroy_process_group()
 

@@ -1,21 +1,30 @@
 """Atomic file output: every writer goes through a temporary file in the target folder and an
 ``os.replace``, so a crash or kill never leaves a half-written PNG, npz or checkpoint behind, and
 a resumed job can trust that an existing output file is complete. A kill -9 can leave the hidden
-temporary file itself; :func:`remove_stale_temps` removes those (and nothing else)."""
+temporary file itself; :func:`remove_stale_temps` removes those (and nothing else).
+
+A write that fails for a reason the user can fix (a full disk or quota, a read-only or
+unwritable folder) ends in one line naming the folder and the problem (:class:`OutputError`,
+see :func:`write_errors`), never a traceback hours into a run; the temporary file goes, the
+previous complete file (if any) stays."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import numpy as np
 from PIL import Image
+
+from utils.errors import UserError
 
 
 def _current_umask() -> int:
@@ -41,6 +50,71 @@ TEMP_NAME_RE = re.compile(r"\.(?P<stem>.*)\.[" + re.escape(TEMP_TOKEN_ALPHABET) 
 # process writing into the same folder), so the cleaner leaves it alone. Live writes refresh the
 # file's mtime as they go; ten minutes without a write is an interrupted one.
 STALE_AFTER_S = 600.0
+
+
+class OutputError(UserError):
+    """An output could not be written (full disk, quota, read-only or unwritable folder)."""
+
+
+# errno -> what the user reads; anything else stays a bug with its traceback.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device: free some space (or choose a folder on another "
+                  "disk) and rerun; finished outputs are kept",
+    errno.EDQUOT: "disk quota exceeded: free some space within your quota (or choose another "
+                  "folder) and rerun; finished outputs are kept",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: fix the folder's permissions or choose another folder",
+    errno.EPERM: "operation not permitted: fix the folder's permissions or choose another folder",
+    errno.EFBIG: "file too large for this file system: choose a folder on another disk",
+}
+LOW_SPACE_BYTES = 1 << 20  # below this, a failed write is taken for a full disk
+
+
+def _problem(e: OSError) -> str:
+    """What the user reads for ``e``: the fix for the errors of WRITE_ERRNOS, and the error."""
+    text = f"[Errno {e.errno}] {os.strerror(e.errno)}" if e.errno else str(e)
+    return f"{WRITE_ERRNOS[e.errno]} ({text})" if e.errno in WRITE_ERRNOS else text
+
+
+@contextlib.contextmanager
+def write_errors(folder, what: str) -> Iterator[None]:
+    """Turn a write error the user can fix into one :class:`OutputError` line naming ``folder``
+    (e.g. "runs/voc12_eps: cannot write checkpoint_last.pth: no space left on the device ...")."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(f"{folder}: cannot write {what}: {_problem(e)}") from None
+
+
+@contextlib.contextmanager
+def file_system_errors() -> Iterator[None]:
+    """For a tool whose every step is file work on the user's folders (tools/download.py):
+    any OSError on a named path (permission denied on an existing sub-folder, a file where a
+    folder belongs, a full disk ...) becomes one :class:`OutputError` line naming the path and
+    the problem, with the fix where :data:`WRITE_ERRNOS` knows one (e.g. "datasets/VOCdevkit:
+    permission denied: fix the folder's permissions ... ([Errno 13] Permission denied)"). An
+    OSError that names no path is not the file system's: it keeps its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise
+        path = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        problem = _problem(e)
+        if e.errno in (errno.EEXIST, errno.ENOTDIR) and not os.path.isdir(e.filename):
+            problem = f"a file stands where a folder belongs: move it away and rerun ({problem})"
+        raise OutputError(f"{path}: {problem}") from None
+
+
+def disk_full(folder) -> bool:
+    """Whether ``folder``'s file system has (almost) no room left, for writers whose library
+    hides the OSError (torch.save reports a full disk as 'unexpected pos')."""
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def temp_name(path, token: str) -> str:
@@ -73,13 +147,16 @@ def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it is renamed onto ``path`` only if the block
     succeeds. The temporary name keeps the suffix so libraries that dispatch on it still work."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path)
+    with write_errors(path.parent, path.name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp(path)
     try:
-        yield tmp
-        # The temporary file is created 0600; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        with write_errors(path.parent, path.name):
+            yield tmp
+            # The temporary file is created 0600; give the result the permissions a plain open()
+            # would.
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -190,7 +267,14 @@ def torch_save(obj, path) -> None:
     import torch
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError:
+                # torch reports a failed write as "unexpected pos ..." (its zip writer): name
+                # the real cause when the disk is full
+                if disk_full(Path(path).parent):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+                raise
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, write_errors
 from utils.dist import is_main_process
 from utils.errors import UserError
 
@@ -109,11 +109,14 @@ def peak_memory_mb(device) -> float:
 
 
 class JsonlLogger:
-    """Append-only JSON-lines metrics file (rank 0 only); each record is flushed immediately."""
+    """Append-only JSON-lines metrics file (rank 0 only); each record is flushed immediately.
+    ``mirror``: an object whose ``scalars(record)`` gets every record too (--tensorboard's
+    utils/tensorboard.Board), so the event files hold exactly what metrics.jsonl holds."""
 
-    def __init__(self, path):
+    def __init__(self, path, mirror=None):
         self.path = Path(path)
         self.enabled = is_main_process()
+        self.mirror = mirror
 
     def trim(self, upto: int) -> None:
         """Keep the records up to iteration ``upto`` (a run resumed from that iteration), none
@@ -128,9 +131,12 @@ class JsonlLogger:
     def log(self, **record) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        with write_errors(self.path.parent, self.path.name):  # a full disk: one line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+        if self.mirror is not None:
+            self.mirror.scalars(record)
 
 
 class RunDirError(UserError):

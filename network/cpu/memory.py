@@ -9,7 +9,10 @@ kernel): measured 2.9 million page faults and 6-7 s of system time per VOC image
 without faults: 0.7-0.9 million faults and 2 s of system time (A/B on the shared 2-core
 development machine, same process layout otherwise).
 
-Whole process, 2 VOC-size images, at low load: 84-88 s instead of 89-98 s of wall time, and
+Not every block is reused: torch allocates with ``posix_memalign``, whose alignment slack leaves
+a freed block a little too small for the next request of the same size, so the heap fragments
+and part of the large blocks still come fresh (a loop of 40 MB blocks: 102k faults by default,
+60-72k with these settings). Whole process, 2 VOC-size images, at low load: 84-88 s instead of 89-98 s of wall time, and
 160 s instead of 167-181 s of CPU time. The price: freed memory stays with the process until it
 exits, and the heap fragments, so the peak resident size grows by about 1 GB (3.1 -> 4.2 GB for
 one VOC image). infer.py therefore asks for it on its default CPU path only (the Winograd graph);

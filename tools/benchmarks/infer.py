@@ -42,7 +42,7 @@ from network import build_network
 from network.inference import SpeedOptions, prepare_for_inference
 from tools.benchmarks.measure import (CUDA_REPS, CUDA_WARMUP, PeakMemory, Timing, bench_devices,
                                       free_cuda, time_calls)
-from utils import cam as camlib
+from network import cam as camlib
 
 NETWORK = "resnet38_eps"
 NUM_CLASSES = 20

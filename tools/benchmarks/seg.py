@@ -2,8 +2,10 @@
 (500x375) and one training iteration of the published recipe.
 
 What infer_seg.py does per image: the MSC network (scales 1, 0.75, 0.5, pixel-wise max), bilinear
-upsampling to the image and softmax, then optionally the dense CRF (DeepLab parameters, 21 labels,
-10 iterations; on the CPU whatever the network's device). What train_seg.py does per iteration:
+upsampling to the image and softmax, the argmax on the network's device (rows "labels_host" /
+"labels_device": COCO's 81 classes at 640x480, the host copy of the probabilities against the
+device argmax), then optionally the dense CRF (DeepLab parameters, 21 labels, 10 iterations; on
+the CPU whatever the network's device). What train_seg.py does per iteration:
 --iter-size micro-batches of --batch-size crops (forward of the 4 MSC outputs, the summed CE,
 backward), then one SGD step; published 5 x 2 at crop 321, fp32, cudnn.benchmark on. Weights
 are random (timing does not depend on them).
@@ -23,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from infer_seg import crf_labels, predict_probs
+from infer_seg import crf_labels, predict_probs, to_labels
 from network.deeplab import build_deeplab
 from tools.benchmarks.measure import (CUDA_REPS, CUDA_WARMUP, PeakMemory, bench_devices, free_cuda,
                                       oom_errors, time_calls)
@@ -49,6 +51,25 @@ def _infer_row(model, device, h, w, fmt, warmup, reps, variant, reserved=False):
     if reserved:
         row["peak reserved MB"] = peak.reserved_mb
     return row
+
+
+def _labels_rows(device, h, w, n_classes, warmup, reps):
+    """The step after the network in infer_seg.py without the CRF: probabilities -> label PNG
+    array. 'host': the (K,H,W) float32 probabilities copied to the host and argmax'd by numpy
+    (before issue 19); 'device': argmax where they are, one uint8 per pixel copied (to_labels)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(n_classes, h, w, generator=g), 0).to(device)
+    rows = []
+    for variant, fn in (("host", lambda: probs.cpu().numpy().argmax(0).astype(np.uint8)),
+                        ("device", lambda: to_labels(probs))):
+        timing, _ = time_calls(fn, device, warmup, reps, memory=False)
+        rows.append({"stage": f"probabilities -> labels ({n_classes} classes), {variant} argmax",
+                     "input": f"{h}x{w}", "variant": f"labels_{variant}", "device": device.type,
+                     "format": "-", "threads": torch.get_num_threads(), "sec": timing.median,
+                     "min sec": timing.min, "reps": timing.reps,
+                     "host MB": (n_classes * 4 if variant == "host" else 1) * h * w / 2 ** 20})
+    rows[1]["speed-up"] = rows[0]["sec"] / max(rows[1]["sec"], 1e-12)
+    return rows
 
 
 def _train_row(device, crop, batch, iter_size, amp, warmup, reps):
@@ -106,6 +127,8 @@ def run(args):
             rows.append(_infer_row(model, device, *COCO, "nchw", warmup, reps, "infer_coco",
                                    reserved=True))
         del model
+        # COCO's 81 classes: the argmax on the device (issue 19) against the host copy
+        rows += _labels_rows(device, *(QUICK if quick else COCO), 81, warmup, reps)
         free_cuda(device)
         if cuda:
             settings = [(321, BATCH_SIZE, ITER_SIZE, amp) for amp in ("off", "bf16")]
