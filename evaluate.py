@@ -78,8 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"threshold sweep, STOP included (default {' '.join(map(str, DEFAULT_THR_RANGE))})")
     n.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="explicit list of thresholds for --cam-dir (instead of --thr-range)")
-    flags.add_num_workers(n, default_workers(), "decoding worker processes (0 or 1 = in this "
-                                                "process); default: usable cores, at most 8")
+    flags.add_num_workers(n, default_workers(), "decoding worker processes, at most: 0 or 1 = in "
+                                                "this process; only as many start as get 250 PNG "
+                                                "pairs or 50 CAMs each (default: usable cores, "
+                                                "at most 8)")
     flags.add_skip_missing(n, "prediction/CAM or GT")
     add_flag(n, "--published-ignore-invalid", action=bool_flag, default=False,
                    help="drop predicted values >= num_classes (e.g. 255) like evaluate_png.py "

@@ -67,6 +67,9 @@ from utils.vis import save_cam_overview
 from utils.workers import executor, loader_worker_init
 
 logger = logging.getLogger("infer")
+# True when infer.py is the program (python infer.py, torchrun infer.py): settings that last for
+# the whole process (network/cpu/memory.py) are then ours to make; a caller of main() keeps its own
+OWN_PROCESS = False
 
 
 class InferError(UserError):
@@ -677,10 +680,11 @@ def main(args):
         speed = SpeedOptions(fast=args.fast, fuse=args.fuse, winograd=args.winograd,
                              channels_last=args.channels_last, amp=args.amp,
                              batch_views={"auto": None, "on": True, "off": False}[args.batch_views])
-        if device.type == "cpu" and args.fast and args.fuse and args.winograd:
+        if OWN_PROCESS and device.type == "cpu" and args.fast and args.fuse and args.winograd:
             # the default CPU path: activations reused from the heap instead of page-faulted in
             # anew per layer (network/cpu/memory.py: ~5% less time, ~1 GB more peak memory;
-            # --no-winograd stays the low-memory path)
+            # --no-winograd stays the low-memory path). Process-wide and lasting, so only when
+            # infer.py is the program, never when a caller (a test, a notebook) runs main()
             from network.cpu.memory import keep_freed_memory
             keep_freed_memory()
         prepared = prepare_for_inference(model, device, speed)
@@ -720,4 +724,5 @@ def main(args):
 
 
 if __name__ == "__main__":
+    OWN_PROCESS = True
     sys.exit(run_cli(get_args_parser, main, __doc__))

@@ -18,7 +18,8 @@ Sources read for this table (the commit read is the one the search index held):
          data/datasets/voc12/README.md (SegmentationClassAug: DrSleep's pre-converted files),
          README.md (the caffemodels are "1GB+"; init.caffemodel -> deeplabv1_resnet101-coco.pth)
   OAA    PengtaoJiang/OAA-PyTorch README.md and deeplab-pytorch/scripts/setup_caffemodels.sh (the
-         paper's DeepLab init is deeplab-pytorch's COCO init, made from the same zip)
+         usual stand-in for the paper's init, OAA's, whose training set the authors only assume
+         was COCO: EPS issue #4)
   DRS    DrSleep/tensorflow-deeplab-resnet README.md (the SegmentationClassAug.zip Dropbox link)
   VAINF  VainF/DeepLabV3Plus-Pytorch README.md (the same file on Tencent Weiyun)
   TV     pytorch/vision torchvision/datasets/voc.py (VOC 2012 tar URL and md5)
@@ -288,7 +289,8 @@ ROWS: Dict[str, Row] = {r.key: r for r in (
                               "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"),
         used_by=("voc12_cls.sh", "voc12_eps.sh", "coco_cls.sh", "coco_eps.sh")),
     Row(key="deeplab_init", group="deeplab_init",
-        what="DeepLab-v2 ResNet-101 COCO init (the paper's, via OAA / deeplab-pytorch): "
+        what="DeepLab-v2 ResNet-101 COCO init (the usual stand-in for the paper's OAA init, "
+             "COCO assumed by the authors, EPS issue #4): "
              "init.caffemodel from DeepLab's prototxt_and_model.zip, converted without Caffe "
              "(network/caffemodel.py) to deeplabv1_resnet101-coco.pth",
         file="prototxt_and_model.zip",

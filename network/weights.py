@@ -331,17 +331,45 @@ def build_for_loading(name: str, num_classes: int, **kwargs) -> nn.Module:
     does not restore (non-persistent buffers, tensor attributes) is built normally."""
     if kwargs.get("pretrained"):
         return build_network(name, num_classes, **kwargs)
-    with torch.device("meta"):
-        model = build_network(name, num_classes, **kwargs)
-    for m in model.modules():
-        if m._non_persistent_buffers_set or any(isinstance(v, torch.Tensor) for v in vars(m).values()):
-            return build_network(name, num_classes, **kwargs)
+    try:
+        with torch.device("meta"):
+            model = build_network(name, num_classes, **kwargs)
+    except Exception:  # noqa: BLE001 - e.g. ``.item()`` in __init__ (stochastic depth rates):
+        # meta tensors have no values; such a network is simply built the ordinary way
+        return build_network(name, num_classes, **kwargs)
+    if not _restorable_by_load(model):
+        return build_network(name, num_classes, **kwargs)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for key, buf in model.named_buffers():
             if key.endswith("num_batches_tracked"):
                 buf.zero_()
     return model
+
+
+def _holds_tensor(value, depth: int = 2) -> bool:
+    """A tensor, or a list/tuple/dict holding one (``depth`` levels down)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 0 and isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v, depth - 1) for v in value)
+    if depth > 0 and isinstance(value, dict):
+        return any(_holds_tensor(v, depth - 1) for v in value.values())
+    return False
+
+
+def _restorable_by_load(model: nn.Module) -> bool:
+    """Whether a strict load_state_dict sets every value of ``model`` once it has memory:
+    no non-persistent buffers and no tensors kept as plain attributes (a load never writes them),
+    and no tied parameters or buffers (``to_empty`` gives each slot its own tensor, which would
+    untie them)."""
+    for m in model.modules():
+        if m._non_persistent_buffers_set or any(_holds_tensor(v) for k, v in vars(m).items()
+                                                if k not in ("_parameters", "_buffers", "_modules")):
+            return False
+    tied = (len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters()))
+            or len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.buffers())))
+    return not tied
 
 
 def _model_summary(model: nn.Module) -> str:

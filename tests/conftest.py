@@ -63,3 +63,19 @@ def hide_modules(tmp_path):
         path = os.pathsep.join(p for p in (str(shim), base.get("PYTHONPATH", "")) if p)
         return dict(base, PYTHONPATH=path, HIDDEN_MODULES=" ".join(names))
     return env
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Entry points called in-process (main(args)) add a console handler and a run's log file to
+    the root logger; drop and close them after each test so that a later test's records neither
+    reach an earlier test's run directory nor keep its files open."""
+    import logging
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before
+                    and not type(h).__module__.startswith("_pytest")]:  # pytest's own per phase
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)

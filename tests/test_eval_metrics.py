@@ -359,7 +359,32 @@ def test_worker_errors_reach_the_caller(tmp_path):
 
 
 def test_fork_only_where_it_is_safe():
-    # this test process has imported torch: its evaluator pools are spawned, never forked
+    # torch imported (this test process): evaluator pools are spawned. In a fresh torch-free
+    # process: forked while it runs one thread, spawned once a second thread runs (a lock held by
+    # that thread at fork time would stay locked in the child), spawned after torch is imported
+    import subprocess
     import sys
+    from pathlib import Path
     from utils.workers import fork_is_safe
     assert "torch" in sys.modules and not fork_is_safe()
+    code = """
+import threading
+from utils.workers import fork_is_safe, mp_pool
+def method():
+    with mp_pool(1, fork_if_safe=True) as pool:
+        return pool._ctx.get_start_method()
+seen = [method()]
+stop = threading.Event()
+t = threading.Thread(target=stop.wait); t.start()
+seen.append(method()); stop.set(); t.join()
+seen.append(method())
+import torch
+seen.append(method())
+print(*seen)
+"""
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == (["fork", "spawn", "fork", "spawn"] if sys.platform.startswith("linux")
+                                else ["spawn"] * 4)

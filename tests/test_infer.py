@@ -177,6 +177,21 @@ def test_cli_end_to_end_outputs(env, head, tmp_path):
     assert not [p for p in out.rglob(".*") if p.name != infer.SETTINGS_FILE]
 
 
+def test_malloc_settings_only_when_infer_is_the_program(env, tmp_path, monkeypatch):
+    # network/cpu/memory.keep_freed_memory lasts for the whole process: infer.py asks for it on
+    # its default CPU path when it is the program, never when a caller runs main() in-process
+    import network.cpu.memory as memory
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda *a: calls.append(a) or True)
+    run(env, env["eps"], "--cam_png", tmp_path / "a")
+    assert calls == []
+    monkeypatch.setattr(infer, "OWN_PROCESS", True)
+    run(env, env["eps"], "--cam_png", tmp_path / "b", "--no-winograd")
+    assert calls == []  # the low-memory path leaves malloc alone
+    run(env, env["eps"], "--cam_png", tmp_path / "c")
+    assert len(calls) == 1
+
+
 def test_no_fast_gives_identical_pngs(env, tmp_path, monkeypatch):
     a, b, c, e = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "e"
     monkeypatch.setattr(network.cpu.fuse, "WINOGRAD_MIN_CHANNELS", 0)  # the small net's width is 16

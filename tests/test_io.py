@@ -159,3 +159,27 @@ def test_atomic_write_text_permissions_follow_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_console_log_follows_current_stderr(monkeypatch):
+    """setup_logging's console handler writes to sys.stderr as it is at each record: a handler
+    made under one stream (a test's capture, a notebook cell) and used after that stream closed
+    neither fails nor prints '--- Logging error ---'."""
+    import io
+    import logging
+    import sys
+
+    from utils.run import setup_logging
+
+    root = logging.getLogger()
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    logging.getLogger("eps.test").warning("to the first stream")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("eps.test").warning("to the second stream")
+    assert "to the second stream" in second.getvalue()
+    assert "Logging error" not in second.getvalue()
+    assert sum(getattr(h, "_eps_console", False) for h in root.handlers) == 1

@@ -312,7 +312,17 @@ def test_load_network_skips_the_random_init_and_loads_every_tensor(tmp_path, mon
     torch.manual_seed(0)
     trained = build_network("small_eps", 20, width=8, blocks=2)
     sd = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    import network.weights as nw
+    devices, real_build = [], nw.build_network
+
+    def spy(*a, **k):  # the device a factory call lands on while the network is built
+        devices.append(torch.empty(()).device.type)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(nw, "build_network", spy)
     model, _ = load_network(sd, 20, "small_eps")
+    monkeypatch.setattr(nw, "build_network", real_build)
+    assert devices == ["meta"]  # built once, on the meta device: no random init to overwrite
     fresh = build_network("small_eps", 20, width=8, blocks=2)
     fresh.load_state_dict(trained.state_dict())
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
@@ -320,7 +330,6 @@ def test_load_network_skips_the_random_init_and_loads_every_tensor(tmp_path, mon
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in fresh.parameters()]
     assert model.training == fresh.training
     # a network with state that a load does not restore is built normally (initialised)
-    import network.weights as nw
 
     class WithConstant(torch.nn.Module):
         def __init__(self):
@@ -329,3 +338,39 @@ def test_load_network_skips_the_random_init_and_loads_every_tensor(tmp_path, mon
 
     monkeypatch.setattr(nw, "build_network", lambda *a, **k: WithConstant())
     assert torch.equal(build_for_loading("x", 1).scale, torch.full((3,), 2.0))
+
+
+def test_build_for_loading_falls_back_where_meta_cannot_build_or_keep_the_network(monkeypatch):
+    """A forker's backbone must load the same as a normal build: one that reads values in
+    __init__ (``.item()``, as stochastic-depth code does), one with tied weights, and one that
+    keeps tensors in a list attribute are all built normally, with their values."""
+    import network.weights as nw
+    from network.weights import build_for_loading
+
+    class ReadsValues(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rates = [x.item() for x in torch.linspace(0, 0.1, 3)]
+            self.fc = torch.nn.Linear(2, 2)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2, bias=False)
+            self.b = torch.nn.Linear(2, 2, bias=False)
+            self.b.weight = self.a.weight
+
+    class ListOfTensors(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+            self.anchors = [torch.ones(2)]
+
+    built = {}
+    for cls in (ReadsValues, Tied, ListOfTensors):
+        monkeypatch.setattr(nw, "build_network", lambda *a, cls=cls, **k: cls())
+        built[cls.__name__] = build_for_loading("x", 1)
+    assert built["ReadsValues"].rates[-1] == pytest.approx(0.1)
+    assert built["Tied"].a.weight is built["Tied"].b.weight
+    assert built["ListOfTensors"].anchors[0].device.type == "cpu"
+    assert all(p.device.type == "cpu" for m in built.values() for p in m.parameters())

@@ -35,6 +35,23 @@ def git_info() -> dict:
     return {"git_commit": sha, "git_dirty": dirty}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it
+    was when the handler was made: code that swaps stderr (pytest's capture, a notebook, a
+    caller's redirect) then never gets a handler on a closed stream ("--- Logging error ---")."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ and setStream assign it; stderr is read live
+        pass
+
+
 def setup_logging(log_file: Optional[Path] = None, level=logging.INFO) -> None:
     """Log to stderr (all ranks print warnings; rank 0 prints info) and, on rank 0, to log_file."""
     root = logging.getLogger()
@@ -42,7 +59,7 @@ def setup_logging(log_file: Optional[Path] = None, level=logging.INFO) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     main = is_main_process()
     if not any(getattr(h, "_eps_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(fmt)
         h.setLevel(level if main else logging.WARNING)
         h.addFilter(lambda record: getattr(record, "console", True))  # see utils.cli.report_error

@@ -15,7 +15,7 @@ computes the same CAMs with less memory traffic:
   (checked on a second input size when built), so one trace serves every image size and scale;
 * with ``winograd=True`` (infer.py's CPU default) instead an eager graph rewritten by
   :func:`optimise_cpu_graph`: 3x3 convs with >= 256 input channels as Winograd F(2x2, 3x3)
-  (network/cpu/winograd.py: 2.25x fewer multiply-adds, CAMs within ~2e-6), every other conv with
+  (network/cpu/winograd.py: 2.25x fewer multiply-adds, CAMs within 2.1e-6), every other conv with
   pre-packed oneDNN weights, ReLUs fused into the convs before them, residual sums and the
   remaining ReLUs in place. On the 2-core development CPU this graph is 1.2-1.4x faster per
   view than the frozen one.
