@@ -9,7 +9,7 @@ ENTRY_POINTS = ["train", "infer", "evaluate", "train_seg", "infer_seg", "tools.b
                 "tools.check_dataset", "tools.make_cls_labels", "tools.make_coco_masks",
                 "tools.convert_cls_labels_npy", "tools.convert_resnet38",
                 "tools.make_demo_dataset", "tools.gpu_check", "tools.download",
-                "tools.make_saliency", "tools.eval_saliency", "network.vit"]
+                "tools.make_saliency", "tools.eval_saliency", "tools.demo_report", "network.vit"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

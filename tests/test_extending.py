@@ -295,6 +295,16 @@ def test_hook_state_resumes_exactly(toys, data_root, tmp_path):
     assert not torch.equal(a["fc8_ema"], a["fc8.weight"])  # the hook ran
 
 
+def test_around_step_runs_after_every_optimizer_step(toys, data_root, tmp_path):
+    """With --ema 0 the hook copies fc8 into the EMA after each step: equal at the end only if
+    train.py called around_step around the last optimizer step (an untouched EMA keeps fc8's
+    initial weights)."""
+    run = train.main(parse(train, train_argv(data_root, tmp_path, "small_epscons", "ema0", 3)
+                           + ["--ema", "0"]))
+    sd = torch.load(run / train.FINAL_NAME, weights_only=True)
+    assert torch.equal(sd["fc8_ema"], sd["fc8.weight"])
+
+
 def test_sample_extras_are_the_same_in_loader_workers(toys, data_root, tmp_path):
     """The second view is drawn in the sample's own seeded stream (utils/sampler.py): 0 or 2
     loader processes give the same batches, so the same run."""

@@ -183,3 +183,17 @@ def test_console_log_follows_current_stderr(monkeypatch):
     assert "to the second stream" in second.getvalue()
     assert "Logging error" not in second.getvalue()
     assert sum(getattr(h, "_eps_console", False) for h in root.handlers) == 1
+
+
+def test_check_writable_tries_a_file_where_permissions_cannot_tell(tmp_path):
+    """os.access says yes to root everywhere; /proc takes no new files even from root. The check
+    creates one empty file to be sure, and leaves nothing behind where it succeeds."""
+    import pytest
+
+    from utils.run import RunDirError, check_writable
+
+    with pytest.raises(RunDirError, match=r"^--out /proc/eps_out/x: .*(cannot create files in "
+                                          r"/proc .*|/proc is not writable); choose another --out"):
+        check_writable("/proc/eps_out/x", "--out")
+    check_writable(tmp_path / "new" / "folder", "--out")
+    assert list(tmp_path.iterdir()) == []

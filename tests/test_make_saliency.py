@@ -204,7 +204,9 @@ def test_grey_cmyk_and_16bit_images_give_the_maps_of_their_training_reading(mode
     ("constant model", r"gives a constant map .* on the first 4 images"),
     ("logits, not probabilities", r"not a probability in \[0, 1\].*--postprocess rembg"),
     ("threshold", r"--threshold 1.5 must be in \(0, 1\]"),
-    ("model file missing", r"--model-path .*nope.onnx: file not found"),
+    ("model file missing", r"--model-path .*nope.onnx: file not found; pass the path of a "
+                           r"salient-object \.onnx"),
+    ("not an onnx file", r"cannot load --model-path .*notes.onnx: .*not a readable ONNX model"),
     ("no rembg", r"pip install -r requirements-saliency.txt"),
 ])
 def test_bad_input_is_one_error_before_any_output(model, root, tmp_path, monkeypatch, case, expect):
@@ -230,6 +232,9 @@ def test_bad_input_is_one_error_before_any_output(model, root, tmp_path, monkeyp
         extra = ["--threshold", "1.5"]
     elif case == "model file missing":
         path = tmp_path / "nope.onnx"
+    elif case == "not an onnx file":
+        path = tmp_path / "notes.onnx"
+        path.write_text("a text file, not a model\n")
     elif case == "no rembg":
         monkeypatch.setitem(sys.modules, "rembg", None)
     with pytest.raises(ms.SaliencyError, match=expect) as err:

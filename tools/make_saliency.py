@@ -304,11 +304,14 @@ def open_session(config: ModelConfig):
     except UserError:
         raise
     except Exception as e:  # onnxruntime / pooch raise many types; name the model and the fix
-        where = (f"--model-path {config.model_path}" if config.model_path
-                 else f"--model {config.name} (rembg downloads it on first use)")
-        raise SaliencyError(f"cannot load {where}: {type(e).__name__}: {' '.join(str(e).split())[:300]}; "
-                            f"on a machine without internet download the .onnx file elsewhere and "
-                            f"pass --model-path") from None
+        detail = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if config.model_path:
+            raise SaliencyError(f"cannot load --model-path {config.model_path}: {detail}; it is not "
+                                f"a readable ONNX model: pass a salient-object .onnx file (e.g. "
+                                f"rembg's u2net.onnx)") from None
+        raise SaliencyError(f"cannot load --model {config.name} (rembg downloads it on first use): "
+                            f"{detail}; on a machine without internet download the .onnx file "
+                            f"elsewhere and pass --model-path") from None
 
 
 def model_file(session, config: ModelConfig) -> Path:
@@ -546,7 +549,9 @@ def check_args(args) -> None:
         problems.append(f"--input-size {args.input_size}: --model {args.model} takes "
                         f"{MODELS[args.model].input_size}; --input-size is for --model-path files")
     if args.model_path is not None and not args.dry_run and not Path(args.model_path).is_file():
-        problems.append(f"--model-path {args.model_path}: file not found")
+        problems.append(f"--model-path {args.model_path}: file not found; pass the path of a "
+                        f"salient-object .onnx file (e.g. rembg's u2net.onnx), or leave out "
+                        f"--model-path to let rembg download --model")
     if problems:
         raise SaliencyError("; ".join(problems))
 

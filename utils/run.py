@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -114,6 +115,15 @@ def check_writable(path, flag: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"{flag} {path}: {existing} is not writable by this user; choose "
                           f"another {flag} or fix the folder's permissions")
+    # os.access says yes to root everywhere, and knows nothing of pseudo file systems (/proc,
+    # /sys) or of a full disk's inodes: create (and remove) one empty file to be sure
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_check_", dir=existing)
+    except OSError as e:
+        raise RunDirError(f"{flag} {path}: cannot create files in {existing} ({e.strerror}); "
+                          f"choose another {flag} or fix the folder's permissions") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def peak_memory_mb(device) -> float:
