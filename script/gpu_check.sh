@@ -30,9 +30,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}           # the GPU machine has no venv: its python3 as it is
 DEVICE=${DEVICE:-cuda}              # cuda: the check; cpu: the dry run
 OUT=${OUT:-$REPO/gpu_check_out}
-# Seconds after the start past which no step runs. 420 s + a killed step's 15 s grace + the
-# report's at most 40 s stays within 8 minutes of wall time.
-DEADLINE=${DEADLINE:-420}
+# Seconds after the start past which no step runs. 410 s + a killed step's 15 s grace + the
+# report's at most 40 + 5 s (timeout -k 5 40) stays within 8 minutes of wall time.
+DEADLINE=${DEADLINE:-410}
 export OMP_WAIT_POLICY=PASSIVE      # see docs/training.md: spin-waiting OpenMP on shared cores
 
 if [[ "$DEVICE" == cuda ]]; then
@@ -56,6 +56,17 @@ else
   SEG_CROP=${SEG_CROP:-33}; SEG_LR=${SEG_LR:-3e-3}; SCALES=${SCALES:-1.0}
   WORKERS=${WORKERS:-0}; IO_WORKERS=${IO_WORKERS:-0}   # in-process: no start-up costs
   BENCH_ARGS=${BENCH_ARGS:---device cpu --quick --only data}
+fi
+
+# Only torch is required (a bare GPU machine: steps that need another package are skipped and
+# name it); without it every step would fail and the report end in a traceback.
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "error: PYTHON=$PYTHON: no such interpreter; set PYTHON=/path/to/the/python/with/torch" >&2
+  exit 2
+fi
+if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' >/dev/null 2>&1; then
+  echo "error: PYTHON=$PYTHON ($(command -v "$PYTHON")) cannot import torch; set PYTHON to the interpreter that has it, or install the torch build for this machine's driver (README 'GPUs and clusters')" >&2
+  exit 2
 fi
 
 DATA=$OUT/data

@@ -64,8 +64,9 @@ def add_num_workers(p, default: int, help: str) -> argparse.Action:
 # --- devices ------------------------------------------------------------------------------------
 def add_device(p) -> argparse.Action:
     return add_flag(p, "--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help=(
-        "auto = CUDA when it works (a warning says why not); cuda = fail with the reason when "
-        "it does not; cpu = the CPU"))
+        "auto = CUDA when it works (a warning says why not), and under a launcher with more "
+        "than 1 process CUDA or an error; cuda = fail with the reason when it does not; "
+        "cpu = the CPU"))
 
 
 def add_channels_last(p, default: bool, help: str) -> argparse.Action:
