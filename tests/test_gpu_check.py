@@ -101,6 +101,7 @@ def test_a_python_without_torch_is_one_line_before_any_step(tmp_path, hide_modul
     assert "Traceback" not in proc.stdout + proc.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_step_does_not_stop_the_others(tmp_path):
     """The dataset step fails: the stages that need its files are 'not run', the benchmark
     still runs (here it fails too), the report names both failures, the exit status is 1."""
