@@ -164,6 +164,20 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _append_reals(w: _Wire, wire: int, value, out: List[np.ndarray], dtype: str,
+                  single_wire: int, what: str) -> None:
+    """A repeated float/double field: packed (one length-delimited run) or one value per field
+    (``single_wire``); other wire types are skipped, as protobuf does."""
+    size = np.dtype(dtype).itemsize
+    if wire == WIRE_LEN:
+        s, e = value
+        if (e - s) % size:
+            raise w.corrupt(f"{what} of {e - s} bytes", s)
+        out.append(np.frombuffer(w.buf, dtype=dtype, count=(e - s) // size, offset=s))
+    elif wire == single_wire:
+        out.append(np.frombuffer(value, dtype=dtype))
+
+
 def _parse_blob(w: _Wire, start: int, end: int, where: str) -> np.ndarray:
     legacy = [0, 0, 0, 0]
     shape: Optional[List[int]] = None
@@ -173,21 +187,9 @@ def _parse_blob(w: _Wire, start: int, end: int, where: str) -> np.ndarray:
         if number in (1, 2, 3, 4) and wire == WIRE_VARINT:
             legacy[number - 1] = _signed64(value)
         elif number == 5:  # data: packed float32, or one float per field
-            if wire == WIRE_LEN:
-                s, e = value
-                if (e - s) % 4:
-                    raise w.corrupt(f"{where}: float data of {e - s} bytes", s)
-                chunks.append(np.frombuffer(w.buf, dtype="<f4", count=(e - s) // 4, offset=s))
-            elif wire == WIRE_32:
-                chunks.append(np.frombuffer(value, dtype="<f4"))
+            _append_reals(w, wire, value, chunks, "<f4", WIRE_32, f"{where}: float data")
         elif number == 8:  # double_data
-            if wire == WIRE_LEN:
-                s, e = value
-                if (e - s) % 8:
-                    raise w.corrupt(f"{where}: double data of {e - s} bytes", s)
-                doubles.append(np.frombuffer(w.buf, dtype="<f8", count=(e - s) // 8, offset=s))
-            elif wire == WIRE_64:
-                doubles.append(np.frombuffer(value, dtype="<f8"))
+            _append_reals(w, wire, value, doubles, "<f8", WIRE_64, f"{where}: double data")
         elif number == 7 and wire == WIRE_LEN:  # BlobShape
             shape = shape or []
             for n2, wire2, v2 in w.fields(*value):

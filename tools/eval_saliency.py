@@ -242,9 +242,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "truth)")
     add_flag(p, "--list", type=str, required=True,
              help="id list with ground-truth masks: a split name (e.g. train, val) or a file")
-    add_flag(p, "--dataset", type=str, default="custom", choices=sorted(DATASETS),
-             help="dataset layout and class names (default custom: the VOC layout with "
-                  "labels.txt in the root)")
+    flags.add_dataset(p, DATASETS, default="custom",
+                      help="dataset layout and class names (default custom: the VOC layout with "
+                           "labels.txt in the root)")
     flags.add_metadata_dir(p)
     add_flag(p, "--maps", type=Path, default=None,
              help="folder of <id>.png maps to score (default: <data root>/SALImages)")

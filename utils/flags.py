@@ -23,8 +23,9 @@ BOOL = argparse.BooleanOptionalAction
 
 
 # --- data ---------------------------------------------------------------------------------------
-def add_dataset(p, choices: Iterable[str], help: Optional[str] = None) -> argparse.Action:
-    return add_flag(p, "--dataset", type=str, default="voc12", choices=sorted(choices), help=help or (
+def add_dataset(p, choices: Iterable[str], help: Optional[str] = None,
+                default: str = "voc12") -> argparse.Action:
+    return add_flag(p, "--dataset", type=str, default=default, choices=sorted(choices), help=help or (
         "dataset registry entry (data/registry.py): voc12 (PASCAL VOC 2012, 20 classes), coco "
         "(MS-COCO 2014, 80) or custom (VOC layout, labels.txt and the id lists in the dataset "
         "root or --metadata-dir); published: voc12 / coco"))
