@@ -447,14 +447,15 @@ def record_mismatch(prev: Dict, now: Dict) -> Dict[str, Tuple]:
             if json.dumps(prev_id[k]) != json.dumps(now_id[k])}
 
 
-def check_settings_match(prev: Dict, args, out: Path) -> None:
+def check_settings_match(prev: Dict, args, out: Path, model_sha: Optional[str] = None) -> None:
     """A complete folder asked for with other settings: refused as an incomplete one would be.
-    Checked without loading the model (a named model's weights are not hashed here)."""
+    Checked without loading the model (a named model's weights are not hashed here; a
+    --model-path file's digest is ``model_sha`` when the caller has it)."""
     spec = MODELS[args.model]
     now = dict(format_version=FORMAT_VERSION, mean=list(spec.mean), std=list(spec.std),
                postprocess=args.postprocess, threshold=args.threshold, spec=args.model)
     if args.model_path is not None:
-        now["weights_sha256"] = sha256_of(args.model_path)
+        now["weights_sha256"] = model_sha or sha256_of(args.model_path)
     else:  # a named model's weights are not hashed here: its record names it (make_record)
         now["model"] = args.model
     diff = {k: (prev.get(k), v) for k, v in now.items() if json.dumps(prev.get(k)) != json.dumps(v)}
@@ -465,7 +466,7 @@ def check_settings_match(prev: Dict, args, out: Path) -> None:
                             f"recompute every listed map")
 
 
-def check_folder(out: Path, args, done) -> None:
+def check_folder(out: Path, args, done, model_sha: Optional[str] = None) -> None:
     """Before any model is loaded: a folder holding maps without a record (e.g. PFAN's), or a
     record of another model or setting, is refused unless --overwrite (tools/preflight.py runs
     this too)."""
@@ -476,7 +477,7 @@ def check_folder(out: Path, args, done) -> None:
         raise SaliencyError(f"{out} holds {len(done)} maps but no {RECORD_NAME} saying which "
                             f"model made them (e.g. downloaded PFAN maps): choose another "
                             f"--out, or pass --overwrite to replace the listed ones")
-    check_settings_match(prev, args, out)
+    check_settings_match(prev, args, out, model_sha)
 
 
 def existing_maps(folder: Path) -> List[str]:
@@ -495,9 +496,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "for COCO)")
     add_flag(p, "--list", type=str, required=True,
              help="id list: a split name of the dataset (e.g. train) or a list file")
-    add_flag(p, "--dataset", type=str, default="custom", choices=sorted(DATASETS),
-             help="dataset layout (default custom: the VOC layout with the lists in the root; "
-                  "the paper used PFAN maps for voc12 and coco)")
+    flags.add_dataset(p, DATASETS, default="custom",
+                      help="dataset layout (default custom: the VOC layout with the lists in the "
+                           "root; the paper used PFAN maps for voc12 and coco)")
     flags.add_metadata_dir(p)
     add_flag(p, "--out", type=Path, default=None,
              help="folder for <id>.png (default: <data root>/SALImages, where training looks)")
@@ -587,7 +588,9 @@ def main(args) -> Dict:
     if args.dry_run:
         print(f"{len(todo)} of {len(pairs)} saliency maps to make -> {out}", flush=True)
         return {"todo": len(todo), "listed": len(pairs), "out": str(out)}
-    check_folder(out, args, done)
+    # a --model-path file is hashed once: for the folder check now and the record below
+    model_sha = sha256_of(args.model_path) if args.model_path is not None and done else None
+    check_folder(out, args, done, model_sha)
     prev = read_record(out)
     if not todo:
         logger.info("all %d maps of the list exist in %s; nothing to do (--overwrite remakes "
@@ -624,7 +627,7 @@ def main(args) -> Dict:
                                 "or --device cpu")
         logger.warning("onnxruntime's CUDA provider did not start: running on the CPU")
     weights = model_file(session, config)
-    record = make_record(config, weights, sha256_of(weights), spec.trained_on
+    record = make_record(config, weights, model_sha or sha256_of(weights), spec.trained_on
                          if args.model_path is None else f"unknown (a local file fed as {args.model})")
 
     # the folder: the same model's maps (resume), or refused unless --overwrite
