@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -33,7 +34,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 from utils.errors import UserError
 from utils.io import describe_file_start, read_file_start
@@ -78,23 +79,25 @@ def _disk_full(path, e: OSError) -> DiskFullError:
                          f"are kept and a partial download resumes")
 
 
-def write_chunk(f, data: bytes) -> None:
-    """The one write of every downloaded or extracted byte (a full disk is one clear error)."""
+@contextlib.contextmanager
+def _full_disk_is_one_error(f) -> Iterator[None]:
     try:
-        f.write(data)
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_full(getattr(f, "name", "a file"), e) from None
         raise
+
+
+def write_chunk(f, data: bytes) -> None:
+    """The one write of every downloaded or extracted byte (a full disk is one clear error)."""
+    with _full_disk_is_one_error(f):
+        f.write(data)
 
 
 def _flush(f) -> None:
-    try:
+    with _full_disk_is_one_error(f):
         f.flush()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(getattr(f, "name", "a file"), e) from None
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
