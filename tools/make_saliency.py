@@ -438,13 +438,20 @@ def read_record(folder: Path) -> Optional[Dict]:
                             f"--overwrite to remake the maps, or choose another --out") from None
 
 
-def record_mismatch(prev: Dict, now: Dict) -> Dict[str, Tuple]:
-    """{key: (previous, now)} for the identity keys that differ."""
-    prev_id = {k: prev.get(k) for k in IDENTITY}
-    now_id = {k: now.get(k) for k in IDENTITY}
+def record_mismatch(prev: Dict, now: Dict, keys=IDENTITY) -> Dict[str, Tuple]:
+    """{key: (previous, now)} for the ``keys`` that differ (the identity keys by default)."""
     # JSON turns tuples into lists: compare the JSON forms
-    return {k: (prev_id[k], now_id[k]) for k in IDENTITY
-            if json.dumps(prev_id[k]) != json.dumps(now_id[k])}
+    return {k: (prev.get(k), now.get(k)) for k in keys
+            if json.dumps(prev.get(k)) != json.dumps(now.get(k))}
+
+
+def refuse_other_maps(out: Path, diff: Dict[str, Tuple], model: str = "") -> None:
+    """The one refusal of a folder holding another model's or setting's maps."""
+    if diff:
+        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise SaliencyError(f"{out} holds maps of another model or setting ({model}{text}): "
+                            f"choose another --out, or pass --overwrite to recompute every "
+                            f"listed map")
 
 
 def check_settings_match(prev: Dict, args, out: Path, model_sha: Optional[str] = None) -> None:
@@ -458,12 +465,7 @@ def check_settings_match(prev: Dict, args, out: Path, model_sha: Optional[str] =
         now["weights_sha256"] = model_sha or sha256_of(args.model_path)
     else:  # a named model's weights are not hashed here: its record names it (make_record)
         now["model"] = args.model
-    diff = {k: (prev.get(k), v) for k, v in now.items() if json.dumps(prev.get(k)) != json.dumps(v)}
-    if diff:
-        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise SaliencyError(f"{out} holds maps of another model or "
-                            f"setting ({text}): choose another --out, or pass --overwrite to "
-                            f"recompute every listed map")
+    refuse_other_maps(out, record_mismatch(prev, now, keys=now))
 
 
 def check_folder(out: Path, args, done, model_sha: Optional[str] = None) -> None:
@@ -632,12 +634,8 @@ def main(args) -> Dict:
 
     # the folder: the same model's maps (resume), or refused unless --overwrite
     if done and not args.overwrite:
-        diff = record_mismatch(prev, record)  # the weights of a named model too
-        if diff:
-            text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise SaliencyError(f"{out} holds maps of another model or setting (model "
-                                f"{prev.get('model')!r}; {text}): choose another --out, or pass "
-                                f"--overwrite to recompute every listed map")
+        refuse_other_maps(out, record_mismatch(prev, record),  # a named model's weights too
+                          model=f"model {prev.get('model')!r}; ")
     if args.overwrite and done and (prev is None or record_mismatch(prev, record)):
         others = len(done - listed)
         if others:
