@@ -169,10 +169,6 @@ class ImageList(Dataset):
         return img_id, torch.from_numpy(chw), rgb
 
 
-def _single(batch):
-    return batch[0]
-
-
 def resolve_weights(path: Path) -> Path:
     if path.is_dir():
         path = path / "checkpoint_final.pth"

@@ -368,11 +368,6 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def check_on_main(check: Callable[[], Any]) -> Any:
     """Run a whole-dataset check (file headers of the training list) on rank 0 only, and let
     every rank raise its UserError: N ranks reading the same 82k files would be N times the I/O,
@@ -432,8 +427,3 @@ def wait_for_outputs(items: Sequence, done: Callable[[Any], bool], *, what: str,
         if len(still) < len(pending):
             last_new = time.monotonic()
         pending = still
-
-
-def rank_suffix(rank: Optional[int] = None) -> str:
-    rank = get_rank() if rank is None else rank
-    return f"rank {rank}/{get_world_size()}"
